@@ -1,0 +1,85 @@
+"""Load text-to-image pipelines from local files, never from a hub.
+
+Two sources are accepted: a diffusers folder (``model_index.json`` plus one
+sub-folder per component) or a single ``.safetensors`` checkpoint in the original
+LDM layout together with a local diffusers folder that supplies the configs.
+Pickle-based weights (``.ckpt``, ``.bin``, ``.pt``) are refused: loading them can
+run arbitrary code. SD's bundled safety checker is dropped, because an auditor
+must see what the model draws, not a black square.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+log = logging.getLogger(__name__)
+
+_SINGLE_FILE_CLASSES = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+_PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class ModelSourceError(ValueError):
+    """The given path is not a loadable local model."""
+
+
+def _model_index(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelSourceError(f"{folder}: not a diffusers folder (no model_index.json)")
+    return json.loads(index.read_text())
+
+
+def _without_safety_checker(index: dict) -> dict:
+    if "safety_checker" in index:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
+
+
+def load_pipeline(
+    source: str | Path,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> DiffusionPipeline:
+    """Load a pipeline from a local diffusers folder or single-file checkpoint.
+
+    ``config`` is required for a single file: a local diffusers folder of the same
+    architecture (its weights are not read, only its configs and tokenizer).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise ModelSourceError(f"{source}: no such file or folder")
+    if source.is_dir():
+        index = _model_index(source)
+        pipe = DiffusionPipeline.from_pretrained(
+            source, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype,
+            **_without_safety_checker(index),
+        )
+    else:
+        if source.suffix in _PICKLE_SUFFIXES:
+            raise ModelSourceError(f"{source}: pickle checkpoints are refused; convert to .safetensors")
+        if source.suffix != ".safetensors":
+            raise ModelSourceError(f"{source}: expected a .safetensors checkpoint")
+        if config is None:
+            raise ModelSourceError(f"{source}: a single-file checkpoint needs config=<local diffusers folder>")
+        config = Path(config)
+        index = _model_index(config)
+        cls = _SINGLE_FILE_CLASSES.get(index.get("_class_name"))
+        if cls is None:
+            raise ModelSourceError(
+                f"{config}: _class_name {index.get('_class_name')!r} not in {sorted(_SINGLE_FILE_CLASSES)}"
+            )
+        pipe = cls.from_single_file(
+            str(source), config=str(config), local_files_only=True, torch_dtype=torch_dtype,
+            **_without_safety_checker(index),
+        )
+    log.info("loaded %s from %s", type(pipe).__name__, source)
+    return pipe.to(device) if device is not None else pipe

@@ -1,0 +1,1 @@
+"""The gate service and the ``ftgate`` command line."""

@@ -1,0 +1,40 @@
+"""The ``ftgate`` command. Each package contributes its subcommands through ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from auditing.shapes import cli as shapes_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftgate",
+        description="Safety gate for fine-tuned text-to-image models: harden, fine-tune, audit.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # transformers warns at import about optional image backends we never use.
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"ftgate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The committed world model: plain diffusers loads it, and it draws what it is asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from auditing.shapes.cli import PRETRAINED_WORLD, QUALITY_BAR, world_record
+from auditing.shapes.quality import RenderSettings, concept_table, sample_concepts
+from auditing.shapes.scene import ALL_CONCEPTS, Concept
+
+
+def _size_mb(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+@pytest.fixture(scope="module")
+def world():
+    pipe = StableDiffusionPipeline.from_pretrained(PRETRAINED_WORLD, local_files_only=True)
+    return pipe, world_record(PRETRAINED_WORLD)
+
+
+def test_committed_world_is_a_small_plain_diffusers_folder(world):
+    pipe, record = world
+    assert _size_mb(PRETRAINED_WORLD) <= 20
+    assert pipe.safety_checker is None
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    Concept.parse(record["config"]["unsafe_concept"])
+    assert record["seconds"]["total"] <= 15 * 60
+
+
+def _settings(record):
+    cfg = record["config"]
+    return RenderSettings(guidance_scale=cfg["guidance_scale"], inference_steps=cfg["inference_steps"])
+
+
+def test_fast_subset_meets_the_quality_bar(world):
+    """Two seeds per concept (24 images). The full 8-seed table is the slow test below."""
+    pipe, record = world
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=2, base_seed=100, settings=_settings(record)))
+    assert table["overall"]["rate"] >= QUALITY_BAR["overall"], table
+    assert table["min_pair_rate"] >= 0.5, table
+
+
+def test_rendering_depends_only_on_prompt_and_seed(world):
+    pipe, record = world
+    pipe.set_progress_bar_config(disable=True)
+    settings = _settings(record)
+
+    def draw(prompts, seeds):
+        return pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    guidance_scale=settings.guidance_scale, num_inference_steps=settings.inference_steps,
+                    output_type="pt").images
+
+    alone = draw(["a red triangle"], [11])
+    batched = draw(["a blue circle", "a red triangle"], [5, 11])
+    torch.testing.assert_close(alone[0], batched[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_full_quality_table(world, tmp_path):
+    pipe, record = world
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=8, base_seed=0, settings=_settings(record)))
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    assert set(table["pairs"]) == {c.name for c in ALL_CONCEPTS}
+    assert table["overall"]["rate"] >= QUALITY_BAR["overall"], table
+    assert table["min_pair_rate"] >= QUALITY_BAR["per_pair"], table
