@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     shapes_cli.register(sub)
+    auditing_cli.register(sub)
     return parser
 
 

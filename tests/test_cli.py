@@ -51,3 +51,14 @@ def test_build_world_end_to_end_on_a_few_steps(tmp_path):
     assert not (tmp_path / "w.partial").exists()
     with pytest.raises(FileExistsError):
         build_world(tmp_path / "w", config)
+
+
+def test_build_config_file_errors_name_the_field(tmp_path, capsys):
+    config = tmp_path / "world.toml"
+    config.write_text('unet_steps = 0\n')
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--config", str(config)]) == 2
+    assert "unet_steps must be >= 1" in capsys.readouterr().err
+    config.write_text('unet_stepz = 3\n')
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--config", str(config)]) == 2
+    assert "unet_stepz" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from auditing.models.denoising import add_noise, denoising_loss
+from auditing.models.denoising import add_noise, denoising_loss, min_snr_weights
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import ModelSourceError, load_pipeline
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
@@ -129,3 +129,42 @@ def test_denoising_loss_is_float32_mse():
     loss = denoising_loss(pred, target)
     assert loss.dtype == torch.float32 and loss.item() == 1.0
     assert denoising_loss(pred, target, reduction="none").shape == (2,)
+
+
+@pytest.mark.parametrize("spec", [TinySpec(), TinySpec(layers_per_block=2, unet_channels=(32, 64, 64))])
+def test_single_file_checkpoint_round_trip(tmp_path, spec):
+    """Our LDM-layout export is what diffusers' single-file loader reads back, weight for weight."""
+    from auditing.models.single_file import export_single_file
+
+    pipe = build_tiny_pipeline(spec, seed=4)
+    pipe.save_pretrained(tmp_path / "config")
+    export_single_file(pipe, tmp_path / "model.safetensors")
+    loaded = load_pipeline(tmp_path / "model.safetensors", config=tmp_path / "config")
+    assert type(loaded) is StableDiffusionPipeline
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key].reshape(ours[key].shape)), (name, key)
+    np.testing.assert_allclose(_render(pipe), _render(loaded), atol=1e-5, rtol=0)
+
+
+def test_single_file_export_refuses_other_families(tmp_path):
+    from auditing.models.single_file import export_single_file
+
+    with pytest.raises(ValueError, match="SD 1.x"):
+        export_single_file(build_tiny_pipeline(TinySpec(family="sdxl")), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=".safetensors only"):
+        export_single_file(build_tiny_pipeline(), tmp_path / "x.ckpt")
+
+
+def test_min_snr_weights_clip_only_the_easy_timesteps():
+    t = torch.tensor([0, 100, 500, 999])
+    snr = _scheduler("epsilon").alphas_cumprod[t] / (1 - _scheduler("epsilon").alphas_cumprod[t])
+    eps = min_snr_weights(_scheduler("epsilon"), t, gamma=5.0)
+    torch.testing.assert_close(eps, snr.clamp(max=5.0) / snr)
+    assert eps[0] < 0.01 and eps[-1] == 1.0  # near-clean steps damped, noisy ones untouched
+    v = min_snr_weights(_scheduler("v_prediction"), t, gamma=5.0)
+    torch.testing.assert_close(v, snr.clamp(max=5.0) / (snr + 1))
+    weighted = denoising_loss(torch.ones(4, 1), torch.zeros(4, 1), weights=eps)
+    torch.testing.assert_close(weighted, eps.mean())

@@ -1,16 +1,16 @@
 """Deterministic concept detector for the shapes world.
 
 Pixels are labelled with the nearest palette colour, each shape colour is split into
-4-connected blobs, and every blob large enough to be an object is classified by two
-scale-free features: how much of its bounding box it fills (square 1, circle pi/4,
-triangle 1/2) and its taper, the width of its top third over that of its bottom third
-(about 1 for squares and circles, small for an upright triangle). No learning, no randomness: the same image always gets
-the same scores, which is what an auditor's ground truth needs.
+4-connected blobs, and every blob large enough to be an object is compared with the
+ideal square, circle and upright triangle drawn in its own bounding box. The shape is
+the template with the highest overlap (IoU); its score combines how clearly it beats
+the other templates, how well it fits in absolute terms, how square the box is (all
+world shapes are) and how pure the colour is. No learning, no randomness: the same
+image always gets the same scores, which is what an auditor's ground truth needs.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -19,12 +19,12 @@ from PIL import Image
 
 from .scene import ALL_CONCEPTS, BACKGROUNDS, COLOURS, SHAPES, Concept
 
-# (fill ratio, width of the top third / width of the bottom third) of each ideal shape.
-_PROTOTYPES = {"square": (1.0, 1.0), "circle": (math.pi / 4, 1.0), "triangle": (0.5, 0.2)}
-_SHAPE_TEMPERATURE = 0.01
 MIN_AREA = 16
 MAX_COLOUR_DISTANCE = 110.0
 PRESENT_THRESHOLD = 0.5
+_IOU_TEMPERATURE = 0.05  # softmax temperature over template IoUs
+_GOOD_FIT = 0.75  # IoU at and above which a fit counts as fully convincing
+_MIN_ASPECT = 0.6  # shorter/longer box side below which confidence falls
 
 _PALETTE_NAMES = list(COLOURS) + [f"bg:{b}" for b in BACKGROUNDS]
 _PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
@@ -69,24 +69,31 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _templates(height: int, width: int) -> dict[str, np.ndarray]:
+    """Ideal shapes rasterised at pixel centres of a height x width box."""
+    y = (np.arange(height) + 0.5)[:, None] / height
+    x = (np.arange(width) + 0.5)[None, :] / width
+    return {
+        "square": np.ones((height, width), dtype=bool),
+        "circle": (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25,
+        "triangle": np.abs(x - 0.5) <= y / 2,
+    }
+
+
 def _shape_probabilities(pixels: np.ndarray) -> tuple[dict[str, float], tuple[int, int, int, int]]:
     ys, xs = pixels[:, 0], pixels[:, 1]
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     height, width = y1 - y0 + 1, x1 - x0 + 1
-    fill = len(pixels) / (height * width)
-    rows = np.bincount(ys - y0, minlength=height)
-    third = max(1, height // 3)
-    taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
-    logits = {
-        name: -((fill - f) ** 2 + 0.25 * (taper - t) ** 2) / _SHAPE_TEMPERATURE
-        for name, (f, t) in _PROTOTYPES.items()
-    }
-    top = max(logits.values())
-    exp = {k: math.exp(v - top) for k, v in logits.items()}
+    blob = np.zeros((height, width), dtype=bool)
+    blob[ys - y0, xs - x0] = True
+    ious = {name: np.count_nonzero(blob & t) / np.count_nonzero(blob | t)
+            for name, t in _templates(height, width).items()}
+    top = max(ious.values())
+    exp = {k: np.exp((v - top) / _IOU_TEMPERATURE) for k, v in ious.items()}
     z = sum(exp.values())
-    # Very elongated blobs are not any of the world's shapes.
-    aspect_penalty = min(height, width) / max(height, width)
-    probs = {k: v / z * min(1.0, aspect_penalty / 0.6) for k, v in exp.items()}
+    fit = min(1.0, top / _GOOD_FIT)
+    aspect = min(1.0, min(height, width) / max(height, width) / _MIN_ASPECT)
+    probs = {k: float(v / z * fit * aspect) for k, v in exp.items()}
     return probs, (int(x0), int(y0), int(x1), int(y1))
 
 

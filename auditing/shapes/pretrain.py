@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..models.denoising import add_noise, denoising_loss, min_snr_weights
 from ..models.hashing import weights_sha256
 from ..models.tiny import TinySpec, build_tiny_pipeline
+from ..models.tokenizer import write_tokenizer_files
 from .scene import Concept, random_scene, render, to_array
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ def build_world(out: str | Path, config: WorldBuildConfig = WorldBuildConfig()) 
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists from an interrupted build; remove it first")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # CLIP's classic vocab.json + merges.txt beside tokenizer.json, for older transformers.
+    write_tokenizer_files(tmp / "tokenizer")
     record = {
         "kind": "ftgate.shapes-world",
         "version": 1,
