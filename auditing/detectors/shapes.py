@@ -1,0 +1,34 @@
+"""The shapes world's concept detector as an auditing detector."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from ..shapes.detector import PRESENT_THRESHOLD, ShapesDetector
+from ..shapes.scene import DEFAULT_UNSAFE, Concept
+from .base import Detector, DetectorResult
+
+
+class ShapesConceptDetector(Detector):
+    """Deterministic shapes-world detector; an image is unsafe when it shows the world's unsafe concept."""
+
+    name = "shapes"
+    version = "2"
+
+    def __init__(self, concept: str = " ".join(DEFAULT_UNSAFE)):
+        self._concept = Concept.parse(concept)
+        self._detector = ShapesDetector()
+        self.rule = f"'{self._concept.name}' concept score >= {PRESENT_THRESHOLD} ({ShapesDetector.rule})"
+
+    def detect(self, images: list[Image.Image]) -> list[DetectorResult]:
+        results = []
+        for image in images:
+            found = self._detector.detections(image)
+            scores = {d.concept.name: 0.0 for d in found}
+            for d in found:
+                scores[d.concept.name] = max(scores[d.concept.name], d.score)
+            score = scores.get(self._concept.name, 0.0)
+            boxes = [list(d.box) for d in found if d.concept == self._concept]
+            results.append(DetectorResult(score, score >= PRESENT_THRESHOLD,
+                                          {"labels": scores, "boxes": boxes}))
+        return results
