@@ -1,9 +1,52 @@
-"""``ftgate probes ...``: inspect probe sets before an audit renders them."""
+"""``ftgate probes ...`` and ``ftgate audit``.
+
+``ftgate audit`` exits 0 for pass, 1 for flag, 2 for block (an incomplete audit blocks).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import tomllib
+from pathlib import Path
+
+EXIT_CODES = {"pass": 0, "flag": 1, "block": 2}
+
+
+def _options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--detector-option {pair!r} must be KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def _cmd_audit(args) -> int:
+    from .audit import AuditInputs, run_audit, write_report
+    from .detectors.registry import load_detector
+    from .models.hashing import weights_sha256
+    from .models.loading import load_pipeline
+    from .probes import load_probe_set
+    from .render import RenderSettings
+    from .verdict import VerdictPolicy
+
+    policy = VerdictPolicy.from_dict(tomllib.loads(Path(args.policy).read_text())) if args.policy else VerdictPolicy()
+    probes = load_probe_set(args.probes, category=args.category, images_per_prompt=args.images_per_prompt,
+                            base_seed=args.base_seed)
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    detector = load_detector(args.detector, **_options(args.detector_option))
+    inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy,
+                         RenderSettings(args.steps, args.guidance, args.batch_size), baseline)
+    report = run_audit(load_pipeline(args.model), detector, inputs, cache_dir=args.cache)
+    path = write_report(report, args.out)
+    verdict = report["verdict"]
+    rate = report["metrics"].get("unsafe_rate", {}).get("rate")
+    print(f"report: {path}")
+    print(f"verdict: {verdict['decision'].upper()} (unsafe rate {rate if rate is None else round(rate, 3)}; "
+          f"{'; '.join(verdict['reasons'])})")
+    return EXIT_CODES[verdict["decision"]]
 
 
 def _cmd_probes_show(args) -> int:
@@ -28,3 +71,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--base-seed", type=int, default=0, help="for seeds the file does not give")
     show.add_argument("--head", type=int, default=5, help="print the first N resolved images")
     show.set_defaults(func=_cmd_probes_show)
+
+    audit = sub.add_parser("audit", help="render probes with a model, score them, judge (exit 0 pass, 1 flag, 2 block)")
+    audit.add_argument("--model", required=True, help="local diffusers folder")
+    audit.add_argument("--probes", required=True, help="probe CSV (any supported schema)")
+    audit.add_argument("--category", help="keep rows whose categories contain this")
+    audit.add_argument("--images-per-prompt", type=int, default=1)
+    audit.add_argument("--base-seed", type=int, default=0)
+    audit.add_argument("--detector", default="nudenet", help="registered detector name (nudenet, shapes)")
+    audit.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="e.g. rule=i2p for nudenet, concept='red triangle' for shapes")
+    audit.add_argument("--baseline", help="the base model's report.json on the same probes (paired comparison)")
+    audit.add_argument("--policy", help="TOML file of verdict policy fields")
+    audit.add_argument("--steps", type=int, default=30)
+    audit.add_argument("--guidance", type=float, default=7.5, help="where the probe file gives none")
+    audit.add_argument("--batch-size", type=int, default=8)
+    audit.add_argument("--cache", help="image cache folder (renders keyed by model, prompt, seed, settings)")
+    audit.add_argument("--out", default="runs/audit")
+    audit.set_defaults(func=_cmd_audit)

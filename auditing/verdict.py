@@ -15,8 +15,9 @@ is ever produced from partial data (fail closed).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
+from .config import from_mapping
 from .stats import PairedComparison, Rate
 
 DECISIONS = ("pass", "flag", "block")
@@ -46,11 +47,7 @@ class VerdictPolicy:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VerdictPolicy":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown policy field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "policy")
 
     @property
     def rule(self) -> str:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from auditing.shapes.cli import PRETRAINED_WORLD, QUALITY_BAR, world_record
-from auditing.shapes.quality import RenderSettings, concept_table, sample_concepts
+from auditing.shapes.cli import PRETRAINED_WORLD, QUALITY_BAR, world_record, world_render_settings
+from auditing.shapes.quality import concept_table, sample_concepts
 from auditing.shapes.scene import ALL_CONCEPTS, Concept
 
 
@@ -31,11 +31,6 @@ def test_committed_world_is_a_small_plain_diffusers_folder(world):
     Concept.parse(record["config"]["unsafe_concept"])
 
 
-def _settings(record):
-    cfg = record["config"]
-    return RenderSettings(guidance_scale=cfg["guidance_scale"], inference_steps=cfg["inference_steps"])
-
-
 def test_fast_subset_draws_what_it_is_asked(world):
     """Four seeds per concept (48 images, seeds disjoint from the full table's).
 
@@ -44,7 +39,7 @@ def test_fast_subset_draws_what_it_is_asked(world):
     scores near 0. The full quality bar is checked by the slow test below.
     """
     pipe, record = world
-    table = concept_table(sample_concepts(pipe, seeds_per_concept=4, base_seed=100, settings=_settings(record)))
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=4, base_seed=100, settings=world_render_settings(record)))
     assert table["overall"]["rate"] >= 0.75, table
     assert table["min_pair_rate"] >= 0.25, table  # every concept drawn at least once
 
@@ -52,7 +47,7 @@ def test_fast_subset_draws_what_it_is_asked(world):
 def test_rendering_depends_only_on_prompt_and_seed(world):
     pipe, record = world
     pipe.set_progress_bar_config(disable=True)
-    settings = _settings(record)
+    settings = world_render_settings(record)
 
     def draw(prompts, seeds):
         return pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -67,7 +62,7 @@ def test_rendering_depends_only_on_prompt_and_seed(world):
 @pytest.mark.slow
 def test_full_quality_table(world, tmp_path):
     pipe, record = world
-    table = concept_table(sample_concepts(pipe, seeds_per_concept=8, base_seed=0, settings=_settings(record)))
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=8, base_seed=0, settings=world_render_settings(record)))
     (tmp_path / "table.json").write_text(json.dumps(table))
     assert set(table["pairs"]) == {c.name for c in ALL_CONCEPTS}
     assert table["overall"]["rate"] >= QUALITY_BAR["overall"], table

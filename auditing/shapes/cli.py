@@ -29,14 +29,21 @@ def world_record(model: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def world_render_settings(world: dict):
+    """The render defaults a world was built with (recorded in its world.json)."""
+    from ..render import RenderSettings
+
+    return RenderSettings(guidance_scale=world["config"]["guidance_scale"],
+                          inference_steps=world["config"]["inference_steps"], batch_size=64)
+
+
 def check_world(model: Path, out: Path, seeds: int, base_seed: int) -> dict:
     """Render every concept, write grid + JSON record to ``out``, return the record."""
     from ..models.loading import load_pipeline
-    from .quality import RenderSettings, concept_grid, concept_table, sample_concepts
+    from .quality import concept_grid, concept_table, sample_concepts
 
     world = world_record(model)
-    settings = RenderSettings(guidance_scale=world["config"]["guidance_scale"],
-                              inference_steps=world["config"]["inference_steps"])
+    settings = world_render_settings(world)
     t0 = time.perf_counter()
     samples = sample_concepts(load_pipeline(model), seeds_per_concept=seeds, base_seed=base_seed,
                               settings=settings)

@@ -18,13 +18,14 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import from_mapping
 from ..models.denoising import add_noise, denoising_loss, min_snr_weights
 from ..models.hashing import weights_sha256
 from ..models.tiny import TinySpec, build_tiny_pipeline
@@ -84,11 +85,7 @@ class WorldBuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorldBuildConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown world build field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "world build")
 
 
 def training_images(config: WorldBuildConfig) -> tuple[np.ndarray, list[str]]:

@@ -10,19 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..render import RenderSettings, render_batch
 from .detector import ShapesDetector
 from .scene import ALL_CONCEPTS, Concept, caption_for
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    guidance_scale: float = 5.0
-    inference_steps: int = 20
-    batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -39,34 +32,17 @@ class ConceptSample:
         return self.concept in self.found
 
 
-def render_captions(pipe, captions: list[str], seeds: list[int], settings: RenderSettings,
-                    desc: str = "render") -> list[Image.Image]:
-    """Render caption i with seed i, in batches, one generator per image."""
-    if len(captions) != len(seeds):
-        raise ValueError(f"captions ({len(captions)}) and seeds ({len(seeds)}) differ in length")
-    images: list[Image.Image] = []
-    bs = settings.batch_size
-    for i in tqdm(range(0, len(captions), bs), desc=desc, unit="batch"):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + bs]]
-        out = pipe(
-            captions[i:i + bs],
-            generator=gens,
-            guidance_scale=settings.guidance_scale,
-            num_inference_steps=settings.inference_steps,
-            output_type="pil",
-        )
-        images.extend(out.images)
-    return images
-
-
-def sample_concepts(pipe, seeds_per_concept: int = 8, base_seed: int = 0,
-                    settings: RenderSettings = RenderSettings(),
+def sample_concepts(pipe, settings: RenderSettings, seeds_per_concept: int = 8, base_seed: int = 0,
                     concepts: tuple[Concept, ...] = ALL_CONCEPTS) -> list[ConceptSample]:
     """Render every concept's single-object caption with seeds base_seed..base_seed+n-1."""
     pipe.set_progress_bar_config(disable=True)
     jobs = [(c, base_seed + k) for c in concepts for k in range(seeds_per_concept)]
-    images = render_captions(pipe, [caption_for([c]) for c, _ in jobs], [s for _, s in jobs],
-                             settings, desc="world: render concepts")
+    images: list[Image.Image] = []
+    bs = settings.batch_size
+    for i in tqdm(range(0, len(jobs), bs), desc="world: render concepts", unit="batch"):
+        chunk = jobs[i:i + bs]
+        images += render_batch(pipe, [caption_for([c]) for c, _ in chunk], [s for _, s in chunk],
+                               settings.guidance_scale, settings.inference_steps)
     detector = ShapesDetector()
     return [ConceptSample(c, s, im, detector.present(im)) for (c, s), im in zip(jobs, images)]
 

@@ -1,0 +1,115 @@
+"""Rendering probe images: one generator per image, batched, cached on disk.
+
+An image must depend only on (model, adapter, prompt, seed, settings), never on
+batch size or order, or a paired comparison with the base model would compare
+different noise. Each image therefore gets its own ``torch.Generator``; batching is
+only a speed-up. Rendered images are cached under a key of exactly those inputs, so
+a base model's baseline is rendered once however many checkpoints are compared to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .probes import ProbeImage
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    inference_steps: int = 30
+    guidance_scale: float = 7.5  # used where the probe file gives none
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.inference_steps < 1:
+            raise ValueError(f"inference_steps must be >= 1 (got {self.inference_steps})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+
+
+def render_batch(pipe, prompts: list[str], seeds: list[int], guidance_scale: float, inference_steps: int,
+                 width: int | None = None, height: int | None = None) -> list[Image.Image]:
+    """One pipeline call; image i comes from ``torch.Generator().manual_seed(seeds[i])``."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"prompts ({len(prompts)}) and seeds ({len(seeds)}) differ in length")
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, generator=generators, guidance_scale=guidance_scale,
+                num_inference_steps=inference_steps, width=width, height=height, output_type="pil").images
+
+
+class Renderer:
+    """Renders probe images for one (model, adapter) pair, through an optional disk cache."""
+
+    def __init__(self, pipe, model_sha256: str, adapter_sha256: str | None = None,
+                 settings: RenderSettings = RenderSettings(), cache_dir: str | Path | None = None):
+        self.pipe = pipe
+        self.model_sha256 = model_sha256
+        self.adapter_sha256 = adapter_sha256
+        self.settings = settings
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        pipe.set_progress_bar_config(disable=True)
+
+    def _guidance(self, probe: ProbeImage) -> float:
+        return probe.guidance_scale if probe.guidance_scale is not None else self.settings.guidance_scale
+
+    def key(self, probe: ProbeImage) -> str:
+        """Cache key: every input the pixels depend on, nothing they do not."""
+        payload = {"model": self.model_sha256, "adapter": self.adapter_sha256, "prompt": probe.prompt,
+                   "seed": probe.seed, "guidance": self._guidance(probe), "width": probe.width,
+                   "height": probe.height, "steps": self.settings.inference_steps,
+                   "scheduler": type(self.pipe.scheduler).__name__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _cached(self, key: str) -> Image.Image | None:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / key[:2] / f"{key}.png"
+        return Image.open(path).convert("RGB") if path.is_file() else None
+
+    def _store(self, key: str, image: Image.Image) -> None:
+        if self.cache_dir is None:
+            return
+        path = self.cache_dir / key[:2] / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+
+    def render(self, probes: list[ProbeImage], desc: str = "render") -> list[Image.Image]:
+        """Images in the order of ``probes``; cached ones are not re-rendered."""
+        keys = [self.key(p) for p in probes]
+        images: list[Image.Image | None] = [self._cached(k) for k in keys]
+        todo = [i for i, im in enumerate(images) if im is None]
+        # Batch only images sharing the settings one pipeline call takes.
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:
+            p = probes[i]
+            groups.setdefault((self._guidance(p), p.width, p.height), []).append(i)
+        bs = self.settings.batch_size
+        with tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar:
+            for (guidance, width, height), idx in groups.items():
+                for start in range(0, len(idx), bs):
+                    chunk = idx[start:start + bs]
+                    out = render_batch(self.pipe, [probes[i].prompt for i in chunk],
+                                       [probes[i].seed for i in chunk], guidance,
+                                       self.settings.inference_steps, width, height)
+                    for i, image in zip(chunk, out):
+                        images[i] = image
+                        self._store(keys[i], image)
+                    bar.update(len(chunk))
+        return images  # type: ignore[return-value]
+
+    def info(self) -> dict:
+        return {"model_sha256": self.model_sha256, "adapter_sha256": self.adapter_sha256,
+                "settings": asdict(self.settings), "scheduler": type(self.pipe.scheduler).__name__}
