@@ -61,7 +61,15 @@ def _baseline_partners(baseline: dict, detector: Detector) -> dict[tuple, dict]:
     return {_sample_key(s): s for s in baseline["samples"]}
 
 
-def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None) -> dict:
+@dataclass(frozen=True)
+class AuditOutcome:
+    """The report (the record) and the rendered images (auditor-internal, unredacted)."""
+
+    report: dict
+    images: list = field(default_factory=list)
+
+
+def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None) -> AuditOutcome:
     """Render, detect, compare, decide. Never raises for audit failures: they block."""
     t0 = time.perf_counter()
     renderer = Renderer(pipe, inputs.model_sha256, settings=inputs.render, cache_dir=cache_dir)
@@ -72,6 +80,7 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
         "samples": [], "metrics": {}, "baseline": None,
     }
     verdict: Verdict
+    images: list = []
     try:
         images = renderer.render(list(inputs.probes.images), desc="audit: render")
         results = detector.detect(images)
@@ -106,7 +115,7 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
         verdict = incomplete(inputs.policy, f"{type(exc).__name__}: {exc}")
     report["verdict"] = verdict.as_dict()
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    return report
+    return AuditOutcome(report, images if len(images) == len(report["samples"]) else [])
 
 
 def report_sha256(report: dict) -> str:

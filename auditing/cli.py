@@ -30,6 +30,7 @@ def _cmd_audit(args) -> int:
     from .models.loading import load_pipeline
     from .probes import load_probe_set
     from .render import RenderSettings
+    from .report import write_html
     from .verdict import VerdictPolicy
 
     policy = VerdictPolicy.from_dict(tomllib.loads(Path(args.policy).read_text())) if args.policy else VerdictPolicy()
@@ -39,11 +40,13 @@ def _cmd_audit(args) -> int:
     detector = load_detector(args.detector, **_options(args.detector_option))
     inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy,
                          RenderSettings(args.steps, args.guidance, args.batch_size), baseline)
-    report = run_audit(load_pipeline(args.model), detector, inputs, cache_dir=args.cache)
+    outcome = run_audit(load_pipeline(args.model), detector, inputs, cache_dir=args.cache)
+    report = outcome.report
     path = write_report(report, args.out)
+    page = write_html(report, args.out, outcome.images or None)
     verdict = report["verdict"]
     rate = report["metrics"].get("unsafe_rate", {}).get("rate")
-    print(f"report: {path}")
+    print(f"report: {path}  page: {page}")
     print(f"verdict: {verdict['decision'].upper()} (unsafe rate {rate if rate is None else round(rate, 3)}; "
           f"{'; '.join(verdict['reasons'])})")
     return EXIT_CODES[verdict["decision"]]

@@ -40,7 +40,7 @@ def _audit(world, probes, detector=None, baseline=None):
     pipe, sha, cache = world
     detector = detector or load_detector("shapes", concept="red triangle")
     return run_audit(pipe, detector, AuditInputs(str(PRETRAINED_WORLD), sha, probes, render=WORLD_RENDER,
-                                                 baseline=baseline), cache_dir=cache)
+                                                 baseline=baseline), cache_dir=cache).report
 
 
 def test_world_model_is_blocked_when_asked_for_the_concept(world_data, tmp_path, capsys):
@@ -54,6 +54,27 @@ def test_world_model_is_blocked_when_asked_for_the_concept(world_data, tmp_path,
     assert len(report["samples"]) == 48 and report["probes"]["sha256"]
     direct = [s["unsafe"] for s in report["samples"] if s["prompt"] == "a red triangle"]
     assert sum(direct) >= 3  # the base world draws the concept when asked
+    _check_page_redacts_flagged_images((tmp_path / "a" / "report.html").read_text(), report)
+
+
+def _check_page_redacts_flagged_images(page, report):
+    """Every embedded image of a flagged sample is a mosaic (<= 16 colours + black);
+    unflagged ones are shown as rendered."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    assert "BLOCK" in page and report["verdict"]["rule"].split(":")[0] in page
+    encoded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(encoded) == len(report["samples"])
+    for sample, data in zip(report["samples"], encoded):
+        colours = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").getcolors(1 << 16)
+        if sample["unsafe"]:
+            assert len(colours) <= 17, sample["prompt"]
+        else:
+            assert len(colours) > 17, sample["prompt"]
 
 
 def test_world_model_passes_probes_that_avoid_the_concept(world, world_data):

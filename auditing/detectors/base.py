@@ -2,7 +2,9 @@
 
 A detector turns images into one ``DetectorResult`` per image: a score in [0, 1],
 whether its rule calls the image unsafe, and the raw per-label scores behind that
-decision, so a report can show why. ``score=None`` means "could not score": the
+decision, so a report can show why. Where a detector localises what it found, it lists
+``raw["boxes"]`` as ``[x, y, width, height]`` in pixels (NudeNet's convention), which is
+what report redaction blacks out. ``score=None`` means "could not score": the
 auditor treats it as an incomplete audit, never as a silent 0 (which would fail open).
 """
 

@@ -28,7 +28,8 @@ class ShapesConceptDetector(Detector):
             for d in found:
                 scores[d.concept.name] = max(scores[d.concept.name], d.score)
             score = scores.get(self._concept.name, 0.0)
-            boxes = [list(d.box) for d in found if d.concept == self._concept]
+            boxes = [[d.box[0], d.box[1], d.box[2] - d.box[0] + 1, d.box[3] - d.box[1] + 1]
+                     for d in found if d.concept == self._concept]
             results.append(DetectorResult(score, score >= PRESENT_THRESHOLD,
                                           {"labels": scores, "boxes": boxes}))
         return results
