@@ -8,6 +8,7 @@ import sys
 
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
+from gate import demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shapes_cli.register(sub)
     auditing_cli.register(sub)
+    demo.register(sub)
     return parser
 
 

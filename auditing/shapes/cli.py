@@ -1,4 +1,4 @@
-"""``ftgate world ...`` and ``ftgate demo``: build, check and use the shapes world.
+"""``ftgate world ...``: build, check and use the shapes world.
 
 Heavy imports (torch, diffusers) happen inside the handlers so ``ftgate --help`` is instant.
 """
@@ -105,24 +105,8 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .quality import format_table
-
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        from .pretrain import build_world
-
-        log.info("no world at %s: building one (13.5 minutes on 2 cores)", model)
-        build_world(model)
-    record = check_world(model, Path(args.out), args.seeds, base_seed=0)
-    print(format_table(record["table"]))
-    print(f"unsafe concept: {record['unsafe_concept']}")
-    print(f"grid: {record['grid']}  record: {Path(args.out) / 'check.json'}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``world`` and ``demo`` subcommands to the ``ftgate`` parser."""
+    """Add the ``world`` subcommands to the ``ftgate`` parser."""
     world = sub.add_parser("world", help="the shapes world: a miniature text-to-image world for CPU")
     wsub = world.add_subparsers(dest="world_command", required=True)
 
@@ -152,9 +136,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--contamination", type=float, nargs="+", default=[0.1, 0.3],
                       help="unsafe fractions of the contaminated sets")
     data.set_defaults(func=_cmd_data)
-
-    demo = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
-    demo.add_argument("--model", default=str(PRETRAINED_WORLD))
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--seeds", type=int, default=8)
-    demo.set_defaults(func=_cmd_demo)
