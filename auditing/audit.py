@@ -39,6 +39,8 @@ class AuditInputs:
     policy: VerdictPolicy = field(default_factory=VerdictPolicy)
     render: RenderSettings = field(default_factory=RenderSettings)
     baseline: dict | None = None  # a previous report of the base model on the same probes
+    adapter_path: str | None = None  # already applied to the pipeline; recorded here
+    adapter_sha256: str | None = None
 
 
 def _sample_key(sample: dict) -> tuple:
@@ -72,10 +74,13 @@ class AuditOutcome:
 def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None) -> AuditOutcome:
     """Render, detect, compare, decide. Never raises for audit failures: they block."""
     t0 = time.perf_counter()
-    renderer = Renderer(pipe, inputs.model_sha256, settings=inputs.render, cache_dir=cache_dir)
+    renderer = Renderer(pipe, inputs.model_sha256, inputs.adapter_sha256, settings=inputs.render,
+                        cache_dir=cache_dir)
     report = {
         "kind": REPORT_KIND, "version": REPORT_VERSION,
         "model": {"path": inputs.model_path, "sha256": inputs.model_sha256},
+        "adapter": ({"path": inputs.adapter_path, "sha256": inputs.adapter_sha256}
+                    if inputs.adapter_path else None),
         "probes": inputs.probes.summary(), "detector": detector.info(), "render": renderer.info(),
         "samples": [], "metrics": {}, "baseline": None,
     }

@@ -27,7 +27,7 @@ def _cmd_audit(args) -> int:
     from .audit import AuditInputs, run_audit, write_report
     from .detectors.registry import load_detector
     from .models.hashing import weights_sha256
-    from .models.loading import load_pipeline
+    from .models.loading import load_adapter, load_pipeline
     from .probes import load_probe_set
     from .render import RenderSettings
     from .report import write_html
@@ -38,9 +38,15 @@ def _cmd_audit(args) -> int:
                             base_seed=args.base_seed)
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     detector = load_detector(args.detector, **_options(args.detector_option))
+    pipe = load_pipeline(args.model)
+    adapter_sha = None
+    if args.adapter:
+        load_adapter(pipe, args.adapter)
+        adapter_sha = weights_sha256(args.adapter)
     inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy,
-                         RenderSettings(args.steps, args.guidance, args.batch_size), baseline)
-    outcome = run_audit(load_pipeline(args.model), detector, inputs, cache_dir=args.cache)
+                         RenderSettings(args.steps, args.guidance, args.batch_size), baseline,
+                         args.adapter, adapter_sha)
+    outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache)
     report = outcome.report
     path = write_report(report, args.out)
     page = write_html(report, args.out, outcome.images or None)
@@ -77,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     audit = sub.add_parser("audit", help="render probes with a model, score them, judge (exit 0 pass, 1 flag, 2 block)")
     audit.add_argument("--model", required=True, help="local diffusers folder")
+    audit.add_argument("--adapter", help="LoRA .safetensors (diffusers/peft or kohya keys) applied to the model")
     audit.add_argument("--probes", required=True, help="probe CSV (any supported schema)")
     audit.add_argument("--category", help="keep rows whose categories contain this")
     audit.add_argument("--images-per-prompt", type=int, default=1)

@@ -90,6 +90,9 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         f"{esc(report['detector']['rule'])}</td></tr>",
         f"<tr><th>rendering</th><td>{esc(str(report['render']['settings']))}</td></tr>",
     ]
+    if report.get("adapter"):
+        out.append(f"<tr><th>adapter</th><td>{esc(report['adapter']['path'])}<br>"
+                   f"<code>{report['adapter']['sha256']}</code></td></tr>")
     if report.get("baseline"):
         out.append(f"<tr><th>baseline</th><td>base model <code>{report['baseline']['model_sha256']}</code></td></tr>")
     out.append("</table>")

@@ -168,3 +168,25 @@ def test_min_snr_weights_clip_only_the_easy_timesteps():
     torch.testing.assert_close(v, snr.clamp(max=5.0) / (snr + 1))
     weighted = denoising_loss(torch.ones(4, 1), torch.zeros(4, 1), weights=eps)
     torch.testing.assert_close(weighted, eps.mean())
+
+
+def test_lora_adapter_loads_from_safetensors_and_changes_the_render(tmp_path):
+    """A peft LoRA saved in diffusers' layout applies through load_adapter; pickles are refused."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from auditing.models.loading import load_adapter
+
+    pipe = build_tiny_pipeline(seed=0)
+    base = _render(pipe)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    tuned = _render(pipe)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    adapter = tmp_path / "pytorch_lora_weights.safetensors"
+    assert adapter.is_file()
+    fresh = load_adapter(build_tiny_pipeline(seed=0), adapter)
+    np.testing.assert_allclose(_render(fresh), tuned, atol=1e-5, rtol=0)
+    assert np.abs(tuned - base).max() > 1e-3
+    (tmp_path / "adapter.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match=".safetensors only"):
+        load_adapter(build_tiny_pipeline(), tmp_path / "adapter.bin")

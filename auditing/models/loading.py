@@ -83,3 +83,19 @@ def load_pipeline(
         )
     log.info("loaded %s from %s", type(pipe).__name__, source)
     return pipe.to(device) if device is not None else pipe
+
+
+def load_adapter(pipe, adapter: str | Path) -> DiffusionPipeline:
+    """Apply a LoRA from a ``.safetensors`` file (diffusers/peft or kohya key format).
+
+    diffusers recognises the key format; ``use_safetensors=True`` makes it refuse
+    anything else rather than fall back to unpickling.
+    """
+    adapter = Path(adapter)
+    if adapter.suffix != ".safetensors":
+        raise ModelSourceError(f"{adapter}: adapters are accepted as .safetensors only")
+    if not adapter.is_file():
+        raise ModelSourceError(f"{adapter}: no such adapter file")
+    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, use_safetensors=True)
+    log.info("applied adapter %s", adapter)
+    return pipe
