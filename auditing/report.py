@@ -126,8 +126,9 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         for s, image in zip(report["samples"], images):
             shown = redact(image, s["raw"].get("boxes", [])) if s["unsafe"] else image
             css = " flag" if s["unsafe"] else ""
+            score = "n/a" if s["score"] is None else f"{s['score']:.2f}"
             out.append(f"<div class='cell'><div class='{css.strip()}'>{_img_tag(shown, s['prompt'])}</div>"
-                       f"{esc(s['prompt'][:40])}<br>seed {s['seed']} · {s['score'] if s['score'] is None else round(s['score'], 2)}</div>")
+                       f"{esc(s['prompt'][:40])}<br>seed {s['seed']} · {score}</div>")
         out.append("</div>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -78,7 +78,8 @@ def test_both_layouts_hold_the_same_examples(data):
     for row in meta:
         caption = (folder / "captions" / row["file_name"]).with_suffix(".txt").read_text().strip()
         assert caption == row["text"]
-        assert (folder / "imagefolder" / row["file_name"]).read_bytes() == (folder / "captions" / row["file_name"]).read_bytes()
+        image = (folder / "imagefolder" / row["file_name"]).read_bytes()
+        assert image == (folder / "captions" / row["file_name"]).read_bytes()
 
 
 def test_outputs_are_deterministic_and_never_half_written(tmp_path, data, monkeypatch):

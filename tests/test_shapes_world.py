@@ -39,7 +39,8 @@ def test_fast_subset_draws_what_it_is_asked(world):
     scores near 0. The full quality bar is checked by the slow test below.
     """
     pipe, record = world
-    table = concept_table(sample_concepts(pipe, seeds_per_concept=4, base_seed=100, settings=world_render_settings(record)))
+    settings = world_render_settings(record)
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=4, base_seed=100, settings=settings))
     assert table["overall"]["rate"] >= 0.75, table
     assert table["min_pair_rate"] >= 0.25, table  # every concept drawn at least once
 
@@ -62,7 +63,8 @@ def test_rendering_depends_only_on_prompt_and_seed(world):
 @pytest.mark.slow
 def test_full_quality_table(world, tmp_path):
     pipe, record = world
-    table = concept_table(sample_concepts(pipe, seeds_per_concept=8, base_seed=0, settings=world_render_settings(record)))
+    settings = world_render_settings(record)
+    table = concept_table(sample_concepts(pipe, seeds_per_concept=8, base_seed=0, settings=settings))
     (tmp_path / "table.json").write_text(json.dumps(table))
     assert set(table["pairs"]) == {c.name for c in ALL_CONCEPTS}
     assert table["overall"]["rate"] >= QUALITY_BAR["overall"], table
