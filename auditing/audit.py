@@ -4,7 +4,8 @@ The report is the record: hashes of everything that determined the figures, one
 sample per image (probe, seed, image hash, raw detector output), the metrics with
 intervals, and the verdict with the rule that produced it. With a baseline report of
 the base model on the same probes, images are paired by (probe, image index, seed)
-and the rebound is judged as well.
+and the rebound is judged as well. In sequential mode (``auditing.sequential``) the
+images are rendered look by look and the audit stops as soon as the verdict is settled.
 
 Fail closed: any error while rendering, scoring or pairing yields a *block* verdict
 whose reason starts with "audit incomplete"; the report still records what happened.
@@ -16,14 +17,15 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .detectors.base import Detector
-from .probes import ProbeSet
+from .probes import ProbeImage, ProbeSet
 from .render import Renderer, RenderSettings
+from .sequential import SequentialPlan, judge, render_order
 from .stats import paired_comparison, rate
-from .verdict import INCOMPLETE, Verdict, VerdictPolicy, decide, incomplete
+from .verdict import INCOMPLETE, Verdict, VerdictPolicy, incomplete
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,15 @@ class AuditInputs:
     baseline: dict | None = None  # a previous report of the base model on the same probes
     adapter_path: str | None = None  # already applied to the pipeline; recorded here
     adapter_sha256: str | None = None
+    sequential: SequentialPlan | None = None  # render in rounds, stop once settled
 
 
 def _sample_key(sample: dict) -> tuple:
     return (sample["probe_id"], sample["image_index"], sample["seed"], sample["prompt"])
+
+
+def _probe_key(probe: ProbeImage) -> tuple:
+    return (probe.probe_id, probe.image_index, probe.seed, probe.prompt)
 
 
 def _image_sha256(image) -> str:
@@ -87,40 +94,57 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
     verdict: Verdict
     images: list = []
     try:
-        images = renderer.render(list(inputs.probes.images), desc="audit: render")
-        results = detector.detect(images)
-        if len(results) != len(images):
-            raise RuntimeError(f"detector {detector.name} returned {len(results)} results for {len(images)} images")
-        for probe, image, result in zip(inputs.probes.images, images, results):
-            report["samples"].append({
-                "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
-                "seed": probe.seed, "image_sha256": _image_sha256(image), **result.as_dict(),
-            })
-        unscored = [s for s in report["samples"] if s["score"] is None]
-        if unscored:
-            raise RuntimeError(f"{len(unscored)} image(s) could not be scored, first: {unscored[0]['error']}")
-        flags = [bool(s["unsafe"]) for s in report["samples"]]
-        checkpoint = rate(flags, confidence=inputs.policy.confidence)
-        report["metrics"]["unsafe_rate"] = checkpoint.as_dict()
-        comparison = None
+        probes = list(inputs.probes.images)
+        plan = inputs.sequential
+        if plan is not None:  # every prefix of the render order must be a fair sample
+            probes = [probes[i] for i in render_order(len(probes), inputs.probes.sha256)]
+        looks = plan.looks(len(probes)) if plan else [len(probes)]
+        partners = None
         if inputs.baseline is not None:
             partners = _baseline_partners(inputs.baseline, detector)
-            missing = [s for s in report["samples"] if _sample_key(s) not in partners]
+            missing = [p for p in probes if _probe_key(p) not in partners]
             if missing:
-                raise ValueError(f"baseline lacks {len(missing)} of {len(flags)} (prompt, seed) pairs")
-            base_flags = [bool(partners[_sample_key(s)]["unsafe"]) for s in report["samples"]]
-            comparison = paired_comparison(base_flags, flags, confidence=inputs.policy.confidence)
-            report["metrics"]["baseline_unsafe_rate"] = rate(base_flags, confidence=inputs.policy.confidence).as_dict()
-            report["metrics"]["comparison"] = comparison.as_dict()
+                raise ValueError(f"baseline lacks {len(missing)} of {len(probes)} (prompt, seed) pairs")
             report["baseline"] = {"model_sha256": inputs.baseline["model"]["sha256"],
                                   "report_sha256": report_sha256(inputs.baseline)}
-        verdict = decide(inputs.policy, checkpoint, comparison)
+        for k, upto in enumerate(looks):
+            batch = probes[len(images):upto]
+            rendered = renderer.render(batch, desc=f"audit: render {upto}/{len(probes)}")
+            results = detector.detect(rendered)
+            if len(results) != len(rendered):
+                raise RuntimeError(f"detector {detector.name} returned {len(results)} results "
+                                   f"for {len(rendered)} images")
+            for probe, image, result in zip(batch, rendered, results):
+                report["samples"].append({
+                    "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
+                    "seed": probe.seed, "image_sha256": _image_sha256(image), **result.as_dict(),
+                })
+            images += rendered
+            unscored = [s for s in report["samples"] if s["score"] is None]
+            if unscored:
+                raise RuntimeError(f"{len(unscored)} image(s) could not be scored, first: {unscored[0]['error']}")
+            final = k == len(looks) - 1
+            policy = inputs.policy if final else plan.interim_policy(inputs.policy)
+            flags = [bool(s["unsafe"]) for s in report["samples"]]
+            base_flags = None if partners is None else [
+                bool(partners[_sample_key(s)]["unsafe"]) for s in report["samples"]]
+            verdict = judge(policy, flags, base_flags)
+            if final or verdict.decision != "flag":
+                break
+        report["metrics"]["unsafe_rate"] = rate(flags, confidence=policy.confidence).as_dict()
+        if base_flags is not None:
+            report["metrics"]["baseline_unsafe_rate"] = rate(base_flags, confidence=policy.confidence).as_dict()
+            report["metrics"]["comparison"] = paired_comparison(base_flags, flags, policy.confidence).as_dict()
+        if plan is not None:
+            report["sequential"] = {"plan": asdict(plan), "looks": looks, "stopped_at_look": k + 1,
+                                    "images_used": len(images), "images_planned": len(probes),
+                                    "interim_confidence": plan.interim_policy(inputs.policy).confidence}
     except Exception as exc:  # fail closed: record the failure and block
         log.exception("audit failed; blocking")
         verdict = incomplete(inputs.policy, f"{type(exc).__name__}: {exc}")
     report["verdict"] = verdict.as_dict()
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    return AuditOutcome(report, images if len(images) == len(report["samples"]) else [])
+    return AuditOutcome(report, images)
 
 
 def report_sha256(report: dict) -> str:

@@ -31,6 +31,7 @@ def _cmd_audit(args) -> int:
     from .probes import load_probe_set
     from .render import RenderSettings
     from .report import write_html
+    from .sequential import SequentialPlan
     from .verdict import VerdictPolicy
 
     policy = VerdictPolicy.from_dict(tomllib.loads(Path(args.policy).read_text())) if args.policy else VerdictPolicy()
@@ -45,7 +46,7 @@ def _cmd_audit(args) -> int:
         adapter_sha = weights_sha256(args.adapter)
     inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy,
                          RenderSettings(args.steps, args.guidance, args.batch_size), baseline,
-                         args.adapter, adapter_sha)
+                         args.adapter, adapter_sha, SequentialPlan(args.rounds) if args.sequential else None)
     outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache)
     report = outcome.report
     path = write_report(report, args.out)
@@ -53,6 +54,10 @@ def _cmd_audit(args) -> int:
     verdict = report["verdict"]
     rate = report["metrics"].get("unsafe_rate", {}).get("rate")
     print(f"report: {path}  page: {page}")
+    if "sequential" in report:
+        seq = report["sequential"]
+        print(f"sequential: stopped at look {seq['stopped_at_look']} of {len(seq['looks'])}, "
+              f"{seq['images_used']} of {seq['images_planned']} images rendered")
     print(f"verdict: {verdict['decision'].upper()} (unsafe rate {rate if rate is None else round(rate, 3)}; "
           f"{'; '.join(verdict['reasons'])})")
     return EXIT_CODES[verdict["decision"]]
@@ -93,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="e.g. rule=i2p for nudenet, concept='red triangle' for shapes")
     audit.add_argument("--baseline", help="the base model's report.json on the same probes (paired comparison)")
     audit.add_argument("--policy", help="TOML file of verdict policy fields")
+    audit.add_argument("--sequential", action="store_true",
+                       help="render in rounds and stop as soon as the verdict is settled (docs/sequential-audit.md)")
+    audit.add_argument("--rounds", type=int, default=4, help="looks of a sequential audit")
     audit.add_argument("--steps", type=int, default=30)
     audit.add_argument("--guidance", type=float, default=7.5, help="where the probe file gives none")
     audit.add_argument("--batch-size", type=int, default=8)

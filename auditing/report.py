@@ -93,6 +93,11 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
     if report.get("adapter"):
         out.append(f"<tr><th>adapter</th><td>{esc(report['adapter']['path'])}<br>"
                    f"<code>{report['adapter']['sha256']}</code></td></tr>")
+    if report.get("sequential"):
+        seq = report["sequential"]
+        out.append(f"<tr><th>sequential</th><td>stopped at look {seq['stopped_at_look']} of {len(seq['looks'])}: "
+                   f"{seq['images_used']} of {seq['images_planned']} images rendered (interim looks at "
+                   f"{seq['interim_confidence']:.4f} confidence)</td></tr>")
     if report.get("baseline"):
         out.append(f"<tr><th>baseline</th><td>base model <code>{report['baseline']['model_sha256']}</code></td></tr>")
     out.append("</table>")

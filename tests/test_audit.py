@@ -161,3 +161,19 @@ def test_cache_renders_each_image_once(tmp_path):
     assert calls == [3, 1]  # the second pass came from disk; another model hash misses
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
     assert len(other_model) == 1
+
+
+def test_sequential_audit_stops_early_with_the_full_verdict(world, world_data):
+    from auditing.sequential import SequentialPlan
+
+    pipe, sha, cache = world
+    detector = load_detector("shapes", concept="red triangle")
+    probes = load_probe_set(world_data / "probes" / "benign.csv")
+    full = _audit(world, probes)
+    seq = run_audit(pipe, detector, AuditInputs(str(PRETRAINED_WORLD), sha, probes, render=WORLD_RENDER,
+                                                sequential=SequentialPlan(rounds=4)), cache_dir=cache).report
+    assert seq["verdict"]["decision"] == full["verdict"]["decision"] == "pass"
+    info = seq["sequential"]
+    assert info["looks"] == [25, 50, 75, 99]
+    assert info["images_used"] == len(seq["samples"]) < 99  # 0/75 settles at the interim confidence
+    assert "interim look" in seq["verdict"]["rule"]

@@ -94,3 +94,23 @@ def test_policy_validation_names_the_field():
         VerdictPolicy.from_dict({"max_unsafe_rat": 0.1})
     with pytest.raises(ValueError, match="policy's confidence"):
         decide(VerdictPolicy(confidence=0.9), rate(_flags(1, 10)))
+
+
+def test_sequential_plan_spends_part_of_alpha_on_interim_looks():
+    from auditing.sequential import SequentialPlan, render_order, sequential_verdict
+
+    plan = SequentialPlan(rounds=4, interim_alpha_share=0.5)
+    assert plan.looks(10) == [3, 5, 8, 10]
+    interim = plan.interim_policy(VerdictPolicy(confidence=0.95, alpha=0.05))
+    assert interim.confidence == pytest.approx(1 - 0.025 / 3) and interim.alpha == pytest.approx(0.025 / 3)
+    assert sorted(render_order(50, "k")) == list(range(50)) and render_order(50, "k") != list(range(50))
+    assert render_order(50, "k") == render_order(50, "k")
+    # Clearly safe: settles at the first look. Borderline: runs to the end and equals the full audit.
+    verdict, used = sequential_verdict(VerdictPolicy(), plan, _flags(0, 2000), _flags(0, 2000))
+    assert verdict.decision == "pass" and used == 500
+    rng = random.Random(1)
+    border = [rng.random() < 0.1 for _ in range(400)]
+    verdict, used = sequential_verdict(VerdictPolicy(), plan, border)
+    assert used == 400 and verdict.decision == "flag"
+    with pytest.raises(ValueError, match="rounds"):
+        SequentialPlan(rounds=1)
