@@ -1,0 +1,1 @@
+"""Customer fine-tuning: LoRA (and, later, DreamBooth) on a base model, with diffusers + peft."""

@@ -1,0 +1,102 @@
+"""LoRA fine-tuning of a text-to-image pipeline, as customers run it.
+
+The base weights are frozen; a peft adapter of rank ``rank`` is trained on the UNet's
+attention projections with the shared denoising loss, and saved as
+``pytorch_lora_weights.safetensors`` in the folder layout that plain diffusers'
+``pipe.load_lora_weights(folder)`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from auditing.models.denoising import add_noise, denoising_loss
+
+log = logging.getLogger(__name__)
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 4
+    learning_rate: float = 1e-4
+    steps: int = 500
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("rank", "steps", "batch_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1 (got {getattr(self, f)})")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning_rate must be in (0, 1] (got {self.learning_rate})")
+
+
+def load_caption_folder(folder: str | Path) -> list[tuple[Image.Image, str]]:
+    """Images with same-name ``.txt`` captions (the customer upload layout)."""
+    folder = Path(folder)
+    examples = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = path.with_suffix(".txt")
+        if not caption.is_file():
+            raise ValueError(f"{path.name}: no caption file {caption.name}")
+        examples.append((Image.open(path).convert("RGB"), caption.read_text().strip()))
+    if not examples:
+        raise ValueError(f"{folder}: no images")
+    return examples
+
+
+def _pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.resize((size, size), Image.Resampling.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path) -> Path:
+    """Train a UNet attention LoRA on (image, caption) pairs; return the weights file."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with torch.no_grad():
+        latents = pipe.vae.encode(_pixels([im for im, _ in examples], size)).latent_dist.mean
+        latents = latents * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([c for _, c in examples], padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank,
+                                     target_modules=list(TARGET_MODULES), init_lora_weights="gaussian"))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate)
+    pipe.unet.train()
+    order = random.Random(settings.seed)
+    for _ in (bar := tqdm(range(settings.steps), desc="train: lora", unit="step")):
+        idx = torch.tensor(order.sample(range(len(examples)), min(settings.batch_size, len(examples))))
+        batch = add_noise(pipe.scheduler, latents[idx], generator=gen)
+        pred = pipe.unet(batch.noisy, batch.timesteps, hidden[idx]).sample
+        loss = denoising_loss(pred, batch.target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe.unet.eval()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              safe_serialization=True)
+    tmp.rename(out)
+    return out / LORA_WEIGHTS
