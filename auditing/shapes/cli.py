@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 import tomllib
 from pathlib import Path
 
 from ..models.hashing import weights_sha256
 from .scene import Concept
-
-log = logging.getLogger(__name__)
 
 PRETRAINED_WORLD = Path(__file__).parent / "pretrained"
 QUALITY_BAR = {"overall": 0.85, "per_pair": 0.60}

@@ -8,7 +8,6 @@ attention projections with the shared denoising loss, and saved as
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from auditing.models.denoising import add_noise, denoising_loss
-
-log = logging.getLogger(__name__)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
