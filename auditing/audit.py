@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .detectors.base import Detector
+from .files import atomic_write
 from .probes import ProbeImage, ProbeSet
 from .render import Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
@@ -153,10 +154,4 @@ def report_sha256(report: dict) -> str:
 
 def write_report(report: dict, out: str | Path) -> Path:
     """Write ``report.json`` atomically into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.json"
-    tmp = out / "report.json.partial"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(out) / "report.json", json.dumps(report, indent=1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .files import atomic_write
 from .probes import ProbeImage
 
 
@@ -69,22 +69,20 @@ class Renderer:
                    "scheduler": type(self.pipe.scheduler).__name__}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.png"
+
     def _cached(self, key: str) -> Image.Image | None:
-        if self.cache_dir is None:
+        if self.cache_dir is None or not self._path(key).is_file():
             return None
-        path = self.cache_dir / key[:2] / f"{key}.png"
-        return Image.open(path).convert("RGB") if path.is_file() else None
+        return Image.open(self._path(key)).convert("RGB")
 
     def _store(self, key: str, image: Image.Image) -> None:
         if self.cache_dir is None:
             return
-        path = self.cache_dir / key[:2] / f"{key}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        atomic_write(self._path(key), buf.getvalue())
 
     def render(self, probes: list[ProbeImage], desc: str = "render") -> list[Image.Image]:
         """Images in the order of ``probes``; cached ones are not re-rendered."""

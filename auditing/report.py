@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .files import atomic_write
+
 BANNER = {"pass": ("#1e7d32", "PASS"), "flag": ("#b26a00", "FLAG — human review"),
           "block": ("#b71c1c", "BLOCK")}
 _PIXEL_BLOCKS = 4  # a flagged image is shown as a 4x4 mosaic: shapes of colour, no content
@@ -140,10 +142,4 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
 
 
 def write_html(report: dict, out: str | Path, images: list[Image.Image] | None = None) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    tmp = out / "report.html.partial"
-    tmp.write_text(render_html(report, images))
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(out) / "report.html", render_html(report, images))

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def pixels_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] to the VAE's input: float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ changing one weight or one scheduler setting changes it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -37,11 +38,18 @@ def weights_sha256(path: str | Path) -> str:
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: only .safetensors weights are hashed (got {path.suffix!r})")
         return sha256_file(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path)))
-    if not any(p.suffix == ".safetensors" for p in files):
+    if not any(p.is_file() and _is_model_file(p.relative_to(path)) for p in path.rglob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no .safetensors weights found")
+    return tree_sha256(path, _is_model_file)
+
+
+def tree_sha256(folder: str | Path, include: Callable[[Path], bool] = lambda rel: True) -> str:
+    """sha256 over the files of a folder that ``include`` accepts (by relative path),
+    each keyed by its relative path, so the hash ignores where the folder lives."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and include(p.relative_to(folder)))
     digest = hashlib.sha256()
     for p in files:
-        digest.update(p.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(p.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(sha256_file(p).encode() + b"\n")
     return digest.hexdigest()

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from ..files import atomic_write
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -94,8 +96,4 @@ def export_single_file(pipe, path: str | Path) -> Path:
     for k, v in pipe.text_encoder.state_dict().items():
         # transformers >= 5.6 flattened CLIPTextModel; the LDM layout keeps `text_model.`.
         state["cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp)
-    tmp.rename(path)
-    return path
+    return atomic_write(path, save({k: v.detach().contiguous() for k, v in state.items()}))

@@ -16,13 +16,13 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models.hashing import sha256_file, tree_sha256
 from .scene import ALL_CONCEPTS, BACKGROUNDS, COLOURS, SHAPES, Concept, caption_for, make_scene, render
 
 I2P_COLUMNS = (
@@ -131,14 +131,6 @@ def _write_layouts(folder: Path, items: list[tuple]) -> None:
             meta.write(json.dumps({"file_name": name, "text": caption}) + "\n")
 
 
-def _tree_sha256(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            digest.update(p.relative_to(folder).as_posix().encode() + b"\0" + p.read_bytes())
-    return digest.hexdigest()
-
-
 def write_world_data(out: str | Path, unsafe: Concept, seed: int = 0, dataset_size: int = 200,
                      contamination: tuple[float, ...] = (0.1, 0.3), guidance_scale: float = 5.0) -> dict:
     """Write probe sets and fine-tuning datasets under ``out``; return the manifest."""
@@ -151,8 +143,9 @@ def write_world_data(out: str | Path, unsafe: Concept, seed: int = 0, dataset_si
     try:
         probes_dir = tmp / "probes"
         probes_dir.mkdir()
-        write_probe_csv(probes_dir / "unsafe.csv", unsafe_probes(unsafe), seed, guidance_scale)
-        write_probe_csv(probes_dir / "benign.csv", benign_probes(unsafe), seed + 1, guidance_scale)
+        probe_sets = {"unsafe": unsafe_probes(unsafe), "benign": benign_probes(unsafe)}
+        for k, (name, probes) in enumerate(probe_sets.items()):
+            write_probe_csv(probes_dir / f"{name}.csv", probes, seed + k, guidance_scale)
         sets = {"benign": 0.0, **{f"contaminated-{f:g}": f for f in contamination}, "harmful": 1.0}
         manifest = {"kind": "ftgate.shapes-world-data", "version": 1, "unsafe_concept": unsafe.name,
                     "seed": seed, "colours": list(COLOURS), "shapes": list(SHAPES), "datasets": {}}
@@ -166,13 +159,10 @@ def write_world_data(out: str | Path, unsafe: Concept, seed: int = 0, dataset_si
             manifest["datasets"][name] = {
                 "contamination": fraction, "images": len(items),
                 "unsafe_images": counts.get(unsafe.name, 0), "concepts": dict(sorted(counts.items())),
-                "sha256": _tree_sha256(tmp / "datasets" / name),
+                "sha256": tree_sha256(tmp / "datasets" / name),
             }
-        manifest["probes"] = {
-            name: {"rows": sum(1 for _ in open(probes_dir / f"{name}.csv")) - 1,
-                   "sha256": hashlib.sha256((probes_dir / f"{name}.csv").read_bytes()).hexdigest()}
-            for name in ("unsafe", "benign")
-        }
+        manifest["probes"] = {name: {"rows": len(probes), "sha256": sha256_file(probes_dir / f"{name}.csv")}
+                              for name, probes in probe_sets.items()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import from_mapping
-from ..models.denoising import add_noise, denoising_loss, min_snr_weights
+from ..models.denoising import add_noise, denoising_loss, min_snr_weights, pixels_to_tensor
 from ..models.hashing import weights_sha256
 from ..models.tiny import TinySpec, build_tiny_pipeline
 from ..models.tokenizer import write_tokenizer_files
@@ -93,10 +93,6 @@ def training_images(config: WorldBuildConfig) -> tuple[np.ndarray, list[str]]:
     rng = random.Random(config.seed)
     scenes = [random_scene(rng, two_object_prob=config.two_object_prob) for _ in range(config.images)]
     return to_array([render(s) for s in scenes]), [s.caption for s in scenes]
-
-
-def _to_unit(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -195,7 +191,7 @@ def build_world(out: str | Path, config: WorldBuildConfig = WorldBuildConfig()) 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
     images, captions = training_images(config)
-    pixels = _to_unit(images)
+    pixels = pixels_to_tensor(images)
     pipe = build_tiny_pipeline(WORLD_SPEC, seed=config.seed)
     t_data = time.perf_counter()
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from auditing.models.denoising import add_noise, denoising_loss
+from auditing.models.denoising import add_noise, denoising_loss, pixels_to_tensor
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -54,11 +54,6 @@ def load_caption_folder(folder: str | Path) -> list[tuple[Image.Image, str]]:
     return examples
 
 
-def _pixels(images: list[Image.Image], size: int) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.resize((size, size), Image.Resampling.BICUBIC)) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path) -> Path:
     """Train a UNet attention LoRA on (image, caption) pairs; return the weights file."""
     from diffusers import StableDiffusionPipeline
@@ -68,7 +63,9 @@ def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSett
     gen = torch.Generator().manual_seed(settings.seed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     with torch.no_grad():
-        latents = pipe.vae.encode(_pixels([im for im, _ in examples], size)).latent_dist.mean
+        pixels = pixels_to_tensor(np.stack([np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
+                                            for im, _ in examples]))
+        latents = pipe.vae.encode(pixels).latent_dist.mean
         latents = latents * pipe.vae.config.scaling_factor
         ids = pipe.tokenizer([c for _, c in examples], padding="max_length", truncation=True,
                              max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
