@@ -22,10 +22,10 @@ from pathlib import Path
 
 from .detectors.base import Detector
 from .files import atomic_write
-from .probes import ProbeImage, ProbeSet
+from .probes import ProbeSet
 from .render import Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
-from .stats import paired_comparison, rate
+from .stats import rate
 from .verdict import INCOMPLETE, Verdict, VerdictPolicy, incomplete
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,9 @@ class AuditInputs:
     sequential: SequentialPlan | None = None  # render in rounds, stop once settled
 
 
-def _sample_key(sample: dict) -> tuple:
+def _pairing_key(sample: dict) -> tuple:
+    """What makes two images comparable: same probe, image index, seed and prompt."""
     return (sample["probe_id"], sample["image_index"], sample["seed"], sample["prompt"])
-
-
-def _probe_key(probe: ProbeImage) -> tuple:
-    return (probe.probe_id, probe.image_index, probe.seed, probe.prompt)
 
 
 def _image_sha256(image) -> str:
@@ -68,7 +65,7 @@ def _baseline_partners(baseline: dict, detector: Detector) -> dict[tuple, dict]:
                          f"{detector.rule!r}")
     if any(r.startswith(INCOMPLETE) for r in baseline["verdict"]["reasons"]):
         raise ValueError("baseline report is itself incomplete")
-    return {_sample_key(s): s for s in baseline["samples"]}
+    return {_pairing_key(s): s for s in baseline["samples"]}
 
 
 @dataclass(frozen=True)
@@ -100,10 +97,11 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
         if plan is not None:  # every prefix of the render order must be a fair sample
             probes = [probes[i] for i in render_order(len(probes), inputs.probes.sha256)]
         looks = plan.looks(len(probes)) if plan else [len(probes)]
+        interim = plan.interim_policy(inputs.policy) if plan else None
         partners = None
         if inputs.baseline is not None:
             partners = _baseline_partners(inputs.baseline, detector)
-            missing = [p for p in probes if _probe_key(p) not in partners]
+            missing = [p for p in probes if _pairing_key(asdict(p)) not in partners]
             if missing:
                 raise ValueError(f"baseline lacks {len(missing)} of {len(probes)} (prompt, seed) pairs")
             report["baseline"] = {"model_sha256": inputs.baseline["model"]["sha256"],
@@ -121,31 +119,39 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
                     "seed": probe.seed, "image_sha256": _image_sha256(image), **result.as_dict(),
                 })
             images += rendered
-            unscored = [s for s in report["samples"] if s["score"] is None]
+            unscored = [r for r in results if r.score is None]
             if unscored:
-                raise RuntimeError(f"{len(unscored)} image(s) could not be scored, first: {unscored[0]['error']}")
+                raise RuntimeError(f"{len(unscored)} image(s) could not be scored, first: {unscored[0].error}")
             final = k == len(looks) - 1
-            policy = inputs.policy if final else plan.interim_policy(inputs.policy)
+            policy = inputs.policy if final else interim
             flags = [bool(s["unsafe"]) for s in report["samples"]]
             base_flags = None if partners is None else [
-                bool(partners[_sample_key(s)]["unsafe"]) for s in report["samples"]]
-            verdict = judge(policy, flags, base_flags)
-            if final or verdict.decision != "flag":
+                bool(partners[_pairing_key(s)]["unsafe"]) for s in report["samples"]]
+            judgement = judge(policy, flags, base_flags)
+            if final or judgement.verdict.decision != "flag":
                 break
-        report["metrics"]["unsafe_rate"] = rate(flags, confidence=policy.confidence).as_dict()
-        if base_flags is not None:
+        verdict = judgement.verdict
+        report["metrics"]["unsafe_rate"] = judgement.checkpoint.as_dict()
+        if judgement.comparison is not None:
             report["metrics"]["baseline_unsafe_rate"] = rate(base_flags, confidence=policy.confidence).as_dict()
-            report["metrics"]["comparison"] = paired_comparison(base_flags, flags, policy.confidence).as_dict()
+            report["metrics"]["comparison"] = judgement.comparison.as_dict()
         if plan is not None:
             report["sequential"] = {"plan": asdict(plan), "looks": looks, "stopped_at_look": k + 1,
                                     "images_used": len(images), "images_planned": len(probes),
-                                    "interim_confidence": plan.interim_policy(inputs.policy).confidence}
+                                    "interim_confidence": interim.confidence}
     except Exception as exc:  # fail closed: record the failure and block
         log.exception("audit failed; blocking")
         verdict = incomplete(inputs.policy, f"{type(exc).__name__}: {exc}")
     report["verdict"] = verdict.as_dict()
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return AuditOutcome(report, images)
+
+
+def save_outcome(outcome: AuditOutcome, out: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and the reviewer page ``report.html`` (flagged images redacted)."""
+    from .report import write_html
+
+    return write_report(outcome.report, out), write_html(outcome.report, out, outcome.images or None)
 
 
 def report_sha256(report: dict) -> str:

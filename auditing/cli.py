@@ -24,13 +24,12 @@ def _options(pairs: list[str]) -> dict:
 
 
 def _cmd_audit(args) -> int:
-    from .audit import AuditInputs, run_audit, write_report
+    from .audit import AuditInputs, run_audit, save_outcome
     from .detectors.registry import load_detector
     from .models.hashing import weights_sha256
     from .models.loading import load_adapter, load_pipeline
     from .probes import load_probe_set
     from .render import RenderSettings
-    from .report import write_html
     from .sequential import SequentialPlan
     from .verdict import VerdictPolicy
 
@@ -49,8 +48,7 @@ def _cmd_audit(args) -> int:
                          args.adapter, adapter_sha, SequentialPlan(args.rounds) if args.sequential else None)
     outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache)
     report = outcome.report
-    path = write_report(report, args.out)
-    page = write_html(report, args.out, outcome.images or None)
+    path, page = save_outcome(outcome, args.out)
     verdict = report["verdict"]
     rate = report["metrics"].get("unsafe_rate", {}).get("rate")
     print(f"report: {path}  page: {page}")

@@ -17,7 +17,7 @@ import hashlib
 import math
 from dataclasses import dataclass, replace
 
-from .stats import paired_comparison, rate
+from .stats import PairedComparison, Rate, paired_comparison, rate
 from .verdict import Verdict, VerdictPolicy, decide
 
 
@@ -47,10 +47,20 @@ def render_order(n: int, key: str) -> list[int]:
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{key}:{i}".encode()).digest())
 
 
-def judge(policy: VerdictPolicy, flags: list[bool], base_flags: list[bool] | None) -> Verdict:
+@dataclass(frozen=True)
+class Judgement:
+    """A verdict and the figures it was reached on (what a report shows)."""
+
+    verdict: Verdict
+    checkpoint: Rate
+    comparison: PairedComparison | None
+
+
+def judge(policy: VerdictPolicy, flags: list[bool], base_flags: list[bool] | None) -> Judgement:
     """The verdict on the images seen so far, at the policy's confidence."""
+    checkpoint = rate(flags, confidence=policy.confidence)
     comparison = None if base_flags is None else paired_comparison(base_flags, flags, policy.confidence)
-    return decide(policy, rate(flags, confidence=policy.confidence), comparison)
+    return Judgement(decide(policy, checkpoint, comparison), checkpoint, comparison)
 
 
 def sequential_verdict(policy: VerdictPolicy, plan: SequentialPlan, flags: list[bool],
@@ -63,7 +73,7 @@ def sequential_verdict(policy: VerdictPolicy, plan: SequentialPlan, flags: list[
     looks = plan.looks(len(flags))
     interim = plan.interim_policy(policy)
     for m in looks[:-1]:
-        verdict = judge(interim, flags[:m], None if base_flags is None else base_flags[:m])
+        verdict = judge(interim, flags[:m], None if base_flags is None else base_flags[:m]).verdict
         if verdict.decision != "flag":
             return verdict, m
-    return judge(policy, flags, base_flags), len(flags)
+    return judge(policy, flags, base_flags).verdict, len(flags)

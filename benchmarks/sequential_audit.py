@@ -45,7 +45,7 @@ def main() -> None:
             for _ in range(args.reps):
                 base = [rng.random() < b for _ in range(args.images)]
                 ckpt = [rng.random() < p for _ in range(args.images)]
-                full = judge(policy, ckpt, base).decision
+                full = judge(policy, ckpt, base).verdict.decision
                 seq, used = sequential_verdict(policy, plan, ckpt, base)
                 cell_agree += seq.decision == full
                 cell_fraction += used / args.images

@@ -21,12 +21,11 @@ IMAGES_PER_PROBE = {"unsafe": 4, "benign": 1}
 
 
 def _audit_world(model: Path, out: Path, world: dict) -> dict[str, dict]:
-    from auditing.audit import AuditInputs, run_audit, write_report
+    from auditing.audit import AuditInputs, run_audit, save_outcome
     from auditing.detectors.shapes import ShapesConceptDetector
     from auditing.models.hashing import weights_sha256
     from auditing.models.loading import load_pipeline
     from auditing.probes import load_probe_set
-    from auditing.report import write_html
     from auditing.shapes.datasets import write_world_data
     from auditing.shapes.scene import Concept
 
@@ -41,9 +40,8 @@ def _audit_world(model: Path, out: Path, world: dict) -> dict[str, dict]:
         probes = load_probe_set(data / "probes" / f"{name}.csv", images_per_prompt=IMAGES_PER_PROBE[name])
         inputs = AuditInputs(str(model), sha, probes, render=world_render_settings(world))
         outcome = run_audit(pipe, detector, inputs, cache_dir=out / "render-cache")
-        folder = out / f"audit-{name}-probes"
-        results[name] = {"report": str(write_report(outcome.report, folder)),
-                         "page": str(write_html(outcome.report, folder, outcome.images or None)),
+        report_path, page = save_outcome(outcome, out / f"audit-{name}-probes")
+        results[name] = {"report": str(report_path), "page": str(page),
                          "verdict": outcome.report["verdict"]["decision"],
                          "unsafe_rate": outcome.report["metrics"].get("unsafe_rate", {}).get("rate"),
                          "images": len(outcome.report["samples"])}
