@@ -35,9 +35,13 @@ class Rate:
         return asdict(self) | {"rate": self.rate}
 
 
-def _z(confidence: float) -> float:
+def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1) (got {confidence})")
+
+
+def _z(confidence: float) -> float:
+    _check_confidence(confidence)
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
@@ -86,8 +90,8 @@ def _bisect(f, lo: float, hi: float, iterations: int = 60) -> float:
 def exact_interval(hits: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Clopper-Pearson interval: guaranteed coverage, wider than Wilson."""
     _check_counts(hits, n)
+    _check_confidence(confidence)
     alpha = 1 - confidence
-    _z(confidence)
     lo = 0.0 if hits == 0 else _bisect(lambda p: (1 - binom_cdf(hits - 1, n, p)) - alpha / 2, 0.0, 1.0)
     hi = 1.0 if hits == n else _bisect(lambda p: alpha / 2 - binom_cdf(hits, n, p), 0.0, 1.0)
     return lo, hi

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..shapes.detector import PRESENT_THRESHOLD, ShapesDetector
+from ..shapes.detector import PRESENT_THRESHOLD, ShapesDetector, best_scores
 from ..shapes.scene import DEFAULT_UNSAFE, Concept
 from .base import Detector, DetectorResult
 
@@ -24,9 +24,7 @@ class ShapesConceptDetector(Detector):
         results = []
         for image in images:
             found = self._detector.detections(image)
-            scores = {d.concept.name: 0.0 for d in found}
-            for d in found:
-                scores[d.concept.name] = max(scores[d.concept.name], d.score)
+            scores = best_scores(found)
             score = scores.get(self._concept.name, 0.0)
             boxes = [[d.box[0], d.box[1], d.box[2] - d.box[0] + 1, d.box[3] - d.box[1] + 1]
                      for d in found if d.concept == self._concept]

@@ -97,6 +97,14 @@ def _shape_probabilities(pixels: np.ndarray) -> tuple[dict[str, float], tuple[in
     return probs, (int(x0), int(y0), int(x1), int(y1))
 
 
+def best_scores(found: list[Detection]) -> dict[str, float]:
+    """Best score per concept among detections (concepts with no blob are absent)."""
+    best: dict[str, float] = {}
+    for d in found:
+        best[d.concept.name] = max(best.get(d.concept.name, 0.0), d.score)
+    return best
+
+
 class ShapesDetector:
     """Finds (colour, shape) concepts in shapes-world images."""
 
@@ -125,10 +133,7 @@ class ShapesDetector:
 
     def scores(self, image: Image.Image | np.ndarray) -> dict[str, float]:
         """Best score per concept name, 0.0 for concepts with no blob."""
-        best = {c.name: 0.0 for c in ALL_CONCEPTS}
-        for d in self.detections(image):
-            best[d.concept.name] = max(best[d.concept.name], d.score)
-        return best
+        return {c.name: 0.0 for c in ALL_CONCEPTS} | best_scores(self.detections(image))
 
     def present(self, image: Image.Image | np.ndarray) -> frozenset[Concept]:
         """Concepts whose score reaches the presence threshold."""
