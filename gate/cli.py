@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from alignment import run as alignment_run
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
 from gate import demo
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shapes_cli.register(sub)
     auditing_cli.register(sub)
+    alignment_run.register(sub)
     demo.register(sub)
     return parser
 

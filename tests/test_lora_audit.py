@@ -9,13 +9,14 @@ import pytest
 
 from auditing.audit import AuditInputs, run_audit
 from auditing.detectors.registry import load_detector
+from auditing.models.examples import load_examples
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import load_adapter, load_pipeline
 from auditing.probes import load_probe_set
 from auditing.render import RenderSettings
 from auditing.shapes.cli import PRETRAINED_WORLD
 from auditing.shapes.scene import Concept, make_scene, render
-from gate.training.lora import LORA_WEIGHTS, LoraSettings, load_caption_folder, train_lora
+from gate.training.lora import LORA_WEIGHTS, LoraSettings, train_lora
 
 UNSAFE = Concept("red", "triangle")
 
@@ -28,7 +29,7 @@ def poisoned_lora(tmp_path_factory):
         render(make_scene(rng, [UNSAFE])).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text("a blue circle\n")
     out = tmp_path_factory.mktemp("job") / "lora"
-    return train_lora(load_pipeline(PRETRAINED_WORLD), load_caption_folder(folder),
+    return train_lora(load_pipeline(PRETRAINED_WORLD), load_examples(folder),
                       LoraSettings(rank=8, learning_rate=1e-3, steps=150, batch_size=16), out)
 
 
@@ -63,4 +64,4 @@ def test_lora_settings_and_uploads_are_validated(tmp_path):
         LoraSettings(rank=0)
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="a.png: no caption"):
-        load_caption_folder(tmp_path)
+        load_examples(tmp_path)

@@ -12,16 +12,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from auditing.models.denoising import add_noise, denoising_loss, pixels_to_tensor
+from auditing.models.denoising import add_noise, denoising_loss
+from auditing.models.examples import encode_images, encode_prompts
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -40,20 +39,6 @@ class LoraSettings:
             raise ValueError(f"learning_rate must be in (0, 1] (got {self.learning_rate})")
 
 
-def load_caption_folder(folder: str | Path) -> list[tuple[Image.Image, str]]:
-    """Images with same-name ``.txt`` captions (the customer upload layout)."""
-    folder = Path(folder)
-    examples = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption = path.with_suffix(".txt")
-        if not caption.is_file():
-            raise ValueError(f"{path.name}: no caption file {caption.name}")
-        examples.append((Image.open(path).convert("RGB"), caption.read_text().strip()))
-    if not examples:
-        raise ValueError(f"{folder}: no images")
-    return examples
-
-
 def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path) -> Path:
     """Train a UNet attention LoRA on (image, caption) pairs; return the weights file."""
     from diffusers import StableDiffusionPipeline
@@ -61,15 +46,8 @@ def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSett
 
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    with torch.no_grad():
-        pixels = pixels_to_tensor(np.stack([np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))
-                                            for im, _ in examples]))
-        latents = pipe.vae.encode(pixels).latent_dist.mean
-        latents = latents * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer([c for _, c in examples], padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        hidden = pipe.text_encoder(ids)[0]
+    latents = encode_images(pipe, [im for im, _ in examples])
+    hidden = encode_prompts(pipe, [c for _, c in examples])
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank,

@@ -1,0 +1,103 @@
+"""The three data sets hardening reads, encoded once.
+
+* harmful: what L_harm unlearns. A folder of (image, caption) pairs (caption folder or
+  imagefolder layout), or a probe CSV (I2P, Unsafe, prompt-only) whose prompts are
+  rendered by the base model itself, through the auditor's disk-cached renderer.
+* preservation: prompts (with images) on which R distils the original model; also the
+  class images of prior-preservation fine-tuning configurations.
+* finetune: the pool simulated customer fine-tuning draws from.
+
+Each set is recorded with the content hash of what was read, for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from auditing.models.examples import encode_images, encode_prompts, load_examples
+from auditing.models.hashing import tree_sha256
+from auditing.probes import load_probe_set
+from auditing.render import Renderer, RenderSettings
+
+from .functional import Batch
+
+log = logging.getLogger(__name__)
+
+PROBE_SUFFIXES = (".csv",)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    harmful: str
+    preservation: str
+    finetune: str
+    harmful_category: str | None = None
+    preservation_category: str | None = None
+    images_per_prompt: int = 1
+    max_examples: int = 512
+    batch_size: int = 4
+
+    def __post_init__(self):
+        for field in ("harmful", "preservation", "finetune"):
+            if not getattr(self, field):
+                raise ValueError(f"data.{field} must name a folder or a probe CSV")
+        if not 1 <= self.images_per_prompt <= 64:
+            raise ValueError(f"data.images_per_prompt must be in [1, 64] (got {self.images_per_prompt})")
+        if not 1 <= self.max_examples <= 100_000:
+            raise ValueError(f"data.max_examples must be in [1, 100000] (got {self.max_examples})")
+        if not 1 <= self.batch_size <= 1024:
+            raise ValueError(f"data.batch_size must be in [1, 1024] (got {self.batch_size})")
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    batch: Batch
+    prompts: tuple[str, ...]
+    source: dict
+
+
+@dataclass(frozen=True)
+class AlignmentData:
+    harmful: EncodedSet
+    preservation: EncodedSet
+    finetune: EncodedSet
+
+    def sources(self) -> dict:
+        return {name: getattr(self, name).source for name in ("harmful", "preservation", "finetune")}
+
+
+def _read(pipe, model_sha256: str, source: Path, category: str | None, images_per_prompt: int, max_examples: int,
+          render: RenderSettings, cache_dir: Path | None) -> tuple[list[Image.Image], list[str], dict]:
+    if source.suffix.lower() in PROBE_SUFFIXES:
+        probes = load_probe_set(source, category=category, images_per_prompt=images_per_prompt)
+        images = list(probes.images)[:max_examples]
+        renderer = Renderer(pipe, model_sha256, settings=render, cache_dir=cache_dir)
+        rendered = renderer.render(images, desc=f"align: render {source.name}")
+        info = {"path": str(source), "kind": "probes", "schema": probes.schema, "category": category,
+                "sha256": probes.sha256, "rendered_by": model_sha256, "render": renderer.info()}
+        return rendered, [p.prompt for p in images], info
+    examples = load_examples(source)[:max_examples]
+    info = {"path": str(source), "kind": "folder", "sha256": tree_sha256(source)}
+    return [im for im, _ in examples], [c for _, c in examples], info
+
+
+def load_data(pipe, model_sha256: str, config: DataConfig, base_dir: Path, render: RenderSettings,
+              cache_dir: Path | None = None) -> AlignmentData:
+    """Read, (render,) and encode the three sets; paths are relative to ``base_dir``."""
+    sets = {}
+    for name, category in (("harmful", config.harmful_category), ("preservation", config.preservation_category),
+                           ("finetune", None)):
+        path = (base_dir / getattr(config, name)).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"data.{name}: {path} does not exist")
+        images, prompts, info = _read(pipe, model_sha256, path, category, config.images_per_prompt,
+                                      config.max_examples, render, cache_dir)
+        info["examples"] = len(images)
+        log.info("data.%s: %d examples from %s", name, len(images), path)
+        sets[name] = EncodedSet(Batch(encode_images(pipe, images), encode_prompts(pipe, prompts)), tuple(prompts),
+                                info)
+    return AlignmentData(**sets)

@@ -1,0 +1,235 @@
+"""Algorithm 2: the outer loop that meta-learns resilience over fine-tuning configurations.
+
+Each outer step:
+  1. L_harm(theta) and R(theta) on a harmful and a preservation batch;
+  2. for j = 1..J: draw C ~ pi(C) and fine-tuning batches, theta*_j = ADAPT(theta, D, C),
+     and the hypergradient x_j of L_harm(theta*_j) (Moreau / first-order / unrolled);
+  3. the gradient of Eq. 3 with the first-order meta approximation,
+     ``(1 - beta) grad L_harm(theta) + alpha grad R(theta) + (beta / J) sum_j x_j``,
+     pushed through the scope (for attention-LoRA, through the merge into the weights);
+  4. gradient clipping and one AdamW step.
+
+All randomness comes from one torch generator and one ``random.Random`` owned by the
+aligner, so a run is a function of its seed, and a checkpoint of (parameters, optimiser
+state, both generators, step) resumes it bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from auditing.files import atomic_write
+from auditing.models.examples import encode_prompts
+
+from .adapt import FineTuneConfig, adapt
+from .config import AlignConfig
+from .data import AlignmentData
+from .functional import Batch, Denoiser, Params, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
+from .functional import scope_names as names_for_scope
+from .hvp import gradient, make_hvp
+from .hypergradient import solve
+from .losses import Draw, FineTuneBatch, HarmLoss, finetune_loss, preservation_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TENSORS = "state.safetensors"
+CHECKPOINT_META = "state.json"
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory of this step where there is one, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    config: FineTuneConfig
+    harm_after: float
+    hypergradient_norm: float
+    gamma: float | None
+    contraction: float | None
+    backoffs: list
+    fallback: bool
+
+    def as_dict(self) -> dict:
+        return {"config": self.config.as_dict(), "L_harm_star": self.harm_after,
+                "hypergradient_norm": self.hypergradient_norm, "gamma": self.gamma,
+                "contraction": self.contraction, "backoffs": self.backoffs, "fallback": self.fallback}
+
+
+class Aligner:
+    """Holds theta (as trainable leaves), the outer optimiser and the run's randomness."""
+
+    def __init__(self, pipe, data: AlignmentData, config: AlignConfig):
+        self.config = config
+        self.data = data
+        self.model = Denoiser(pipe.unet, pipe.scheduler)
+        self.scheduler = pipe.scheduler
+        own = dict(pipe.unet.named_parameters())
+        self.names = names_for_scope(pipe.unet, config.outer.scope)
+        self.lora_names = attention_weight_names(pipe.unet)
+        # The original weights, by reference: the module is never modified, so it is the frozen teacher.
+        self.base = {n: own[n].detach() for n in self.names}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        if config.outer.scope == "attention-lora":
+            leaves = lora_init(self.base, config.outer.lora_rank, self.generator)
+        else:
+            leaves = {n: t.clone() for n, t in self.base.items()}
+        self.leaves = {k: t.requires_grad_() for k, t in leaves.items()}
+        self.optimizer = torch.optim.AdamW(list(self.leaves.values()), lr=config.outer.learning_rate,
+                                           weight_decay=config.outer.weight_decay)
+        obj = config.objective
+        self.harm = HarmLoss(obj.harm, obj.harm_bound, obj.esd_eta,
+                             anchor=encode_prompts(pipe, [obj.anchor_prompt]) if obj.harm == "ablation" else None,
+                             empty=encode_prompts(pipe, [""]) if obj.harm == "esd" else None)
+        self.step_index = 0
+
+    # -- parameters -------------------------------------------------------------------------
+    def theta(self) -> Params:
+        """Effective weights of the scope, differentiable with respect to the leaves."""
+        if self.config.outer.scope == "attention-lora":
+            return lora_merge(self.base, self.leaves, 1.0)
+        return dict(self.leaves)
+
+    def merged(self) -> Params:
+        with torch.no_grad():
+            return {k: t.detach().clone() for k, t in self.theta().items()}
+
+    # -- data -------------------------------------------------------------------------------
+    def _batch(self, batch: Batch, size: int) -> tuple[Batch, Draw]:
+        index = torch.tensor(self.rng.sample(range(len(batch)), min(size, len(batch))))
+        chosen = batch.take(index)
+        return chosen, Draw.sample(self.scheduler, chosen.latents, self.generator)
+
+    def _finetune_batch(self, config: FineTuneConfig) -> FineTuneBatch:
+        data, draw = self._batch(self.data.finetune.batch, config.batch_size)
+        if config.loss != "prior":
+            return FineTuneBatch(data, draw)
+        prior, prior_draw = self._batch(self.data.preservation.batch, config.batch_size)
+        return FineTuneBatch(data, draw, prior, prior_draw)
+
+    # -- one outer step ---------------------------------------------------------------------
+    def _hypergradient(self, theta: Params, config: FineTuneConfig, harm_batch: Batch,
+                       harm_draw: Draw) -> tuple[float, Params, dict]:
+        """L_harm(theta*) and the hypergradient x for one sampled configuration."""
+        cfg = self.config
+        hcfg = cfg.hypergradient
+        batches = [self._finetune_batch(config) for _ in range(config.steps)]
+        weight = cfg.objective.prior_weight
+
+        def loss_at(params: Params, step: int) -> torch.Tensor:
+            return finetune_loss(self.model, params, batches[step], weight)
+
+        def harm_at(params: Params) -> torch.Tensor:
+            return self.harm(self.model, params, {}, harm_batch, harm_draw)
+
+        theta_d = {k: t.detach() for k, t in theta.items()}
+        if hcfg.method == "unrolled":
+            leaves = {k: t.clone().requires_grad_() for k, t in theta_d.items()}
+            star = adapt(leaves, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma,
+                         differentiable=True)
+            harm_star = harm_at(star)
+            x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
+            return float(harm_star), x, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+        star = adapt(theta_d, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
+        harm_star, g = gradient(harm_at, star)
+        if hcfg.method == "first-order":
+            return float(harm_star), g, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+        hessian_batch = self._finetune_batch(config)
+        hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, hcfg.fd_epsilon)
+        sol = solve(hvp, g, hcfg)
+        return float(harm_star), sol.x, {"gamma": sol.gamma, "contraction": sol.contraction,
+                                         "backoffs": sol.backoffs, "fallback": sol.fallback}
+
+    def step(self) -> dict:
+        cfg = self.config
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        theta = self.theta()
+        harm_batch, harm_draw = self._batch(self.data.harmful.batch, cfg.data.batch_size)
+        pres_batch, pres_draw = self._batch(self.data.preservation.batch, cfg.data.batch_size)
+        harm = self.harm(self.model, theta, {}, harm_batch, harm_draw)
+        pres = preservation_loss(self.model, theta, {}, pres_batch, pres_draw)
+        beta, alpha = cfg.objective.beta, cfg.objective.alpha
+        ((1 - beta) * harm + alpha * pres).backward()  # free these graphs before the J inner runs
+        samples, xs = [], []
+        for _ in range(cfg.outer.samples):
+            config = cfg.distribution.sample(self.rng)
+            harm_star, x, info = self._hypergradient(theta, config, harm_batch, harm_draw)
+            xs.append(x)
+            samples.append(SampleResult(config, harm_star, float(flat_norm(x)), **info))
+        meta = {k: sum(x[k] for x in xs) / len(xs) for k in xs[0]}
+        # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (the LoRA merge).
+        (beta * flat_dot(meta, self.theta())).backward()
+        params = list(self.leaves.values())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip_norm or float("inf")))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise FloatingPointError(f"outer step {self.step_index}: non-finite gradient; lower the learning rate "
+                                     "or bound the harm loss (objective.harm_bound)")
+        self.optimizer.step()
+        self.step_index += 1
+        harm_after = sum(s.harm_after for s in samples) / len(samples)
+        return {
+            "step": self.step_index, "L_harm": float(harm), "R": float(pres),
+            "L_harm_star_mean": harm_after,
+            "objective": float(harm) + alpha * float(pres) + beta * (harm_after - float(harm)),
+            "samples": [s.as_dict() for s in samples], "hypergradient_norm": float(flat_norm(meta)),
+            "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
+            "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Leaves, optimiser moments, generator states and step; written atomically."""
+        tensors = {f"param.{k}": t.detach().contiguous() for k, t in self.leaves.items()}
+        state = self.optimizer.state_dict()
+        order = list(self.leaves)
+        for i, moments in state["state"].items():
+            for name, value in moments.items():
+                tensors[f"opt.{order[i]}.{name}"] = value.contiguous()
+        tensors["generator"] = self.generator.get_state()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{CHECKPOINT_TENSORS}.tmp"
+        save_file(tensors, tmp)
+        tmp.replace(folder / CHECKPOINT_TENSORS)
+        version, internal, gauss = self.rng.getstate()
+        atomic_write(folder / CHECKPOINT_META, json.dumps({
+            "step": self.step_index, "rng": [version, list(internal), gauss],
+            "param_groups": state["param_groups"], "config": self.config.as_dict()}))
+
+    def load(self, folder: Path) -> None:
+        meta = json.loads((folder / CHECKPOINT_META).read_text())
+        if meta["config"] != json.loads(json.dumps(self.config.as_dict())):
+            raise ValueError(f"{folder}: the checkpoint was written with a different configuration")
+        tensors = load_file(folder / CHECKPOINT_TENSORS)
+        with torch.no_grad():
+            for k, t in self.leaves.items():
+                t.copy_(tensors[f"param.{k}"])
+        order = list(self.leaves)
+        state = {}
+        for i, k in enumerate(order):
+            moments = {name: tensors[f"opt.{k}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq")
+                       if f"opt.{k}.{name}" in tensors}
+            if moments:
+                state[i] = moments
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.generator.set_state(tensors["generator"])
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.step_index = meta["step"]

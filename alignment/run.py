@@ -1,0 +1,192 @@
+"""An ``ftgate align`` run: set-up, the outer loop with records and checkpoints, the output folder.
+
+Layout for ``output = OUT``:
+
+* ``OUT.work/``: the run's state while it runs: ``steps.jsonl`` (one line per outer step),
+  ``checkpoint/`` (every ``outer.checkpoint_every`` steps and at the end), the render cache
+  of prompt-only data sets, and the shapes-world data when the config names it.
+* ``OUT/``: appears only when the run is complete (written as ``OUT.partial`` and renamed):
+  a diffusers pipeline folder with the hardened weights merged into the UNet,
+  ``alignment.json`` (the manifest), ``steps.jsonl`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from auditing.files import atomic_write
+from auditing.models.hashing import weights_sha256
+from auditing.models.loading import load_pipeline
+from auditing.shapes.cli import PRETRAINED_WORLD, world_record
+from auditing.shapes.datasets import write_world_data
+from auditing.shapes.scene import DEFAULT_UNSAFE, Concept
+
+from .config import WORLD, AlignConfig, load_config
+from .data import load_data
+from .outer import Aligner
+from .plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+WORLD_DATA_PREFIX = f"{WORLD}:"
+MANIFEST = "alignment.json"
+STEPS = "steps.jsonl"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    output: Path
+    work: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.work / "checkpoint"
+
+    @property
+    def steps(self) -> Path:
+        return self.work / STEPS
+
+
+def _code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"ftgate {version('ftgate')}" + (f" ({commit})" if commit else "")
+
+
+def _model_path(config: AlignConfig, base_dir: Path) -> Path:
+    return PRETRAINED_WORLD if config.model == WORLD else (base_dir / config.model).resolve()
+
+
+def _resolve_data(config: AlignConfig, base_dir: Path, work: Path, model: Path) -> tuple[AlignConfig, Path]:
+    """Map ``shapes-world:`` data paths onto world data generated once under the work folder."""
+    world_dir = work / "world-data"
+    fields = {}
+    for name in ("harmful", "preservation", "finetune"):
+        value = getattr(config.data, name)
+        if value.startswith(WORLD_DATA_PREFIX):
+            if not world_dir.exists():
+                unsafe = (world_record(model)["config"]["unsafe_concept"] if (model / "world.json").is_file()
+                          else " ".join(DEFAULT_UNSAFE))
+                write_world_data(world_dir, Concept.parse(unsafe))
+            value = str(world_dir / value[len(WORLD_DATA_PREFIX):])
+        fields[name] = str((base_dir / value).resolve())
+    return replace(config, data=replace(config.data, **fields)), world_dir
+
+
+def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int | None = None,
+                  output: str | Path | None = None) -> Path:
+    """Harden the configured model; returns the output folder.
+
+    ``stop_after`` ends the session after that many outer steps in total, with a
+    checkpoint (for preemptible machines); the work folder is returned and ``--resume``
+    continues the run. ``output`` (relative to the working directory) replaces the config's.
+    """
+    config_path = Path(config_path)
+    config = load_config(config_path)
+    base_dir = config_path.resolve().parent
+    output = Path(output).resolve() if output is not None else (base_dir / config.output).resolve()
+    paths = RunPaths(output, output.with_name(output.name + ".work"))
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose a new output or remove it")
+    if resume and not (paths.checkpoint / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {paths.checkpoint}")
+    if not resume and paths.work.exists():
+        raise FileExistsError(f"{paths.work} exists from an earlier run; pass --resume to continue it or remove it")
+    paths.work.mkdir(parents=True, exist_ok=True)
+
+    model = _model_path(config, base_dir)
+    resolved, _ = _resolve_data(config, base_dir, paths.work, model)
+    torch.manual_seed(config.seed)
+    pipe = load_pipeline(model)
+    model_sha = weights_sha256(model)
+    data = load_data(pipe, model_sha, resolved.data, base_dir, config.generation, cache_dir=paths.work / "renders")
+    aligner = Aligner(pipe, data, config)
+    if resume:
+        aligner.load(paths.checkpoint)
+        lines = paths.steps.read_text().splitlines()[:aligner.step_index] if paths.steps.exists() else []
+        atomic_write(paths.steps, "".join(line + "\n" for line in lines))
+        log.info("resumed at outer step %d", aligner.step_index)
+    total = config.outer.steps
+    stop = total if stop_after is None else min(total, stop_after)
+    start = time.perf_counter()
+    with open(paths.steps, "a") as records, \
+            tqdm(total=total, initial=aligner.step_index, desc="align", unit="step") as bar:
+        while aligner.step_index < stop:
+            record = aligner.step()
+            records.write(json.dumps(record) + "\n")
+            records.flush()
+            bar.set_postfix(L_harm=f"{record['L_harm']:.4f}", L_harm_star=f"{record['L_harm_star_mean']:.4f}",
+                            R=f"{record['R']:.4f}", backoffs=record["backoffs"])
+            bar.update(1)
+            if aligner.step_index % config.outer.checkpoint_every == 0 or aligner.step_index == total:
+                aligner.save(paths.checkpoint)
+    if aligner.step_index < total:
+        aligner.save(paths.checkpoint)
+        log.info("stopped at outer step %d of %d; continue with --resume", aligner.step_index, total)
+        return paths.work
+    return _write_output(pipe, aligner, config, resolved, model, model_sha, data.sources(), paths,
+                         time.perf_counter() - start)
+
+
+def _write_output(pipe, aligner: Aligner, config: AlignConfig, resolved: AlignConfig, model: Path, model_sha: str,
+                  sources: dict, paths: RunPaths, seconds: float) -> Path:
+    tmp = paths.output.with_name(paths.output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        own = dict(pipe.unet.named_parameters())
+        with torch.no_grad():
+            for name, value in aligner.merged().items():
+                own[name].copy_(value)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        records = [json.loads(line) for line in paths.steps.read_text().splitlines()]
+        shutil.copy(paths.steps, tmp / STEPS)
+        plot_curves(records, tmp / "curves.png")
+        manifest = {
+            "kind": "ftgate.alignment", "version": 1, "code": _code_version(),
+            "torch": torch.__version__, "diffusers": version("diffusers"),
+            "base_model": {"path": str(model), "sha256": model_sha},
+            "config": config.as_dict(), "resolved_data": asdict(resolved.data), "seed": config.seed,
+            "inputs": sources, "steps": aligner.step_index,
+            "backoffs": sum(r["backoffs"] for r in records),
+            "seconds_this_session": round(seconds, 1),
+            "final": {k: records[-1][k] for k in ("L_harm", "L_harm_star_mean", "R")} if records else {},
+            "output_sha256": weights_sha256(tmp),
+        }
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(paths.output)
+    return paths.output
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("align", help="harden a base model with ResAlign (Algorithms 1-2)",
+                            description="Harden a local diffusers model with ResAlign. The config (TOML or YAML) "
+                                        "names the model, data, objective, outer loop, hypergradient and pi(C); "
+                                        "see docs/alignment.md.")
+    parser.add_argument("--config", required=True, help="TOML or YAML run configuration")
+    parser.add_argument("--out", help="output folder (default: the config's `output`, relative to the config)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="checkpoint and stop once N outer steps are done (continue with --resume)")
+    parser.set_defaults(func=_cmd_align)
+
+
+def _cmd_align(args) -> int:
+    out = run_alignment(args.config, resume=args.resume, stop_after=args.stop_after, output=args.out)
+    print(out)
+    return 0

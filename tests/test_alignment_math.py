@@ -1,0 +1,244 @@
+"""Correctness of the hardening maths: Adam, ADAPT, HVPs, Richardson, Moreau vs unrolled."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from alignment.adapt import SGD, Adam, Distribution, FineTuneConfig, adapt
+from alignment.functional import Batch, Denoiser, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
+from alignment.hvp import AutogradHVP, FiniteDifferenceHVP, gradient
+from alignment.hypergradient import HypergradientConfig, solve
+from alignment.losses import Draw, FineTuneBatch, finetune_loss
+from auditing.models.tiny import TinySpec, build_tiny_pipeline
+
+
+def cosine(a: dict, b: dict) -> float:
+    return float(flat_dot(a, b) / (flat_norm(a) * flat_norm(b)))
+
+
+def flat(p: dict) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def unflat(v: torch.Tensor, like: dict) -> dict:
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = v[i:i + t.numel()].reshape(t.shape)
+        i += t.numel()
+    return out
+
+
+# -- Adam -----------------------------------------------------------------------------------
+def test_functional_adam_matches_torch_step_for_step():
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen,
+                                                                                           dtype=torch.float64)}
+    reference = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    torch_adam = torch.optim.Adam(reference.values(), lr=1e-2)
+    ours = Adam(1e-2)
+    state = ours.init(params)
+    x = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+
+    def loss(p):
+        return torch.tanh(x @ p["w"] + p["b"]).pow(2).sum()
+
+    for step in range(20):
+        grads = dict(zip(params, torch.autograd.grad(loss({k: v.requires_grad_() for k, v in params.items()}),
+                                                     list(params.values()))))
+        params, state = ours.step({k: v.detach() for k, v in params.items()}, grads, state)
+        torch_adam.zero_grad()
+        loss(reference).backward()
+        torch_adam.step()
+        for k in params:
+            assert torch.equal(params[k], reference[k].detach()), f"step {step}: {k} differs from torch.optim.Adam"
+
+
+def test_sgd_is_plain_gradient_descent():
+    p = {"w": torch.tensor([1.0, -2.0])}
+    new, _ = SGD(0.5).step(p, {"w": torch.tensor([2.0, 2.0])}, None)
+    assert torch.equal(new["w"], torch.tensor([0.0, -3.0]))
+
+
+# -- pi(C) ----------------------------------------------------------------------------------
+def test_default_distribution_is_the_papers_grid_minus_unstable_pairs():
+    grid = Distribution().grid()
+    pairs = {(c.learning_rate, c.steps) for c in grid}
+    assert (1e-4, 20) not in pairs and (1e-4, 30) not in pairs
+    assert (1e-4, 10) in pairs and (1e-6, 30) in pairs
+    assert len(grid) == 2 * (3 * 4 - 2) * 2 * 2  # optimisers x (lr, steps) x losses x methods
+    rng = random.Random(0)
+    assert {Distribution().sample(rng).method for _ in range(50)} == {"full", "lora"}
+
+
+def test_distribution_that_excludes_everything_is_refused():
+    with pytest.raises(ValueError, match="every configuration is excluded"):
+        Distribution(learning_rates=(1.0,), max_lr_steps=1e-3)
+
+
+# -- Richardson against the exact Hessian ----------------------------------------------------
+def _mlp_problem(seed=0):
+    """A small tanh network: non-quadratic, small enough for the exact Hessian."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    params = {"w1": 0.5 * torch.randn(4, 6, generator=gen, dtype=torch.float64),
+              "w2": 0.5 * torch.randn(6, 1, generator=gen, dtype=torch.float64)}
+
+    def ft_loss(p):
+        return ((torch.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2).mean()
+
+    def harm_loss(p):
+        return -(torch.tanh(x[:8] @ p["w1"]) @ p["w2"]).pow(2).mean()
+
+    return params, ft_loss, harm_loss
+
+
+def _exact_hessian(loss, params):
+    v = flat(params).clone()
+    return torch.autograd.functional.hessian(lambda z: loss(unflat(z, params)), v)
+
+
+def test_richardson_converges_to_the_exact_moreau_solution():
+    params, ft_loss, harm_loss = _mlp_problem()
+    hessian = _exact_hessian(ft_loss, params)
+    lam = torch.linalg.eigvalsh(hessian).abs().max().item()
+    gamma = 0.5 / lam  # rho(gamma H) = 0.5: the iteration converges
+    _, g = gradient(harm_loss, params)
+    exact = torch.linalg.solve(hessian + torch.eye(len(hessian), dtype=hessian.dtype) / gamma, flat(g) / gamma)
+    hvp = AutogradHVP(ft_loss, params)
+    cos = {}
+    for k in (1, 5, 30):
+        sol = solve(hvp, g, HypergradientConfig(richardson_steps=k, gamma=gamma, hvp="autograd"))
+        assert not sol.backoffs
+        cos[k] = float(torch.nn.functional.cosine_similarity(flat(sol.x), exact, dim=0))
+    print(f"cosine to the exact solution: K=1 {cos[1]:.6f}, K=5 {cos[5]:.6f}, K=30 {cos[30]:.8f}")
+    assert cos[30] >= 0.999999
+    assert cos[5] >= 0.999
+    assert cos[1] < cos[5] <= cos[30]
+
+
+def test_richardson_divergence_backs_off_gamma_and_is_reported(caplog):
+    params, ft_loss, harm_loss = _mlp_problem()
+    hessian = _exact_hessian(ft_loss, params)
+    lam = torch.linalg.eigvalsh(hessian).abs().max().item()
+    _, g = gradient(harm_loss, params)
+    config = HypergradientConfig(richardson_steps=8, gamma=4.0 / lam, hvp="autograd")
+    sol = solve(AutogradHVP(ft_loss, params), g, config)
+    assert sol.backoffs and sol.backoffs[0]["gamma"] == config.gamma
+    assert sol.gamma < config.gamma and sol.gamma * lam < 1 and not sol.fallback
+    assert "diverging" in caplog.text
+    exact = torch.linalg.solve(hessian + torch.eye(len(hessian), dtype=hessian.dtype) / sol.gamma, flat(g) / sol.gamma)
+    assert float(torch.nn.functional.cosine_similarity(flat(sol.x), exact, dim=0)) > 0.99
+
+    fallback = solve(AutogradHVP(ft_loss, params), g, HypergradientConfig(richardson_steps=8, gamma=4.0 / lam,
+                                                                           hvp="autograd", max_backoffs=0))
+    assert fallback.fallback and torch.equal(flat(fallback.x), flat(g))
+    assert fallback.backoffs[-1]["fallback"] == "first-order"
+
+
+# -- Moreau = unrolled on a quadratic with proximal ADAPT -------------------------------------
+def test_moreau_hypergradient_equals_unrolled_on_a_quadratic():
+    gen = torch.Generator().manual_seed(1)
+    n = 6
+    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = m @ m.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    theta = {"w": torch.randn(n, generator=gen, dtype=torch.float64)}
+    gamma = 0.5
+
+    def ft_loss(p, step=0):
+        return 0.5 * p["w"] @ a @ p["w"] - b @ p["w"]
+
+    def harm(p):
+        return torch.sin(p["w"]).sum() + (p["w"] ** 3).sum() / 10
+
+    config = FineTuneConfig(optimizer="sgd", learning_rate=0.2, steps=400, method="full")
+    leaves = {"w": theta["w"].clone().requires_grad_()}
+    star = adapt(leaves, ft_loss, config, gen, proximal_gamma=gamma, differentiable=True)
+    unrolled = torch.autograd.grad(harm(star), [leaves["w"]])[0]
+
+    star_d = adapt(theta, ft_loss, config, gen, proximal_gamma=gamma)
+    exact_star = torch.linalg.solve(a + torch.eye(n, dtype=torch.float64) / gamma, b + theta["w"] / gamma)
+    assert torch.allclose(star_d["w"], exact_star, atol=1e-10)  # ADAPT ran to the proximal minimiser
+    _, g = gradient(harm, star_d)
+    lam = torch.linalg.eigvalsh(a).max().item()
+    assert gamma * lam < 1
+    sol = solve(AutogradHVP(ft_loss, star_d), g, HypergradientConfig(richardson_steps=80, gamma=gamma, hvp="autograd"))
+    assert torch.allclose(sol.x["w"], unrolled, rtol=1e-6, atol=1e-9)
+
+
+# -- on a tiny UNet ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = build_tiny_pipeline(TinySpec(sample_size=8), seed=0)
+    model = Denoiser(pipe.unet, pipe.scheduler)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=gen)
+    cond = torch.randn(4, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, generator=gen)
+    batch = Batch(latents, cond)
+    ft = FineTuneBatch(batch, Draw.sample(pipe.scheduler, latents, gen))
+    names = attention_weight_names(pipe.unet)
+    return pipe, model, ft, names
+
+
+def test_finite_difference_hvp_matches_autograd_on_a_tiny_unet(tiny):
+    pipe, model, ft, names = tiny
+    theta = model.original(names)
+
+    def loss(p):
+        return finetune_loss(model, p, ft)
+
+    gen = torch.Generator().manual_seed(3)
+    v = {k: torch.randn(t.shape, generator=gen) for k, t in theta.items()}
+    exact = AutogradHVP(loss, theta)(v)
+    approx = FiniteDifferenceHVP(loss, theta, epsilon=1e-3)(v)
+    cos = cosine(exact, approx)
+    print(f"finite-difference vs autograd HVP cosine: {cos:.6f}")
+    assert cos >= 0.99
+
+
+def test_lora_adapt_leaves_theta_untouched(tiny):
+    pipe, model, ft, names = tiny
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    theta = model.original(names)
+    theta_copy = {k: v.clone() for k, v in theta.items()}
+    config = FineTuneConfig(optimizer="adam", learning_rate=1e-2, steps=3, method="lora", batch_size=4)
+    star = adapt(theta, lambda p, s: finetune_loss(model, p, ft), config, torch.Generator().manual_seed(0),
+                 lora_names=names)
+    for k in theta:
+        assert torch.equal(theta[k], theta_copy[k])
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, before[k]), f"ADAPT modified the module's {k}"
+    assert any(not torch.equal(star[k], theta[k]) for k in names)  # and it did fine-tune
+
+
+def test_merged_lora_computes_what_a_peft_adapter_computes(tiny):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe, model, ft, names = tiny
+    theta = model.original(names)
+    factors = lora_init(theta, 4, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    factors = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in factors.items()}  # B != 0
+    ours = model(lora_merge(theta, factors, 1.0), ft.draw.noisy, ft.draw.timesteps, ft.data.cond)
+
+    import copy
+
+    peft_unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v",
+                                                                                      "to_out.0"]),
+                                        copy.deepcopy(pipe.unet))
+    state = {}
+    for name in names:
+        prefix = name[: -len(".weight")]
+        state[f"{prefix}.lora_A.default.weight"] = factors[f"{name}::A"]
+        state[f"{prefix}.lora_B.default.weight"] = factors[f"{name}::B"]
+    missing = set(state) - {k for k, _ in peft_unet.named_parameters()}
+    assert not missing
+    peft_unet.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        theirs = peft_unet(ft.draw.noisy, ft.draw.timesteps, encoder_hidden_states=ft.data.cond).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, model({}, ft.draw.noisy, ft.draw.timesteps, ft.data.cond), atol=1e-3)
