@@ -155,7 +155,7 @@ class Distribution:
         if self.max_lr_steps <= 0:
             raise ValueError(f"distribution.max_lr_steps must be > 0 (got {self.max_lr_steps})")
         if not self.grid():
-            raise ValueError("distribution: every configuration is excluded by max_lr_steps")
+            raise ValueError(f"distribution.max_lr_steps = {self.max_lr_steps:g} excludes every configuration")
 
     def grid(self) -> list[FineTuneConfig]:
         combos = itertools.product(self.optimizers, self.learning_rates, self.steps, self.losses, self.methods,

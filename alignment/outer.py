@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from auditing.files import atomic_write
 from auditing.models.examples import encode_prompts
@@ -138,13 +139,14 @@ class Aligner:
             return self.harm(self.model, params, {}, harm_batch, harm_draw)
 
         theta_d = {k: t.detach() for k, t in theta.items()}
-        if hcfg.method == "unrolled":
+        if hcfg.method == "unrolled":  # double backward through every step: the math attention kernel
             leaves = {k: t.clone().requires_grad_() for k, t in theta_d.items()}
-            star = adapt(leaves, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma,
-                         differentiable=True)
-            harm_star = harm_at(star)
-            x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
-            return float(harm_star), x, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+            with sdpa_kernel(SDPBackend.MATH):
+                star = adapt(leaves, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma,
+                             differentiable=True)
+                harm_star = harm_at(star)
+                x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
+            return harm_star.item(), x, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
         star = adapt(theta_d, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
         harm_star, g = gradient(harm_at, star)
         if hcfg.method == "first-order":
@@ -186,9 +188,9 @@ class Aligner:
         self.step_index += 1
         harm_after = sum(s.harm_after for s in samples) / len(samples)
         return {
-            "step": self.step_index, "L_harm": float(harm), "R": float(pres),
+            "step": self.step_index, "L_harm": harm.item(), "R": pres.item(),
             "L_harm_star_mean": harm_after,
-            "objective": float(harm) + alpha * float(pres) + beta * (harm_after - float(harm)),
+            "objective": harm.item() + alpha * pres.item() + beta * (harm_after - harm.item()),
             "samples": [s.as_dict() for s in samples], "hypergradient_norm": float(flat_norm(meta)),
             "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
             "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),

@@ -1,0 +1,180 @@
+"""``ftgate align`` end to end on a tiny model: records, checkpoints, resume, output, config errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from alignment.config import load_config
+from alignment.run import run_alignment
+from auditing.models.loading import load_pipeline
+from auditing.models.tiny import TinySpec, build_tiny_pipeline
+
+CONFIG = """
+model = "model"
+output = "out"
+seed = 7
+
+[data]
+harmful = "harmful"
+preservation = "preservation.csv"
+finetune = "finetune"
+batch_size = 2
+
+[generation]
+inference_steps = 2
+guidance_scale = 2.0
+batch_size = 4
+
+[objective]
+harm = "{harm}"
+harm_bound = 2.0
+
+[outer]
+steps = 4
+samples = 2
+learning_rate = 1e-3
+scope = "{scope}"
+checkpoint_every = 2
+
+[hypergradient]
+method = "{method}"
+hvp = "{hvp}"
+richardson_steps = 2
+
+[distribution]
+learning_rates = [1e-3]
+steps = [2]
+batch_sizes = [2]
+max_lr_steps = 1.0
+"""
+
+
+def _folder(path, caption, colour, n=6):
+    path.mkdir()
+    rng = random.Random(0)
+    for i in range(n):
+        image = Image.new("RGB", (16, 16), tuple(min(255, c + rng.randrange(40)) for c in colour))
+        image.save(path / f"{i}.png")
+        (path / f"{i}.txt").write_text(caption)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    build_tiny_pipeline(TinySpec(sample_size=8), seed=0).save_pretrained(root / "model", safe_serialization=True)
+    _folder(root / "harmful", "a red triangle", (200, 0, 0))
+    _folder(root / "finetune", "a blue circle", (0, 0, 200))
+    (root / "preservation.csv").write_text("prompt\na blue circle\na green square\n")
+    return root
+
+
+def _config(root, name, harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference", extra=""):
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(harm=harm, scope=scope, method=method, hvp=hvp).replace('output = "out"',
+                                                                                       f'output = "{name}"') + extra)
+    return path
+
+
+def _records(folder):
+    rows = [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds"), r.pop("peak_memory_mb")
+    return rows
+
+
+def test_resume_continues_bit_for_bit(workspace):
+    straight = run_alignment(_config(workspace, "straight"))
+    config = _config(workspace, "resumed")
+    work = run_alignment(config, stop_after=2)
+    assert work.name == "resumed.work" and not (workspace / "resumed").exists()
+    resumed = run_alignment(config, resume=True)
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(straight) == _records(resumed)
+    base = load_file(workspace / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = [k for k in a if not torch.equal(a[k], base[k])]
+    assert changed and all(".attn" in k and k.endswith(".weight") for k in changed)  # only the LoRA scope moved
+
+
+def test_output_folder_manifest_records_and_plot(workspace):
+    out = workspace / "straight"
+    if not out.exists():
+        run_alignment(_config(workspace, "straight"))
+    manifest = json.loads((out / "alignment.json").read_text())
+    assert manifest["steps"] == 4 and manifest["seed"] == 7
+    assert set(manifest["inputs"]) == {"harmful", "preservation", "finetune"}
+    assert manifest["inputs"]["preservation"]["kind"] == "probes"  # rendered by the base model
+    assert len(manifest["base_model"]["sha256"]) == 64 and len(manifest["output_sha256"]) == 64
+    rows = _records(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    sample = rows[0]["samples"][0]
+    assert {"config", "L_harm_star", "hypergradient_norm", "gamma", "backoffs"} <= set(sample)
+    assert sample["config"]["learning_rate"] == 1e-3
+    with Image.open(out / "curves.png") as plot:
+        assert plot.format == "PNG" and plot.width > 300
+    load_pipeline(out)  # a loadable diffusers folder
+
+
+def test_existing_output_or_work_folder_is_not_overwritten(workspace):
+    config = _config(workspace, "twice")
+    run_alignment(config, stop_after=1)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_alignment(config)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_alignment(_config(workspace, "never-started"), resume=True)
+
+
+@pytest.mark.parametrize("harm,scope,method,hvp", [
+    ("esd", "attention", "moreau", "autograd"),
+    ("ablation", "full", "first-order", "finite-difference"),
+    ("ga", "attention", "unrolled", "finite-difference"),
+])
+def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method, hvp):
+    name = f"{harm}-{scope}-{method}"
+    out = run_alignment(_config(workspace, name, harm, scope, method, hvp))
+    rows = _records(out)
+    assert all(torch.isfinite(torch.tensor(r["objective"])) for r in rows)
+    if method == "moreau":
+        assert all(s["gamma"] is not None for r in rows for s in r["samples"])
+
+
+@pytest.mark.parametrize("patch,message", [
+    (("steps = 4", "steps = 0"), "outer.steps must be in [1, 1000000] (got 0)"),
+    (('scope = "attention-lora"', 'scope = "everything"'), "outer.scope 'everything' not in"),
+    (("learning_rate = 1e-3\nscope", "learning_rate = 5.0\nscope"), "outer.learning_rate must be in (0, 1]"),
+    (('method = "moreau"', 'method = "newton"'), "hypergradient.method 'newton' not in"),
+    (("richardson_steps = 2", "richardson_steps = 0"), "hypergradient.richardson_steps must be in [1, 100]"),
+    (('harm = "ga"', 'harm = "forget"'), "objective.harm 'forget' not in"),
+    (("harm_bound = 2.0", "harm_bound = -1.0"), "objective.harm_bound must be in (0, 1000]"),
+    (("batch_size = 2\n\n[gen", "batch_size = 0\n\n[gen"), "data.batch_size must be in [1, 1024]"),
+    (("inference_steps = 2", "inference_steps = 0"), "generation.inference_steps must be >= 1"),
+    (("steps = [2]", "steps = []"), "distribution.steps must not be empty"),
+    (("steps = [2]", 'steps = ["two"]'), "distribution.steps[0] must be of type int"),
+    (("seed = 7", "seed = 7\ncolour = 1"), "unknown field(s) ['colour']"),
+    (("[outer]", "[outer]\nspeed = 1"), "unknown field(s) ['outer.speed']"),
+    (("steps = 4", 'steps = "four"'), "outer.steps must be of type int"),
+])
+def test_bad_config_fields_are_named(tmp_path, patch, message):
+    text = CONFIG.format(harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference")
+    assert patch[0] in text
+    path = tmp_path / "c.toml"
+    path.write_text(text.replace(patch[0], patch[1], 1))
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert message in str(err.value)
+
+
+def test_yaml_config_reads_like_toml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\noutput: o\ndata: {harmful: h, preservation: p.csv, finetune: f}\n"
+                    "outer: {steps: 3, clip_norm: null}\ndistribution: {learning_rates: [0.001, 0.0001]}\n")
+    config = load_config(path)
+    assert config.outer.steps == 3 and config.outer.clip_norm is None
+    assert config.distribution.learning_rates == (1e-3, 1e-4)
