@@ -18,7 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from auditing.models.examples import encode_images, encode_prompts, load_examples
+from auditing.layouts import load_examples
+from auditing.models.examples import encode_images, encode_prompts
 from auditing.models.hashing import tree_sha256
 from auditing.probes import load_probe_set
 from auditing.render import Renderer, RenderSettings

@@ -70,7 +70,7 @@ def _model_path(config: AlignConfig, base_dir: Path) -> Path:
     return PRETRAINED_WORLD if config.model == WORLD else (base_dir / config.model).resolve()
 
 
-def _resolve_data(config: AlignConfig, base_dir: Path, work: Path, model: Path) -> tuple[AlignConfig, Path]:
+def _resolve_data(config: AlignConfig, base_dir: Path, work: Path, model: Path) -> AlignConfig:
     """Map ``shapes-world:`` data paths onto world data generated once under the work folder."""
     world_dir = work / "world-data"
     fields = {}
@@ -83,7 +83,7 @@ def _resolve_data(config: AlignConfig, base_dir: Path, work: Path, model: Path) 
                 write_world_data(world_dir, Concept.parse(unsafe))
             value = str(world_dir / value[len(WORLD_DATA_PREFIX):])
         fields[name] = str((base_dir / value).resolve())
-    return replace(config, data=replace(config.data, **fields)), world_dir
+    return replace(config, data=replace(config.data, **fields))
 
 
 def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int | None = None,
@@ -108,7 +108,7 @@ def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int
     paths.work.mkdir(parents=True, exist_ok=True)
 
     model = _model_path(config, base_dir)
-    resolved, _ = _resolve_data(config, base_dir, paths.work, model)
+    resolved = _resolve_data(config, base_dir, paths.work, model)
     torch.manual_seed(config.seed)
     pipe = load_pipeline(model)
     model_sha = weights_sha256(model)

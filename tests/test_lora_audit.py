@@ -9,7 +9,7 @@ import pytest
 
 from auditing.audit import AuditInputs, run_audit
 from auditing.detectors.registry import load_detector
-from auditing.models.examples import load_examples
+from auditing.layouts import load_examples
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import load_adapter, load_pipeline
 from auditing.probes import load_probe_set
