@@ -1,0 +1,50 @@
+"""``/v1/base-models``: operators register the (hardened) base models customers may fine-tune."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Blueprint, g, request
+from sqlalchemy import select
+
+from auditing.models.hashing import weights_sha256
+from gate.storage.audit_log import record
+from gate.storage.models import BaseModel
+
+from .auth import current_principal, login_required
+from .errors import ApiError
+from .serialize import base_model_json
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("base_models", __name__, url_prefix="/v1/base-models")
+OPERATOR = "operator"
+NAME_MAX_CHARS = 200
+
+
+@bp.post("")
+@login_required(OPERATOR)
+def register():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "send a JSON object {name, path}")
+    name, path = body.get("name"), body.get("path")
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_CHARS:
+        raise ApiError(400, "invalid_request", f"name must be a string of 1 to {NAME_MAX_CHARS} characters",
+                       field="name")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        raise ApiError(400, "invalid_request", f"path must be an existing local diffusers folder (got {path!r})",
+                       field="path")
+    if g.db.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
+        raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
+    try:
+        digest = weights_sha256(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ApiError(400, "invalid_request", str(exc), field="path") from None
+    row = BaseModel(name=name, path=str(Path(path).absolute()), weights_sha256=digest)
+    g.db.add(row)
+    record(g.db, current_principal(), row, "created", detail={"path": row.path, "weights_sha256": digest})
+    g.db.commit()
+    log.info("base model %s (%s) registered: %s", row.id, name, digest)
+    return base_model_json(row), 201

@@ -1,0 +1,64 @@
+"""One JSON error format for every failure, so clients never parse HTML or see a stack trace.
+
+Body: ``{"error": {"status", "reason", "message", ...}}``; ``reason`` is a short fixed code a client can
+branch on, ``message`` is for people.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from gate.auth import Forbidden, NotFound
+from gate.intake import IntakeError, ScanError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A request the API refuses; ``extra`` keys are added to the error body (e.g. ``field``, ``allowed``)."""
+
+    def __init__(self, status: int, reason: str, message: str, **extra):
+        super().__init__(message)
+        self.status, self.reason, self.message, self.extra = status, reason, message, extra
+
+
+def error_response(status: int, reason: str, message: str, **extra):
+    return jsonify({"error": {"status": status, "reason": reason, "message": message, **extra}}), status
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.reason, exc.message, **exc.extra)
+
+    @app.errorhandler(IntakeError)
+    def _intake_error(exc: IntakeError):
+        body = exc.as_dict()
+        return jsonify({"error": body}), exc.status
+
+    @app.errorhandler(Forbidden)
+    def _forbidden(exc: Forbidden):
+        return error_response(403, "forbidden", str(exc))
+
+    @app.errorhandler(NotFound)
+    def _not_found(exc: NotFound):
+        return error_response(404, "not_found", str(exc))
+
+    @app.errorhandler(ScanError)
+    def _scan_error(exc: ScanError):
+        # The scanner is ours, not the customer's: a 5xx, and the upload was refused (fail closed).
+        log.error("contamination scan failed: %s", exc)
+        return error_response(503, "scan_failed", "the contamination scanner failed; nothing was stored, retry later")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        reason = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, reason, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; see the server log")

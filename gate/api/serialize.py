@@ -1,0 +1,30 @@
+"""Rows as JSON: one function per resource, so every route returns the same shape for it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from gate.storage.models import BaseModel, Dataset, Job
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def dataset_json(row: Dataset) -> dict:
+    return {"id": row.id, "tenant": row.tenant_id, "name": row.name, "status": row.status,
+            "content_sha256": row.content_sha256, "size_bytes": row.size_bytes, "image_count": row.image_count,
+            "contamination_ratio": row.contamination_ratio, "created_at": _time(row.created_at)}
+
+
+def job_json(row: Job) -> dict:
+    return {"id": row.id, "tenant": row.tenant_id, "base_model": row.base_model_id, "dataset": row.dataset_id,
+            "method": row.method, "hyperparameters": row.hyperparameters, "status": row.status, "stage": row.stage,
+            "progress": row.progress, "attempts": row.attempts, "idempotency_key": row.idempotency_key,
+            "error": row.error, "created_at": _time(row.created_at), "updated_at": _time(row.updated_at),
+            "finished_at": _time(row.finished_at)}
+
+
+def base_model_json(row: BaseModel) -> dict:
+    return {"id": row.id, "name": row.name, "path": row.path, "weights_sha256": row.weights_sha256,
+            "created_at": _time(row.created_at)}

@@ -1,0 +1,283 @@
+"""The Flask API: uploads through the intake, jobs, tenancy, roles, errors, health and the OpenAPI document."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from auditing.detectors.base import Detector, DetectorResult
+from gate.api import create_app
+from gate.auth import create_key, ensure_tenant, revoke_key
+from gate.settings import Limits, Settings
+from gate.storage.audit_log import SYSTEM
+from gate.storage.db import make_engine, session_factory, upgrade
+from gate.storage.models import AuditLogEntry, BaseModel, Dataset, Job
+
+UPLOAD_LIMIT = 300_000
+
+
+class RedScanner(Detector):
+    """Fake scanner: an image is unsafe when most of its pixels are pure red."""
+
+    name = "red"
+    version = "1"
+    rule = "share of pure red pixels > 0.5"
+
+    def detect(self, images):
+        shares = [float(np.mean(np.all(np.asarray(im) == (255, 0, 0), axis=-1))) for im in images]
+        return [DetectorResult(s, s > 0.5) for s in shares]
+
+
+def png(color=(0, 128, 255), size=(16, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def good_zip(n: int = 3, red: int = 0) -> bytes:
+    members = {}
+    for i in range(n):
+        members[f"img{i}.png"] = png((255, 0, 0) if i < red else (0, 10 * i, 200))
+        members[f"img{i}.txt"] = f"a blue square number {i}".encode()
+    return make_zip(members)
+
+
+class Env:
+    def __init__(self, tmp_path: Path):
+        self.state = tmp_path / "state"
+        self.settings = Settings(state_dir=self.state, database_url=f"sqlite:///{tmp_path / 'ftgate.db'}",
+                                 broker_url=None, artifacts_dir=self.state / "artifacts",
+                                 limits=Limits(max_upload_bytes=UPLOAD_LIMIT, contamination_flag_ratio=0.0))
+        upgrade(self.settings.database_url)
+        self.engine = make_engine(self.settings.database_url)
+        self.sessions = session_factory(self.engine)
+        self.enqueued: list[str] = []
+        self.app = create_app(self.settings, enqueue=self.enqueued.append, scanner=RedScanner())
+        self.client = self.app.test_client()
+        with self.sessions() as s:
+            for tenant in ("acme", "globex", "platform"):
+                ensure_tenant(s, tenant, SYSTEM)
+            self.keys = {"a": create_key(s, "acme", "customer", SYSTEM),
+                         "b": create_key(s, "globex", "customer", SYSTEM),
+                         "op": create_key(s, "platform", "operator", SYSTEM),
+                         "rev": create_key(s, "platform", "reviewer", SYSTEM)}
+            base = BaseModel(name="sd-tiny", path=str(tmp_path), weights_sha256="0" * 64)
+            s.add(base)
+            s.commit()
+            self.base_model_id = base.id
+
+    def headers(self, who: str) -> dict:
+        return {"Authorization": f"Bearer {self.keys[who].key}"}
+
+    def upload(self, data: bytes, who: str = "a"):
+        return self.client.post("/v1/datasets", headers=self.headers(who),
+                                data={"file": (io.BytesIO(data), "set.zip")}, content_type="multipart/form-data")
+
+    def count(self, model) -> int:
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(model))
+
+    def dataset_files(self) -> list[Path]:
+        root = self.state / "datasets"
+        return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+    def job(self, dataset_id: str, who: str = "a", **overrides):
+        body = {"base_model": self.base_model_id, "dataset": dataset_id, "method": "lora",
+                "hyperparameters": {"steps": 100, "rank": 4, "learning_rate": 1e-4}, **overrides}
+        return self.client.post("/v1/jobs", headers=self.headers(who), json=body)
+
+
+@pytest.fixture
+def env(tmp_path) -> Env:
+    return Env(tmp_path)
+
+
+def test_accepted_upload_creates_row_folder_and_log_entry(env):
+    r = env.upload(good_zip())
+    assert r.status_code == 201, r.json
+    body = r.json
+    assert body["status"] == "accepted" and body["image_count"] == 3 and body["contamination_ratio"] == 0
+    with env.sessions() as s:
+        row = s.get(Dataset, body["id"])
+        assert row.tenant_id == "acme" and row.content_sha256 == body["content_sha256"]
+        assert (env.settings.artifacts_dir / row.artifact_path).is_file()
+        assert s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == row.id)).one().to_state == "accepted"
+    folder = env.state / "datasets" / "acme" / body["id"]
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
+                                                        "00002.png", "00002.txt", "intake.json"]
+    assert env.client.get(f"/v1/datasets/{body['id']}", headers=env.headers("a")).json["id"] == body["id"]
+
+
+def test_contaminated_upload_is_flagged(env):
+    r = env.upload(good_zip(n=20, red=1))
+    assert r.status_code == 201 and r.json["status"] == "flagged" and r.json["flagged_files"] == ["img0.png"]
+
+
+@pytest.mark.parametrize("data, status, reason", [
+    (b"not a zip at all", 400, "not_a_zip"),
+    (make_zip({"../evil.png": png(), "../evil.txt": b"x"}), 400, "zip_slip"),
+    (make_zip({"a.png": png()}), 400, "missing_caption"),
+    (make_zip({"a.png": png(), "a.txt": b"x", "inner.zip": b"PK"}), 415, "nested_archive"),
+    (make_zip({"a.png": b"GIF89a not really", "a.txt": b"caption"}), 415, "format_not_allowed"),
+    (good_zip(n=4, red=2), 422, "contaminated"),
+])
+def test_refused_upload_leaves_no_row_and_no_files(env, data, status, reason):
+    entries = env.count(AuditLogEntry)
+    r = env.upload(data)
+    assert r.status_code == status, r.json
+    assert r.json["error"]["reason"] == reason and r.json["error"]["status"] == status
+    assert env.count(Dataset) == 0 and env.count(AuditLogEntry) == entries
+    assert env.dataset_files() == []
+    assert not list((env.settings.artifacts_dir).rglob("*.zip"))
+
+
+def test_oversized_body_is_413_json(env):
+    r = env.upload(b"\0" * (UPLOAD_LIMIT + (128 << 10)))
+    assert r.status_code == 413 and r.json["error"]["status"] == 413
+    assert env.count(Dataset) == 0 and env.dataset_files() == []
+
+
+def test_upload_without_file_field_is_400(env):
+    r = env.client.post("/v1/datasets", headers=env.headers("a"), data={}, content_type="multipart/form-data")
+    assert r.status_code == 400 and r.json["error"]["field"] == "file"
+
+
+def test_job_creation_idempotency_and_enqueue(env):
+    dataset = env.upload(good_zip()).json["id"]
+    first = env.job(dataset, idempotency_key="k1")
+    assert first.status_code == 201 and first.json["status"] == "queued" and first.json["progress"] == 0
+    again = env.job(dataset, idempotency_key="k1")
+    assert again.status_code == 200 and again.json["id"] == first.json["id"]
+    other = env.job(dataset)
+    assert other.status_code == 201 and other.json["id"] != first.json["id"]
+    assert env.enqueued == [first.json["id"], other.json["id"]]
+    assert env.count(Job) == 2
+    got = env.client.get(f"/v1/jobs/{first.json['id']}", headers=env.headers("a")).json
+    assert (got["status"], got["stage"], got["progress"]) == ("queued", None, 0)
+    listed = env.client.get("/v1/jobs", headers=env.headers("a")).json["jobs"]
+    assert {j["id"] for j in listed} == {first.json["id"], other.json["id"]}
+
+
+@pytest.mark.parametrize("hyperparameters, field, limit", [
+    ({"steps": 10**7}, "hyperparameters.steps", "max_steps"),
+    ({"rank": 129}, "hyperparameters.rank", "max_rank"),
+    ({"learning_rate": 0.5}, "hyperparameters.learning_rate", "max_learning_rate"),
+    ({"resolution": 4096}, "hyperparameters.resolution", "max_resolution"),
+    ({"batch_size": 0}, "hyperparameters.batch_size", "max_batch_size"),
+])
+def test_out_of_range_hyperparameters_name_field_and_limit(env, hyperparameters, field, limit):
+    dataset = env.upload(good_zip()).json["id"]
+    r = env.job(dataset, hyperparameters=hyperparameters)
+    assert r.status_code == 400 and r.json["error"]["field"] == field and r.json["error"]["limit"] == limit
+    assert limit in r.json["error"]["message"]
+    assert env.count(Job) == 0 and env.enqueued == []
+
+
+def test_unknown_hyperparameter_names_field_and_allowed(env):
+    dataset = env.upload(good_zip()).json["id"]
+    r = env.job(dataset, hyperparameters={"lr": 1e-4})
+    assert r.status_code == 400 and r.json["error"]["field"] == "hyperparameters.lr"
+    assert "learning_rate" in r.json["error"]["allowed"] and "learning_rate" in r.json["error"]["message"]
+
+
+def test_job_needs_existing_base_model_and_own_dataset(env):
+    dataset = env.upload(good_zip()).json["id"]
+    assert env.job(dataset, base_model="nope").status_code == 404
+    r = env.job(dataset, who="b")
+    assert r.status_code == 404 and r.json["error"]["field"] == "dataset"
+    assert env.job(dataset, method="full").json["error"]["field"] == "method"
+
+
+def test_tenant_isolation(env):
+    dataset = env.upload(good_zip()).json["id"]
+    job = env.job(dataset).json["id"]
+    for path in (f"/v1/datasets/{dataset}", f"/v1/jobs/{job}"):
+        r = env.client.get(path, headers=env.headers("b"))
+        assert r.status_code == 404 and r.json["error"]["reason"] == "not_found"
+        assert env.client.get(path, headers=env.headers("rev")).status_code == 200
+    assert env.client.get("/v1/jobs", headers=env.headers("b")).json["jobs"] == []
+    assert [j["id"] for j in env.client.get("/v1/jobs", headers=env.headers("op")).json["jobs"]] == [job]
+
+
+def test_roles_and_keys(env, tmp_path):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    body = {"name": "sd-hardened", "path": str(model)}
+    r = env.client.post("/v1/base-models", headers=env.headers("a"), json=body)
+    assert r.status_code == 403 and r.json["error"]["reason"] == "forbidden"
+    r = env.client.post("/v1/base-models", headers=env.headers("op"), json=body)
+    assert r.status_code == 201 and len(r.json["weights_sha256"]) == 64
+    missing = env.client.post("/v1/base-models", headers=env.headers("op"), json={"name": "x", "path": "/nope"})
+    assert missing.status_code == 400 and missing.json["error"]["field"] == "path"
+    assert env.client.post("/v1/datasets", headers=env.headers("op")).status_code == 403
+    r = env.client.get("/v1/jobs")
+    assert r.status_code == 401 and r.json["error"]["reason"] == "unauthorized"
+    assert env.client.get("/v1/jobs", headers={"Authorization": "Bearer ftg_nonsense"}).status_code == 401
+    with env.sessions() as s:
+        revoke_key(s, env.keys["a"].key_id, SYSTEM)
+        s.commit()
+    assert env.client.get("/v1/jobs", headers=env.headers("a")).status_code == 401
+
+
+def test_unknown_route_and_method_are_json(env):
+    r = env.client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json["error"]["status"] == 404
+    r = env.client.delete("/v1/jobs", headers=env.headers("a"))
+    assert r.status_code == 405 and r.json["error"]["status"] == 405
+
+
+def test_unexpected_error_is_500_without_trace(env, monkeypatch):
+    monkeypatch.setattr("gate.api.jobs.scoped", lambda *a: 1 / 0)
+    r = env.client.get("/v1/jobs", headers=env.headers("a"))
+    assert r.status_code == 500 and "Traceback" not in r.get_data(as_text=True)
+    assert r.json["error"]["reason"] == "internal_error"
+
+
+def test_healthz(env):
+    r = env.client.get("/healthz")
+    assert r.status_code == 200 and r.json == {"status": "ok", "database": "ok"}
+
+
+def test_healthz_503_when_database_unreachable(env, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def broken(*_args, **_kwargs):
+        raise OperationalError("SELECT 1", {}, Exception("gone"))
+
+    monkeypatch.setattr("sqlalchemy.orm.Session.execute", broken)
+    r = env.client.get("/healthz")
+    assert r.status_code == 503 and r.json["database"] == "unreachable"
+
+
+def test_openapi_lists_every_route(env):
+    doc = env.client.get("/openapi.json").json
+    assert doc["openapi"].startswith("3.1") and doc["components"]["schemas"] and doc["info"]["title"]
+    for rule in env.app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        assert path in doc["paths"], path
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            operation = doc["paths"][path][method.lower()]
+            assert operation["responses"], (path, method)
+    for path, item in doc["paths"].items():
+        for operation in item.values():
+            for response in operation["responses"].values():
+                for media in response.get("content", {}).values():
+                    ref = media["schema"].get("$ref")
+                    assert ref is None or ref.rpartition("/")[2] in doc["components"]["schemas"]
