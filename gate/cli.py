@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from alignment import run as alignment_run
+from alignment import cli as alignment_cli
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
 from gate import demo, keys_cli
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shapes_cli.register(sub)
     auditing_cli.register(sub)
-    alignment_run.register(sub)
+    alignment_cli.register(sub)
     demo.register(sub)
     keys_cli.register(sub)
     storage_cli.register(sub)
