@@ -160,7 +160,3 @@ def load_config(path: str | Path) -> AlignConfig:
     else:
         raise ValueError(f"{path}: config must be .toml, .yaml or .yml")
     return _build(AlignConfig, data, "")
-
-
-def resolve_path(value: str, base_dir: Path) -> Path:
-    return (base_dir / value).resolve()

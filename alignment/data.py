@@ -86,13 +86,13 @@ def _read(pipe, model_sha256: str, source: Path, category: str | None, images_pe
     return [im for im, _ in examples], [c for _, c in examples], info
 
 
-def load_data(pipe, model_sha256: str, config: DataConfig, base_dir: Path, render: RenderSettings,
+def load_data(pipe, model_sha256: str, config: DataConfig, render: RenderSettings,
               cache_dir: Path | None = None) -> AlignmentData:
-    """Read, (render,) and encode the three sets; paths are relative to ``base_dir``."""
+    """Read, (render,) and encode the three sets, whose paths the caller has resolved."""
     sets = {}
     for name, category in (("harmful", config.harmful_category), ("preservation", config.preservation_category),
                            ("finetune", None)):
-        path = (base_dir / getattr(config, name)).resolve()
+        path = Path(getattr(config, name))
         if not path.exists():
             raise FileNotFoundError(f"data.{name}: {path} does not exist")
         images, prompts, info = _read(pipe, model_sha256, path, category, config.images_per_prompt,

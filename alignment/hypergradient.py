@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from .functional import Params, axpy, flat_norm
+from .hvp import HVP_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class HypergradientConfig:
     backoff_factor: float = 0.5
 
     def __post_init__(self):
-        from .hvp import HVP_BACKENDS
-
         if self.method not in METHODS:
             raise ValueError(f"hypergradient.method {self.method!r} not in {METHODS}")
         if self.hvp not in HVP_BACKENDS:

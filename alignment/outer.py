@@ -55,6 +55,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
 
 
+def _no_solve() -> dict:
+    """What a sample records when no Richardson solve ran (first-order, unrolled)."""
+    return {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+
+
 @dataclass(frozen=True)
 class SampleResult:
     config: FineTuneConfig
@@ -146,11 +151,11 @@ class Aligner:
                              differentiable=True)
                 harm_star = harm_at(star)
                 x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
-            return harm_star.item(), x, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+            return harm_star.item(), x, _no_solve()
         star = adapt(theta_d, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
         harm_star, g = gradient(harm_at, star)
         if hcfg.method == "first-order":
-            return float(harm_star), g, {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+            return float(harm_star), g, _no_solve()
         hessian_batch = self._finetune_batch(config)
         hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, hcfg.fd_epsilon)
         sol = solve(hvp, g, hcfg)

@@ -112,7 +112,7 @@ def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int
     torch.manual_seed(config.seed)
     pipe = load_pipeline(model)
     model_sha = weights_sha256(model)
-    data = load_data(pipe, model_sha, resolved.data, base_dir, config.generation, cache_dir=paths.work / "renders")
+    data = load_data(pipe, model_sha, resolved.data, config.generation, cache_dir=paths.work / "renders")
     aligner = Aligner(pipe, data, config)
     if resume:
         aligner.load(paths.checkpoint)

@@ -37,3 +37,27 @@ def quiet_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    """The gate's database for a test: SQLite by default (test_storage also runs PostgreSQL)."""
+    return f"sqlite:///{tmp_path}/ftgate.db"
+
+
+@pytest.fixture
+def engine(database_url):
+    """An engine on a database migrated to the code's head revision."""
+    from gate.storage.db import make_engine, upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine):
+    from gate.storage.db import session_factory
+
+    return session_factory(engine)

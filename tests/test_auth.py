@@ -22,21 +22,8 @@ from gate.auth import (
 )
 from gate.storage import cli as storage_cli
 from gate.storage.audit_log import SYSTEM
-from gate.storage.db import make_engine, session_factory, upgrade
+from gate.storage.db import make_engine, session_factory
 from gate.storage.models import ApiKey, AuditLogEntry, BaseModel, Dataset, Job
-
-
-@pytest.fixture
-def db(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/ftgate.db")
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(db):
-    return session_factory(db)
 
 
 def _issue(sessions, tenant="acme", role="customer"):
@@ -53,13 +40,13 @@ def _job(session, tenant: str) -> Job:
     return job
 
 
-def test_key_is_stored_only_as_a_hash(tmp_path, db, sessions):
+def test_key_is_stored_only_as_a_hash(tmp_path, engine, sessions):
     issued = _issue(sessions)
     assert issued.key.startswith(f"ftg_{issued.key_id}_")
     secret = issued.key.removeprefix(f"ftg_{issued.key_id}_")
     assert len(secret) == 43
     assert issued.key not in repr(issued)
-    with db.connect() as connection:
+    with engine.connect() as connection:
         dump = "\n".join(str(row) for table in ("tenants", "api_keys", "audit_log")
                          for row in connection.execute(text(f"SELECT * FROM {table}")))
     assert issued.key_id in dump and secret not in dump

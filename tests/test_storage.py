@@ -22,7 +22,6 @@ from gate.storage.db import (
     head_revision,
     make_engine,
     require_current,
-    session_factory,
     upgrade,
 )
 from gate.storage.models import Artifact, Audit, AuditLogEntry, Base, BaseModel, Dataset, Job, Tenant, Verdict
@@ -39,19 +38,6 @@ def database_url(request, tmp_path):
         pytest.skip(reason)
     with postgres_schema() as url:
         yield url
-
-
-@pytest.fixture
-def engine(database_url):
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine):
-    return session_factory(engine)
 
 
 def _job(session, tenant="acme", **fields) -> Job:
