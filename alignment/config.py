@@ -150,6 +150,11 @@ def _build(cls, data, where: str):
         raise ValueError(message if message.startswith(where) or not where else f"{where}{message}") from None
 
 
+def config_from_mapping(data) -> AlignConfig:
+    """A validated config from parsed TOML/YAML/JSON; errors name ``section.field``."""
+    return _build(AlignConfig, data, "")
+
+
 def load_config(path: str | Path) -> AlignConfig:
     path = Path(path)
     text = path.read_text()
@@ -159,4 +164,4 @@ def load_config(path: str | Path) -> AlignConfig:
         data = yaml.safe_load(text) or {}
     else:
         raise ValueError(f"{path}: config must be .toml, .yaml or .yml")
-    return _build(AlignConfig, data, "")
+    return config_from_mapping(data)

@@ -147,6 +147,20 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
     return AuditOutcome(report, images)
 
 
+def unfinished_audit(model_path: str, model_sha256: str, policy: VerdictPolicy, why: str,
+                     adapter_path: str | None = None, adapter_sha256: str | None = None) -> AuditOutcome:
+    """The record of an audit that failed before it could render (say, a checkpoint that will not load):
+    it blocks, and says why, like any other incomplete audit."""
+    report = {
+        "kind": REPORT_KIND, "version": REPORT_VERSION,
+        "model": {"path": model_path, "sha256": model_sha256},
+        "adapter": {"path": adapter_path, "sha256": adapter_sha256} if adapter_path else None,
+        "probes": None, "detector": None, "render": None, "samples": [], "metrics": {}, "baseline": None,
+        "verdict": incomplete(policy, why).as_dict(), "seconds": 0.0,
+    }
+    return AuditOutcome(report)
+
+
 def save_outcome(outcome: AuditOutcome, out: str | Path) -> tuple[Path, Path]:
     """Write ``report.json`` and the reviewer page ``report.html`` (flagged images redacted)."""
     from .report import write_html

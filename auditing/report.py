@@ -85,12 +85,16 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         f"<p><b>Rule applied:</b> {esc(verdict['rule'])}</p>",
         "<h2>What was audited</h2><table>",
         f"<tr><th>model</th><td>{esc(report['model']['path'])}<br><code>{report['model']['sha256']}</code></td></tr>",
-        f"<tr><th>probe set</th><td>{esc(report['probes']['path'])} ({report['probes']['schema']}, "
-        f"{report['probes']['selected']} prompts, {report['probes']['images']} images)<br>"
-        f"<code>{report['probes']['sha256']}</code></td></tr>",
-        f"<tr><th>detector</th><td>{esc(report['detector']['name'])} {esc(report['detector']['version'])}: "
-        f"{esc(report['detector']['rule'])}</td></tr>",
-        f"<tr><th>rendering</th><td>{esc(str(report['render']['settings']))}</td></tr>",
+    ]
+    probes, detector, render = report.get("probes"), report.get("detector"), report.get("render")
+    out += [  # an audit that failed early never got to some of these
+        f"<tr><th>probe set</th><td>{esc(probes['path'])} ({probes['schema']}, {probes['selected']} prompts, "
+        f"{probes['images']} images)<br><code>{probes['sha256']}</code></td></tr>" if probes else
+        "<tr><th>probe set</th><td>not reached</td></tr>",
+        f"<tr><th>detector</th><td>{esc(detector['name'])} {esc(detector['version'])}: {esc(detector['rule'])}"
+        "</td></tr>" if detector else "<tr><th>detector</th><td>not reached</td></tr>",
+        f"<tr><th>rendering</th><td>{esc(str(render['settings']))}</td></tr>" if render else
+        "<tr><th>rendering</th><td>not reached</td></tr>",
     ]
     if report.get("adapter"):
         out.append(f"<tr><th>adapter</th><td>{esc(report['adapter']['path'])}<br>"

@@ -11,6 +11,7 @@ from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
 from gate import demo, keys_cli
 from gate.storage import cli as storage_cli
+from gate.worker import cli as worker_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     keys_cli.register(sub)
     storage_cli.register(sub)
+    worker_cli.register(sub)
     return parser
 
 

@@ -31,6 +31,7 @@ CONFIG_ENV = "FTGATE_CONFIG"
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
 POLICY_SUFFIXES = (".json", ".toml")
+LEASE_SECONDS_RANGE = (2, 86_400)
 
 
 class SettingsError(ValueError):
@@ -62,6 +63,7 @@ class Limits:
     max_learning_rate: float = field(default=1e-3, metadata=_in_range(1e-12, 1.0))
     max_resolution: int = field(default=1_024, metadata=_in_range(8, 8_192))
     max_batch_size: int = field(default=16, metadata=_in_range(1, 4_096))
+    max_class_images: int = field(default=200, metadata=_in_range(1, 100_000))  # DreamBooth prior preservation
 
     def __post_init__(self):
         for f in fields(self):
@@ -97,6 +99,9 @@ class Settings:
     verdict_policy: VerdictPolicy = field(default_factory=VerdictPolicy)
     verdict_policy_file: Path | None = None
     config_file: Path | None = None  # the TOML file read, if any (for start-up logs)
+    # How long a worker's claim on a job lasts without a heartbeat; after that the reaper hands the job
+    # to another worker. Heartbeats come every third of it, so a live worker never loses its claim.
+    lease_seconds: int = 120
 
     def __post_init__(self):
         backend = self.database_url.partition(":")[0].partition("+")[0]
@@ -106,6 +111,11 @@ class Settings:
         if self.broker_url is not None and urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
             raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
+        lo, hi = LEASE_SECONDS_RANGE
+        if isinstance(self.lease_seconds, bool) or not isinstance(self.lease_seconds, int) \
+                or not lo <= self.lease_seconds <= hi:
+            raise SettingsError("lease_seconds", f"lease_seconds must be an integer in [{lo}, {hi}] "
+                                                 f"(got {self.lease_seconds!r})")
         for name in ("state_dir", "artifacts_dir"):
             path = getattr(self, name)
             if path.exists() and not path.is_dir():
@@ -115,6 +125,25 @@ class Settings:
     def embedded_broker_dir(self) -> Path:
         """Where the embedded Redis keeps its socket and data when ``broker_url`` is None."""
         return self.state_dir / "redis"
+
+    def dataset_folder(self, tenant_id: str, dataset_id: str) -> Path:
+        """A dataset's checked caption folder (written by the intake, read by training)."""
+        return self.state_dir / "datasets" / tenant_id / dataset_id
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Workers' scratch space, one folder per job attempt."""
+        return self.state_dir / "jobs"
+
+    @property
+    def render_cache_dir(self) -> Path:
+        """The auditor's image cache (unredacted renders: never served)."""
+        return self.state_dir / "render-cache"
+
+    @property
+    def baselines_dir(self) -> Path:
+        """Base models' baseline audit reports, shared by every tenant's jobs."""
+        return self.state_dir / "baselines"
 
     def summary(self) -> str:
         """One line for start-up logs; passwords hidden."""
@@ -126,7 +155,7 @@ class Settings:
 
 # Settings that are not limits, with how they are given: a path or a string.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
-              "verdict_policy": "path"}
+              "verdict_policy": "path", "lease_seconds": "int"}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
@@ -169,6 +198,9 @@ def _read_file(path: Path) -> dict:
                                         f"and [limits] {list(_LIMIT_NAMES)}")
     values = {f"limits.{k}": v for k, v in limits.items()}
     for key, value in data.items():
+        if _TOP_LEVEL[key] == "int":
+            values[key] = value  # Settings checks it
+            continue
         if not isinstance(value, str):
             raise SettingsError(key, f"{path}: {key} must be a string, got {value!r}")
         values[key] = path.parent / Path(value).expanduser() if _TOP_LEVEL[key] == "path" else value
@@ -232,6 +264,7 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,
             config_file=config_file,
+            **({"lease_seconds": _number("int", values["lease_seconds"])} if "lease_seconds" in values else {}),
         )
     except SettingsError as exc:
         key = exc.field

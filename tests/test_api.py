@@ -56,6 +56,24 @@ def good_zip(n: int = 3, red: int = 0) -> bytes:
     return make_zip(members)
 
 
+class RecordingDispatcher:
+    """Records what the API hands to the worker queues."""
+
+    def __init__(self):
+        self.jobs: list[str] = []
+        self.baselines: list[str] = []
+        self.alignments: list[str] = []
+
+    def job(self, job_id: str) -> None:
+        self.jobs.append(job_id)
+
+    def baseline(self, base_model_id: str) -> None:
+        self.baselines.append(base_model_id)
+
+    def alignment(self, run_id: str) -> None:
+        self.alignments.append(run_id)
+
+
 class Env:
     def __init__(self, tmp_path: Path):
         self.state = tmp_path / "state"
@@ -65,8 +83,9 @@ class Env:
         upgrade(self.settings.database_url)
         self.engine = make_engine(self.settings.database_url)
         self.sessions = session_factory(self.engine)
-        self.enqueued: list[str] = []
-        self.app = create_app(self.settings, enqueue=self.enqueued.append, scanner=RedScanner())
+        self.dispatcher = RecordingDispatcher()
+        self.enqueued = self.dispatcher.jobs
+        self.app = create_app(self.settings, dispatcher=self.dispatcher, scanner=RedScanner())
         self.client = self.app.test_client()
         with self.sessions() as s:
             for tenant in ("acme", "globex", "platform"):
@@ -177,7 +196,7 @@ def test_job_creation_idempotency_and_enqueue(env):
     ({"rank": 129}, "hyperparameters.rank", "max_rank"),
     ({"learning_rate": 0.5}, "hyperparameters.learning_rate", "max_learning_rate"),
     ({"resolution": 4096}, "hyperparameters.resolution", "max_resolution"),
-    ({"batch_size": 0}, "hyperparameters.batch_size", "max_batch_size"),
+    ({"batch_size": 17}, "hyperparameters.batch_size", "max_batch_size"),
 ])
 def test_out_of_range_hyperparameters_name_field_and_limit(env, hyperparameters, field, limit):
     dataset = env.upload(good_zip()).json["id"]
@@ -185,6 +204,29 @@ def test_out_of_range_hyperparameters_name_field_and_limit(env, hyperparameters,
     assert r.status_code == 400 and r.json["error"]["field"] == field and r.json["error"]["limit"] == limit
     assert limit in r.json["error"]["message"]
     assert env.count(Job) == 0 and env.enqueued == []
+
+
+@pytest.mark.parametrize("method, hyperparameters, field", [
+    ("lora", {"batch_size": 0}, "hyperparameters.batch_size"),
+    ("lora", {"steps": "many"}, "hyperparameters.steps"),
+    ("lora", {"train_text_encoder": 1}, "hyperparameters.train_text_encoder"),
+    ("dreambooth", {"steps": 10}, "hyperparameters.instance_prompt"),
+    ("dreambooth", {"instance_prompt": "x" * 1001}, "hyperparameters.instance_prompt"),
+    ("dreambooth", {"instance_prompt": "a sks dog", "rank": 4}, "hyperparameters.rank"),
+])
+def test_hyperparameter_rules_per_method_name_the_field(env, method, hyperparameters, field):
+    dataset = env.upload(good_zip()).json["id"]
+    r = env.job(dataset, method=method, hyperparameters=hyperparameters)
+    assert r.status_code == 400 and r.json["error"]["field"] == field, r.json
+    assert field.split(".")[1] in r.json["error"]["message"]
+    assert env.count(Job) == 0 and env.enqueued == []
+
+
+def test_dreambooth_job_is_queued(env):
+    dataset = env.upload(good_zip()).json["id"]
+    r = env.job(dataset, method="dreambooth", hyperparameters={"instance_prompt": "a sks square",
+                                                                "class_prompt": "a square", "steps": 10})
+    assert r.status_code == 201 and r.json["method"] == "dreambooth" and env.enqueued == [r.json["id"]]
 
 
 def test_unknown_hyperparameter_names_field_and_allowed(env):
@@ -217,11 +259,21 @@ def test_roles_and_keys(env, tmp_path):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    body = {"name": "sd-hardened", "path": str(model)}
+    probes = tmp_path / "probes.csv"
+    probes.write_text("prompt\na red triangle\n")
+    body = {"name": "sd-hardened", "path": str(model), "audit_profile": {"probes": str(probes), "detector": "shapes"}}
     r = env.client.post("/v1/base-models", headers=env.headers("a"), json=body)
     assert r.status_code == 403 and r.json["error"]["reason"] == "forbidden"
     r = env.client.post("/v1/base-models", headers=env.headers("op"), json=body)
     assert r.status_code == 201 and len(r.json["weights_sha256"]) == 64
+    assert env.dispatcher.baselines == [r.json["id"]] and r.json["baseline_ready"] is False
+    seen = env.client.get(f"/v1/base-models/{r.json['id']}", headers=env.headers("a")).json
+    assert seen["name"] == "sd-hardened" and "path" not in seen and "audit_profile" not in seen  # staff only
+    assert env.client.get(f"/v1/base-models/{r.json['id']}", headers=env.headers("rev")).json["path"] == str(model)
+    bad = env.client.post("/v1/base-models", headers=env.headers("op"),
+                          json={**body, "name": "y", "audit_profile": {"probes": str(probes), "detector": "nope"}})
+    assert bad.status_code == 400 and bad.json["error"]["field"] == "audit_profile"
+    assert "detector" in bad.json["error"]["message"]
     missing = env.client.post("/v1/base-models", headers=env.headers("op"), json={"name": "x", "path": "/nope"})
     assert missing.status_code == 400 and missing.json["error"]["field"] == "path"
     assert env.client.post("/v1/datasets", headers=env.headers("op")).status_code == 403

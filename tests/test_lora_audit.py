@@ -30,7 +30,7 @@ def poisoned_lora(tmp_path_factory):
         (folder / f"{i:03d}.txt").write_text("a blue circle\n")
     out = tmp_path_factory.mktemp("job") / "lora"
     return train_lora(load_pipeline(PRETRAINED_WORLD), load_examples(folder),
-                      LoraSettings(rank=8, learning_rate=1e-3, steps=150, batch_size=16), out)
+                      LoraSettings(rank=8, learning_rate=1e-3, steps=150, batch_size=16), out).weights
 
 
 def test_lora_is_saved_where_plain_diffusers_looks(poisoned_lora):

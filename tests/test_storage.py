@@ -55,7 +55,7 @@ def _job(session, tenant="acme", **fields) -> Job:
 
 def test_migrations_create_every_table_and_reach_head(engine):
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     with engine.connect() as connection:  # the migration and the models describe the same schema
         assert compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
                                 Base.metadata) == []
@@ -91,14 +91,14 @@ def test_one_verdict_and_one_artifact_per_job(sessions):
         session.add_all(audits)
         session.add(Verdict(tenant_id="acme", job=job, audit=audits[0], decision="pass", policy_name="default",
                             policy_version=1))
-        session.add(Artifact(tenant_id="acme", job=job, sha256="c" * 64, path="k", size_bytes=1))
+        session.add(Artifact(tenant_id="acme", job=job, kind="lora", sha256="c" * 64, path="k", size_bytes=1))
         session.commit()
         session.add(Verdict(tenant_id="acme", job=job, audit=audits[1], decision="block", policy_name="default",
                             policy_version=1))
         with pytest.raises(IntegrityError):
             session.commit()
         session.rollback()
-        session.add(Artifact(tenant_id="acme", job_id=job.id, sha256="d" * 64, path="k2", size_bytes=1))
+        session.add(Artifact(tenant_id="acme", job_id=job.id, kind="lora", sha256="d" * 64, path="k2", size_bytes=1))
         with pytest.raises(IntegrityError):
             session.commit()
 

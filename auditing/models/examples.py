@@ -14,9 +14,9 @@ from .denoising import pixels_to_tensor
 
 
 @torch.no_grad()
-def encode_images(pipe, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
-    """Scaled VAE latent means at the UNet's native resolution."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+def encode_images(pipe, images: list[Image.Image], batch_size: int = 64, size: int | None = None) -> torch.Tensor:
+    """Scaled VAE latent means of the images resized to ``size`` x ``size`` (default: the UNet's native size)."""
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = []
     for i in range(0, len(images), batch_size):
         pixels = pixels_to_tensor(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
@@ -26,9 +26,14 @@ def encode_images(pipe, images: list[Image.Image], batch_size: int = 64) -> torc
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states, padded to the tokenizer's maximum length as pipelines do."""
+def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's maximum length, as pipelines do, on the text encoder's device."""
     ids = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    return ids.to(pipe.text_encoder.device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states of the padded prompts."""
+    return pipe.text_encoder(tokenize(pipe, prompts))[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -98,4 +99,23 @@ def load_adapter(pipe, adapter: str | Path) -> DiffusionPipeline:
         raise ModelSourceError(f"{adapter}: no such adapter file")
     pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, use_safetensors=True)
     log.info("applied adapter %s", adapter)
+    return pipe
+
+
+def load_unet_weights(pipe, weights: str | Path) -> DiffusionPipeline:
+    """Replace the UNet's weights with a full fine-tuned state dict (a DreamBooth artifact).
+
+    Loaded strictly: a file for another architecture, or with keys missing, raises instead
+    of leaving part of the base model in place.
+    """
+    weights = Path(weights)
+    if weights.suffix != ".safetensors":
+        raise ModelSourceError(f"{weights}: UNet weights are accepted as .safetensors only")
+    if not weights.is_file():
+        raise ModelSourceError(f"{weights}: no such weights file")
+    try:
+        pipe.unet.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as exc:
+        raise ModelSourceError(f"{weights}: not a UNet state dict for this pipeline ({exc})") from None
+    log.info("applied UNet weights %s", weights)
     return pipe

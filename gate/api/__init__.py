@@ -2,25 +2,24 @@
 
 No module-level app: every process (gunicorn, tests, the CLI) builds its own from one ``Settings``, so
 tests get a fresh database and state directory each. Job execution is not done here: after a job row
-is committed, ``enqueue(job_id)`` hands it to the worker queue (Celery's ``train_job.delay`` in
-service), so a request never waits on training.
+is committed, the dispatcher hands its id to the worker queues (``gate.worker.dispatch``), so a request
+never waits on training.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditing.detectors.base import Detector
+from gate.pipeline.runtime import Runtime
 from gate.settings import Settings, load_settings
 from gate.storage.artifacts import ArtifactStore
-from gate.storage.db import make_engine, require_current, session_factory
 
 from .errors import register_error_handlers
 
@@ -28,11 +27,16 @@ log = logging.getLogger(__name__)
 
 # Room for the multipart framing around the zip; the zip itself is held to max_upload_bytes by the intake.
 MULTIPART_OVERHEAD_BYTES = 64 << 10
-DATASETS_FOLDER = "datasets"
 
 
-def _log_enqueue(job_id: str) -> None:
-    log.warning("job %s queued but no worker queue is configured (create_app(enqueue=...))", job_id)
+class Dispatcher(Protocol):
+    """Where committed work goes: ``gate.worker.dispatch.CeleryDispatcher`` in service, a recorder in tests."""
+
+    def job(self, job_id: str) -> None: ...
+
+    def baseline(self, base_model_id: str) -> None: ...
+
+    def alignment(self, run_id: str) -> None: ...
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Gate:
     engine: Engine
     sessions: sessionmaker[Session]
     store: ArtifactStore
-    enqueue: Callable[[str], None]
+    dispatcher: Dispatcher
     _scanner: Detector | None = field(default=None, repr=False)
 
     @property
@@ -55,26 +59,26 @@ class Gate:
             self._scanner = load_detector("nudenet")
         return self._scanner
 
-    def dataset_folder(self, tenant_id: str, dataset_id: str) -> Path:
-        """Where a dataset's checked caption folder lives (what training reads)."""
-        return self.settings.state_dir / DATASETS_FOLDER / tenant_id / dataset_id
-
 
 def gate() -> Gate:
     return current_app.extensions["ftgate"]
 
 
-def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], None] | None = None,
+def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
                scanner: Detector | None = None) -> Flask:
-    """Build the API. The database must already be at the code's schema head (``ftgate db upgrade``)."""
+    """Build the API (also the WSGI factory: ``gunicorn 'gate.api:create_app()'``). The database must
+    already be at the code's schema head (``ftgate db upgrade``). Without a dispatcher, work goes to the
+    Celery queues of ``settings``' broker."""
     settings = settings or load_settings()
-    engine = make_engine(settings.database_url)
-    require_current(engine)
+    rt = Runtime.open(settings)
+    if dispatcher is None:
+        from gate.worker.dispatch import CeleryDispatcher
+
+        dispatcher = CeleryDispatcher.for_settings(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False
-    app.extensions["ftgate"] = Gate(settings, engine, session_factory(engine), ArtifactStore(settings.artifacts_dir),
-                                    enqueue or _log_enqueue, scanner)
+    app.extensions["ftgate"] = Gate(settings, rt.engine, rt.sessions, rt.store, dispatcher, scanner)
 
     @app.before_request
     def _open_session() -> None:
@@ -88,9 +92,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
                 session.rollback()  # nothing a view did not commit survives the request
             session.close()
 
-    from . import base_models, datasets, health, jobs
+    from . import alignments, base_models, datasets, health, jobs, metrics, results, reviews
 
-    for module in (datasets, jobs, base_models, health):
+    for module in (datasets, jobs, results, reviews, base_models, alignments, health, metrics):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     log.info("API ready: %s", settings.summary())

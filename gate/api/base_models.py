@@ -1,4 +1,8 @@
-"""``/v1/base-models``: operators register the (hardened) base models customers may fine-tune."""
+"""``/v1/base-models``: operators register the (hardened) base models customers may fine-tune.
+
+A base model comes with its audit profile (probes, detector, rendering); registering it dispatches its
+baseline audit, the figures every job on it is compared with. Customers list them to choose one.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ from flask import Blueprint, g, request
 from sqlalchemy import select
 
 from auditing.models.hashing import weights_sha256
+from gate.pipeline.profile import AuditProfile
 from gate.storage.audit_log import record
 from gate.storage.models import BaseModel
 
+from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError
 from .serialize import base_model_json
@@ -28,7 +34,7 @@ NAME_MAX_CHARS = 200
 def register():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "send a JSON object {name, path}")
+        raise ApiError(400, "invalid_request", "send a JSON object {name, path, audit_profile}")
     name, path = body.get("name"), body.get("path")
     if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_CHARS:
         raise ApiError(400, "invalid_request", f"name must be a string of 1 to {NAME_MAX_CHARS} characters",
@@ -36,15 +42,39 @@ def register():
     if not isinstance(path, str) or not Path(path).is_dir():
         raise ApiError(400, "invalid_request", f"path must be an existing local diffusers folder (got {path!r})",
                        field="path")
+    try:
+        profile = AuditProfile.from_dict(body.get("audit_profile"))
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, "invalid_request", str(exc), field="audit_profile") from None
     if g.db.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
         raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
     try:
         digest = weights_sha256(path)
     except (FileNotFoundError, ValueError) as exc:
         raise ApiError(400, "invalid_request", str(exc), field="path") from None
-    row = BaseModel(name=name, path=str(Path(path).absolute()), weights_sha256=digest)
+    row = BaseModel(name=name, path=str(Path(path).absolute()), weights_sha256=digest,
+                    audit_profile=profile.as_dict())
     g.db.add(row)
-    record(g.db, current_principal(), row, "created", detail={"path": row.path, "weights_sha256": digest})
+    record(g.db, current_principal(), row, "created", detail={"path": row.path, "weights_sha256": digest,
+                                                              "audit_profile": row.audit_profile})
     g.db.commit()
     log.info("base model %s (%s) registered: %s", row.id, name, digest)
+    gate().dispatcher.baseline(row.id)
     return base_model_json(row), 201
+
+
+@bp.get("")
+@login_required()
+def list_base_models():
+    rows = g.db.scalars(select(BaseModel).order_by(BaseModel.created_at, BaseModel.id)).all()
+    staff = current_principal().cross_tenant
+    return {"base_models": [base_model_json(row, staff) for row in rows]}
+
+
+@bp.get("/<base_model_id>")
+@login_required()
+def get(base_model_id: str):
+    row = g.db.get(BaseModel, base_model_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no base model {base_model_id!r}")
+    return base_model_json(row, current_principal().cross_tenant)

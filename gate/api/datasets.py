@@ -47,7 +47,7 @@ def upload():
         raise ApiError(400, "missing_file", "send the dataset zip as the multipart field 'file'", field="file")
     name = (request.form.get("name") or file.filename or "dataset")[:NAME_MAX_CHARS]
     dataset_id = new_id()
-    folder = app.dataset_folder(principal.tenant_id, dataset_id)
+    folder = app.settings.dataset_folder(principal.tenant_id, dataset_id)
     stream = file.stream
     result = ingest(stream, intake_limits(app.settings.limits), folder, app.scanner)
     stored_new = False

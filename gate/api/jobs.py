@@ -1,15 +1,14 @@
 """``/v1/jobs``: a customer asks for a fine-tuning job; it is validated here, queued, and run by a worker.
 
 Everything a job asks for is checked against the platform limits before the row exists, so workers can
-trust a queued job. The row and its audit entry are committed before ``enqueue`` is called: a worker
+trust a queued job. The row and its audit entry are committed before the dispatcher is called: a worker
 that picks the id up always finds the row. A retried POST with the same ``idempotency_key`` gets the
-job it already created (200) and enqueues nothing.
+job it already created (200) and dispatches nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -19,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.settings import Limits
+from gate.training import HYPERPARAMETERS, settings_for
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, BaseModel, Dataset, Job
 
@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-# Hyperparameter -> the ``Limits`` field that bounds it. ``seed`` is free (any integer >= 0).
+# Hyperparameter -> the ``Limits`` field that bounds it; the training settings check types and the rest.
 HYPERPARAMETER_LIMITS = {"steps": "max_steps", "rank": "max_rank", "learning_rate": "max_learning_rate",
-                         "resolution": "max_resolution", "batch_size": "max_batch_size"}
-HYPERPARAMETERS = (*HYPERPARAMETER_LIMITS, "seed")
-FLOAT_HYPERPARAMETERS = ("learning_rate",)
+                         "resolution": "max_resolution", "batch_size": "max_batch_size",
+                         "num_class_images": "max_class_images"}
+PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt")  # held to max_caption_chars
 TRAINABLE_DATASETS = ("accepted", "flagged")
 IDEMPOTENCY_KEY_MAX_CHARS = 200
 FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key")
@@ -45,29 +45,33 @@ def _bad(field: str, message: str, **extra) -> ApiError:
     return ApiError(400, "invalid_request", message, field=field, **extra)
 
 
-def validate_hyperparameters(values: Any, limits: Limits) -> dict:
-    """The hyperparameters if every one is known and within the platform limits; else a 400 naming it."""
+def validate_hyperparameters(method: str, values: Any, limits: Limits) -> dict:
+    """The hyperparameters if ``method`` takes every one and each is within the platform limits; else a 400
+    naming the field. Types and per-field rules are the training settings' own (``gate.training``)."""
     if not isinstance(values, dict):
         raise _bad("hyperparameters", "hyperparameters must be an object")
-    unknown = sorted(set(values) - set(HYPERPARAMETERS))
+    allowed = list(HYPERPARAMETERS[method])
+    unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise _bad(f"hyperparameters.{unknown[0]}", f"unknown hyperparameter(s) {unknown}; allowed: "
-                   f"{list(HYPERPARAMETERS)}", allowed=list(HYPERPARAMETERS))
+        raise _bad(f"hyperparameters.{unknown[0]}", f"unknown {method} hyperparameter(s) {unknown}; allowed: "
+                   f"{allowed}", allowed=allowed)
+    try:
+        settings_for(method, values)
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise _bad(f"hyperparameters.{name}", f"hyperparameters.{exc}") from None
     for name, value in values.items():
         field = f"hyperparameters.{name}"
-        is_float = name in FLOAT_HYPERPARAMETERS
-        ok_type = isinstance(value, (int, float)) if is_float else isinstance(value, int)
-        if isinstance(value, bool) or not ok_type or (is_float and not math.isfinite(value)):
-            raise _bad(field, f"{field} must be {'a number' if is_float else 'an integer'} (got {value!r})")
-        if name == "seed":
-            if value < 0:
-                raise _bad(field, f"{field} must be >= 0 (got {value!r})")
+        if name in PROMPT_HYPERPARAMETERS and value is not None and len(value) > limits.max_caption_chars:
+            raise _bad(field, f"{field} has {len(value)} characters, more than max_caption_chars="
+                              f"{limits.max_caption_chars}", limit="max_caption_chars",
+                       maximum=limits.max_caption_chars)
+        if name not in HYPERPARAMETER_LIMITS or value is None:
             continue
         limit_name = HYPERPARAMETER_LIMITS[name]
         limit = getattr(limits, limit_name)
-        low, rule = (0, f"in (0, {limit:g}]") if is_float else (1, f"in [1, {limit}]")
-        if not (value > 0 if is_float else value >= low) or value > limit:
-            raise _bad(field, f"{field} must be {rule} (limit {limit_name}={limit:g}; got {value!r})",
+        if value > limit:
+            raise _bad(field, f"{field} must be at most {limit:g} (limit {limit_name}; got {value!r})",
                        limit=limit_name, maximum=limit)
     return dict(values)
 
@@ -98,7 +102,7 @@ def create():
     method = body.get("method")
     if method not in METHODS:
         raise _bad("method", f"method must be one of {list(METHODS)} (got {method!r})", allowed=list(METHODS))
-    hyperparameters = validate_hyperparameters(body.get("hyperparameters", {}), app.settings.limits)
+    hyperparameters = validate_hyperparameters(method, body.get("hyperparameters", {}), app.settings.limits)
     for name in ("base_model", "dataset"):
         if not isinstance(body.get(name), str):
             raise _bad(name, f"{name} must be the id of a {name.replace('_', ' ')}")
@@ -126,14 +130,16 @@ def create():
             return job_json(job), 200
         raise
     log.info("job %s of %s queued (%s on %s)", job.id, job.tenant_id, method, base_model.name)
-    app.enqueue(job.id)
+    app.dispatcher.job(job.id)
     return job_json(job), 201
 
 
 @bp.get("/<job_id>")
 @login_required()
 def get(job_id: str):
-    return job_json(get_for_principal(g.db, Job, job_id, current_principal()))
+    from .results import job_detail
+
+    return job_detail(get_for_principal(g.db, Job, job_id, current_principal()))
 
 
 @bp.get("")

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from .jobs import HYPERPARAMETERS
+from dataclasses import MISSING, fields
 
-_ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in ("Dataset", "Job", "BaseModel", "Error")}
+from gate.training.settings import SETTINGS
+
+_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+
+def _hyperparameters(cls) -> dict:
+    """One method's hyperparameters as a JSON schema, from the training settings' own field types."""
+    properties, required = {}, []
+    for f in fields(cls):
+        kind = _JSON_TYPES[f.type.removesuffix(" | None")]
+        properties[f.name] = {"type": [kind, "null"] if f.type.endswith(" | None") else kind}
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(f.name)
+    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+_ref = {name: {"$ref": f"#/components/schemas/{name}"}
+        for name in ("Dataset", "Job", "JobDetail", "BaseModel", "Error", "AlignmentRun", "AuditProfile")}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"schema": _ref["Error"]}}}
            for code, text in {"400": "invalid request", "401": "missing, invalid or revoked key",
                               "403": "role not allowed", "404": "not found (or another tenant's)",
                               "409": "conflict", "413": "too large", "415": "unsupported upload content",
                               "422": "refused by the contamination policy",
-                              "503": "the contamination scanner failed"}.items()}
+                              "503": "a dependency failed (scanner, or a stored file's integrity check)"}.items()}
 
 
 def _json(schema: dict, description: str) -> dict:
@@ -38,9 +55,8 @@ SCHEMAS = {
         "size_bytes": {"type": "integer"}, "image_count": {"type": ["integer", "null"]},
         "contamination_ratio": {"type": ["number", "null"]}, "created_at": _TIME,
         "flagged_files": {"type": "array", "items": {"type": "string"}}}},
-    "Hyperparameters": {"type": "object", "additionalProperties": False,
-                        "properties": {name: {"type": "number" if name == "learning_rate" else "integer"}
-                                       for name in HYPERPARAMETERS}},
+    "Hyperparameters": {"anyOf": [_hyperparameters(cls) for cls in SETTINGS.values()],
+                        "description": f"one schema per method, in the order {list(SETTINGS)}"},
     "JobRequest": {"type": "object", "required": ["base_model", "dataset", "method"], "additionalProperties": False,
                    "properties": {"base_model": {"type": "string"}, "dataset": {"type": "string"},
                                   "method": {"enum": ["lora", "dreambooth"]},
@@ -55,11 +71,38 @@ SCHEMAS = {
         "stage": {"type": ["string", "null"]}, "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "attempts": {"type": "integer"}, "idempotency_key": {"type": ["string", "null"]},
         "error": {"type": ["string", "null"]}, "created_at": _TIME, "updated_at": _TIME, "finished_at": _TIME}},
-    "BaseModelRequest": {"type": "object", "required": ["name", "path"],
-                         "properties": {"name": {"type": "string"}, "path": {"type": "string"}}},
+    "JobDetail": {"allOf": [{"$ref": "#/components/schemas/Job"}, {"type": "object", "properties": {
+        "verdict": {"type": ["object", "null"], "properties": {
+            "decision": {"enum": ["pass", "flag", "block"]}, "reasons": {"type": "array", "items": {"type": "string"}},
+            "policy": {"type": "string"}, "created_at": _TIME}},
+        "review": {"type": ["object", "null"], "properties": {
+            "decision": {"enum": ["approve", "reject"]}, "reason": {"type": "string"}, "reviewer": {"type": "string"},
+            "created_at": _TIME}},
+        "artifact": {"type": ["object", "null"], "properties": {
+            "kind": {"enum": ["lora", "unet"]}, "sha256": {"type": "string"}, "size_bytes": {"type": "integer"},
+            "downloadable": {"type": "boolean"}}}}}]},
+    "AuditProfile": {"type": "object", "required": ["probes"], "additionalProperties": False, "properties": {
+        "probes": {"type": "string", "description": "a probe CSV on the gate's machines"},
+        "category": {"type": ["string", "null"]}, "images_per_prompt": {"type": "integer", "minimum": 1},
+        "detector": {"type": "string"}, "detector_options": {"type": "object"},
+        "inference_steps": {"type": "integer", "minimum": 1}, "guidance_scale": {"type": "number"},
+        "batch_size": {"type": "integer", "minimum": 1}}},
+    "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"],
+                         "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                                        "audit_profile": {"$ref": "#/components/schemas/AuditProfile"}}},
     "BaseModel": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "path": {"type": "string"},
-        "weights_sha256": {"type": "string"}, "created_at": _TIME}},
+        "weights_sha256": {"type": "string"}, "audit_profile": {"type": ["object", "null"]},
+        "baseline_ready": {"type": "boolean"}, "created_at": _TIME}},
+    "ReviewRequest": {"type": "object", "required": ["decision", "reason"], "properties": {
+        "decision": {"enum": ["approve", "reject"]}, "reason": {"type": "string", "minLength": 1, "maxLength": 2000}}},
+    "AlignmentRequest": {"type": "object", "required": ["name", "config"], "properties": {
+        "name": {"type": "string"}, "config": {"type": "object", "description": "an `ftgate align` config"}}},
+    "AlignmentRun": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "status": {"enum": ["queued", "running", "succeeded", "failed"]}, "progress": {"type": "number"},
+        "output_path": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}, "config": {"type": "object"},
+        "created_at": _TIME, "finished_at": _TIME}},
     "Health": {"type": "object", "properties": {"status": {"type": "string"}, "database": {"type": "string"}}},
 }
 
@@ -86,13 +129,60 @@ PATHS = {
                     "jobs": {"type": "array", "items": _ref["Job"]}}}, "jobs, newest first"),
                     **_errors("401")}}},
     "/v1/jobs/{job_id}": {"get": {
-        "summary": "A job's status, stage and progress (tenant-scoped)", "parameters": [_id_param("job_id")],
-        "responses": {"200": _json(_ref["Job"], "the job"), **_errors("401", "404")}}},
-    "/v1/base-models": {"post": {
-        "summary": "Register a local diffusers folder as a base model (operator)",
+        "summary": "A job's status, stage, progress, verdict, review and checkpoint (tenant-scoped)",
+        "parameters": [_id_param("job_id")],
+        "responses": {"200": _json(_ref["JobDetail"], "the job"), **_errors("401", "404")}}},
+    "/v1/jobs/{job_id}/report": {"get": {
+        "summary": "The job's audit report (JSON record)", "parameters": [_id_param("job_id")],
+        "responses": {"200": _json({"type": "object"}, "the report"), **_errors("401", "404")}}},
+    "/v1/jobs/{job_id}/report.html": {"get": {
+        "summary": "The job's audit report page (flagged images redacted)", "parameters": [_id_param("job_id")],
+        "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+                      **_errors("401", "404")}}},
+    "/v1/jobs/{job_id}/artifact": {"get": {
+        "summary": "Download the checkpoint: only once released (passed, or approved by a reviewer)",
+        "parameters": [_id_param("job_id")],
+        "responses": {"200": {"description": "the .safetensors file", "content": {
+            "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+            **_errors("401", "403", "404", "503")}}},
+    "/v1/jobs/{job_id}/log": {"get": {
+        "summary": "The job's audit log: every state change, who and why", "parameters": [_id_param("job_id")],
+        "responses": {"200": _json({"type": "object", "properties": {"job": {"type": "string"}, "entries": {
+            "type": "array", "items": {"type": "object"}}}}, "entries, oldest first"), **_errors("401", "404")}}},
+    "/v1/reviews": {"get": {
+        "summary": "Jobs waiting for a reviewer's decision, oldest first (reviewer, operator)",
+        "responses": {"200": _json({"type": "object", "properties": {"jobs": {"type": "array",
+                                                                              "items": _ref["JobDetail"]}}},
+                                   "the queue"), **_errors("401", "403")}}},
+    "/v1/reviews/{job_id}": {"post": {
+        "summary": "Approve (release) or reject (withhold) a flagged job, with a reason (reviewer)",
+        "parameters": [_id_param("job_id")],
         "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/BaseModelRequest"}}}},
-        "responses": {"201": _json(_ref["BaseModel"], "registered"), **_errors("400", "401", "403", "409")}}},
+            "schema": {"$ref": "#/components/schemas/ReviewRequest"}}}},
+        "responses": {"200": _json(_ref["JobDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
+    "/v1/base-models": {
+        "post": {"summary": "Register a local diffusers folder as a base model and audit its baseline (operator)",
+                 "requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/BaseModelRequest"}}}},
+                 "responses": {"201": _json(_ref["BaseModel"], "registered"), **_errors("400", "401", "403", "409")}},
+        "get": {"summary": "The base models customers may fine-tune",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "base_models": {"type": "array", "items": _ref["BaseModel"]}}}, "base models"),
+                    **_errors("401")}}},
+    "/v1/base-models/{base_model_id}": {"get": {
+        "summary": "A base model", "parameters": [_id_param("base_model_id")],
+        "responses": {"200": _json(_ref["BaseModel"], "the base model"), **_errors("401", "404")}}},
+    "/v1/alignments": {"post": {
+        "summary": "Start a ResAlign hardening run on the align queue (operator)",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/AlignmentRequest"}}}},
+        "responses": {"201": _json(_ref["AlignmentRun"], "queued"), **_errors("400", "401", "403")}}},
+    "/v1/alignments/{run_id}": {"get": {
+        "summary": "A hardening run (operator)", "parameters": [_id_param("run_id")],
+        "responses": {"200": _json(_ref["AlignmentRun"], "the run"), **_errors("401", "403", "404")}}},
+    "/metrics": {"get": {
+        "summary": "Prometheus metrics (text exposition format)", "security": [],
+        "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     "/healthz": {"get": {
         "summary": "Liveness and database reachability", "security": [],
         "responses": {"200": _json({"$ref": "#/components/schemas/Health"}, "healthy"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from gate.storage.models import BaseModel, Dataset, Job
+from gate.storage.models import AlignmentRun, BaseModel, Dataset, Job, Review, Verdict
 
 
 def _time(value: datetime | None) -> str | None:
@@ -25,6 +25,30 @@ def job_json(row: Job) -> dict:
             "finished_at": _time(row.finished_at)}
 
 
-def base_model_json(row: BaseModel) -> dict:
-    return {"id": row.id, "name": row.name, "path": row.path, "weights_sha256": row.weights_sha256,
+def base_model_json(row: BaseModel, staff: bool = True) -> dict:
+    """Customers see what identifies a base model; where it lives on the gate's disks is for staff."""
+    body = {"id": row.id, "name": row.name, "weights_sha256": row.weights_sha256,
+            "baseline_ready": row.baseline_report_path is not None, "created_at": _time(row.created_at)}
+    if staff:
+        body |= {"path": row.path, "audit_profile": row.audit_profile}
+    return body
+
+
+def verdict_json(row: Verdict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"decision": row.decision, "reasons": row.reasons, "policy": f"{row.policy_name} v{row.policy_version}",
             "created_at": _time(row.created_at)}
+
+
+def review_json(row: Review | None) -> dict | None:
+    if row is None:
+        return None
+    return {"decision": row.decision, "reason": row.reason, "reviewer": row.reviewer_key_id,
+            "created_at": _time(row.created_at)}
+
+
+def alignment_json(row: AlignmentRun) -> dict:
+    return {"id": row.id, "name": row.name, "status": row.status, "progress": row.progress,
+            "output_path": row.output_path, "error": row.error, "config": row.config,
+            "created_at": _time(row.created_at), "finished_at": _time(row.finished_at)}

@@ -135,6 +135,9 @@ def _overlaps(infos: list[zipfile.ZipInfo]) -> list[str]:
 def _entry_checks(infos: list[zipfile.ZipInfo], limits: IntakeLimits) -> Iterator[tuple[str, str, list[str]]]:
     """(reason, message, offenders) in the order they are judged; the first with offenders wins."""
     names = [i.filename for i in infos]
+    # zipfile cuts a name at its first NUL, hiding the rest ("a.txt\0/../../x"); judge the name as stored.
+    truncated = [i.orig_filename for i in infos if "\0" in i.orig_filename]
+    yield "bad_name", "names may not contain NUL characters", truncated
     yield ("zip_slip", "absolute paths, '..' components, drive letters and backslashes are not allowed",
            [n for n in names if _name_problem(n) == "zip_slip"])
     yield ("bad_name", "names may not contain control characters or empty or '.' components",

@@ -83,6 +83,8 @@ def _relative_names(files: list[zipfile.ZipInfo]) -> dict[str, str]:
 def _caption(raw: str, source: str, limits: IntakeLimits) -> str:
     if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in raw):
         raise IntakeError("bad_caption", "captions may not contain control characters", [source])
+    if any(unicodedata.category(c) == "Cs" for c in raw):  # JSON "\ud800": not encodable as UTF-8
+        raise IntakeError("bad_caption", "captions must be valid Unicode (no lone surrogates)", [source])
     text = raw.strip()
     if len(text) > limits.max_caption_chars:
         raise IntakeError("caption_too_long", f"caption has {len(text)} characters, more than "
@@ -138,7 +140,7 @@ def _from_metadata(zf: zipfile.ZipFile, images: list[zipfile.ZipInfo], meta: zip
         where = f"{meta.filename} line {n}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, an integer past Python's digit limit, deep nesting
             raise IntakeError("bad_metadata", "each line must be a JSON object", [where]) from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise IntakeError("bad_metadata", "each line needs a \"file_name\" string", [where])

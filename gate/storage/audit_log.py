@@ -76,11 +76,13 @@ def record(session: Session, actor: ActorLike, entity: Base, action: str, *, fro
 
 
 def transition(session: Session, entity: Base, to_state: str, actor: ActorLike, *, reason: str | None = None,
-               detail: Mapping[str, Any] | None = None, changes: Mapping[str, Any] | None = None) -> None:
+               detail: Mapping[str, Any] | None = None, changes: Mapping[str, Any] | None = None,
+               where: Any = None) -> None:
     """Move ``entity.status`` to ``to_state`` if its life cycle allows it and nobody moved it first.
 
     ``changes`` are other columns set in the same UPDATE (e.g. ``worker``, ``lease_expires_at``,
-    ``attempts=Job.attempts + 1``). Raises ``IllegalTransition`` or ``StaleState``; the caller commits.
+    ``attempts=Job.attempts + 1``); ``where`` is a further condition (e.g. that this worker still holds the
+    job's lease). Raises ``IllegalTransition`` or ``StaleState``; the caller commits.
     """
     model = type(entity)
     transitions = getattr(model, "TRANSITIONS", None)
@@ -90,8 +92,10 @@ def transition(session: Session, entity: Base, to_state: str, actor: ActorLike, 
     if to_state not in transitions[from_state]:
         raise IllegalTransition(f"{model.__tablename__} {entity.id}: {from_state} -> {to_state} is not allowed; "
                                 f"from {from_state}: {sorted(transitions[from_state]) or 'none (final)'}")
-    result = session.execute(update(model).where(model.id == entity.id, model.status == from_state)
-                             .values(status=to_state, **(changes or {})))
+    condition = (model.id == entity.id) & (model.status == from_state)
+    if where is not None:
+        condition &= where
+    result = session.execute(update(model).where(condition).values(status=to_state, **(changes or {})))
     if result.rowcount != 1:
         raise StaleState(f"{model.__tablename__} {entity.id} is no longer {from_state}")
     record(session, actor, entity, "status", from_state=from_state, to_state=to_state, reason=reason, detail=detail)

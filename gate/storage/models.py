@@ -39,6 +39,7 @@ from auditing.verdict import DECISIONS
 ROLES = ("customer", "reviewer", "operator")
 SYSTEM_ROLE = "system"  # workers and the command line, in the audit log
 METHODS = ("lora", "dreambooth")
+ARTIFACT_KINDS = ("lora", "unet")  # a diffusers LoRA file, or a full UNet state dict (DreamBooth)
 REVIEW_DECISIONS = ("approve", "reject")
 TENANT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -53,6 +54,14 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "released": frozenset(),
     "withheld": frozenset(),
     "cancelled": frozenset(),
+}
+# Hardening runs (operators, ``align`` queue). A worker lost mid-run puts it back to ``queued``; it resumes
+# from its last checkpoint.
+ALIGNMENT_TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "failed"}),
+    "running": frozenset({"succeeded", "failed", "queued"}),
+    "failed": frozenset({"queued"}),
+    "succeeded": frozenset(),
 }
 # Dataset intake: ``flagged`` waits for a reviewer (contamination between the flag and reject ratios).
 DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -174,6 +183,8 @@ class BaseModel(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     baseline_report_path: Mapped[str | None] = mapped_column(Text)
     baseline_report_sha256: Mapped[str | None] = mapped_column(String(64))
+    # How its checkpoints are audited (``gate.pipeline.profile.AuditProfile`` as a dict).
+    audit_profile: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -236,10 +247,11 @@ class Artifact(TenantOwned, Base):
     """The checkpoint (adapter) a job produced; at most one per job."""
 
     __tablename__ = "artifacts"
-    __table_args__ = (_tenant_fk("job_id", "jobs"),)
+    __table_args__ = (_tenant_fk("job_id", "jobs"), _one_of("kind", ARTIFACT_KINDS))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # an ArtifactStore key
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -309,6 +321,27 @@ class Review(TenantOwned, Base):
 
     job: Mapped[Job] = relationship(overlaps="tenant")
     reviewer_key: Mapped[ApiKey] = relationship()
+
+
+class AlignmentRun(Base):
+    """An operator's ResAlign hardening run (``ftgate align`` on a worker); platform-wide, no tenant."""
+
+    __tablename__ = "alignment_runs"
+    __table_args__ = (_one_of("status", ALIGNMENT_TRANSITIONS),)
+    TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = ALIGNMENT_TRANSITIONS
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    output_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
 
 
 class AuditLogEntry(Base):

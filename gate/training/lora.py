@@ -1,74 +1,78 @@
 """LoRA fine-tuning of a text-to-image pipeline, as customers run it.
 
 The base weights are frozen; a peft adapter of rank ``rank`` is trained on the UNet's
-attention projections with the shared denoising loss, and saved as
-``pytorch_lora_weights.safetensors`` in the folder layout that plain diffusers'
-``pipe.load_lora_weights(folder)`` reads.
+attention projections (and, with ``train_text_encoder``, on the text encoder's) with the
+shared denoising loss, and saved as ``pytorch_lora_weights.safetensors`` in the folder
+layout that plain diffusers' ``pipe.load_lora_weights(folder)`` reads, both adapters in
+the one file.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
-from tqdm.auto import tqdm
 
 from auditing.models.denoising import add_noise, denoising_loss
-from auditing.models.examples import encode_images, encode_prompts
+from auditing.models.examples import encode_images, encode_prompts, tokenize
+
+from .job import TrainingResult
+from .loop import Progress, batch_indices, begin, run_steps, staged_output
+from .settings import LoraSettings
+
+__all__ = ["LORA_WEIGHTS", "LoraSettings", "train_lora"]
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP self-attention
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 4
-    learning_rate: float = 1e-4
-    steps: int = 500
-    batch_size: int = 4
-    seed: int = 0
-
-    def __post_init__(self):
-        for f in ("rank", "steps", "batch_size"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1 (got {getattr(self, f)})")
-        if not 0 < self.learning_rate <= 1:
-            raise ValueError(f"learning_rate must be in (0, 1] (got {self.learning_rate})")
+def _adapter(rank: int, targets: tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
 
 
-def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path) -> Path:
-    """Train a UNet attention LoRA on (image, caption) pairs; return the weights file."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
+def save_lora(pipe, folder: Path, with_text_encoder: bool) -> Path:
+    """Write the trained adapters where ``pipe.load_lora_weights(folder)`` finds them."""
+    text_encoder = get_peft_model_state_dict(pipe.text_encoder) if with_text_encoder else None
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              text_encoder_lora_layers=text_encoder, safe_serialization=True)
+    return folder / LORA_WEIGHTS
 
-    torch.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    latents = encode_images(pipe, [im for im, _ in examples])
-    hidden = encode_prompts(pipe, [c for _, c in examples])
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank,
-                                     target_modules=list(TARGET_MODULES), init_lora_weights="gaussian"))
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.learning_rate)
-    pipe.unet.train()
-    order = random.Random(settings.seed)
-    for _ in (bar := tqdm(range(settings.steps), desc="train: lora", unit="step")):
-        idx = torch.tensor(order.sample(range(len(examples)), min(settings.batch_size, len(examples))))
-        batch = add_noise(pipe.scheduler, latents[idx], generator=gen)
-        pred = pipe.unet(batch.noisy, batch.timesteps, hidden[idx]).sample
-        loss = denoising_loss(pred, batch.target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    pipe.unet.eval()
+
+def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path,
+               progress: Progress | None = None) -> TrainingResult:
+    """Train LoRA adapters on (image, caption) pairs into the new folder ``out``."""
+    started = time.perf_counter()
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                              safe_serialization=True)
-    tmp.rename(out)
-    return out / LORA_WEIGHTS
+    captions = [c for _, c in examples]
+    with staged_output(out) as work:
+        size = begin(pipe, settings)
+        latents = encode_images(pipe, [im for im, _ in examples], size=size)
+        if settings.train_text_encoder:
+            pipe.text_encoder.add_adapter(_adapter(settings.rank, TEXT_ENCODER_TARGET_MODULES))
+            ids = tokenize(pipe, captions)
+            modules = [pipe.unet, pipe.text_encoder]
+
+            def condition(idx):
+                return pipe.text_encoder(ids[idx])[0]
+        else:
+            hidden = encode_prompts(pipe, captions)
+            modules = [pipe.unet]
+
+            def condition(idx):
+                return hidden[idx]
+        pipe.unet.add_adapter(_adapter(settings.rank, TARGET_MODULES))
+
+        def step_loss(rng, gen):
+            idx = batch_indices(rng, len(examples), settings.batch_size)
+            batch = add_noise(pipe.scheduler, latents[idx], generator=gen)
+            return denoising_loss(pipe.unet(batch.noisy, batch.timesteps, condition(idx)).sample, batch.target)
+
+        weights, samples, checkpoints = run_steps(
+            pipe, settings, modules, step_loss, lambda folder: save_lora(pipe, folder, settings.train_text_encoder),
+            captions[0], size, work, progress, desc="train: lora")
+    return TrainingResult(out / weights, "lora", [out / p for p in samples], [out / p for p in checkpoints],
+                          time.perf_counter() - started)

@@ -1,0 +1,104 @@
+"""What a finished job offers: its audit report (JSON, and the reviewer page), its checkpoint, its history.
+
+The checkpoint leaves the gate only when the job is ``released``: its audit passed, or a reviewer
+approved it. Anything else - training, auditing, waiting for review, withheld, failed - is refused, and
+a withheld (blocked or rejected) checkpoint is never downloadable. The file is checked against its
+sha256 before it is sent; a mismatch refuses the download (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, g, send_file
+from sqlalchemy import select
+
+from gate.auth import get_for_principal
+from gate.pipeline.audit import finished_audit
+from gate.storage.models import Artifact, AuditLogEntry, Job, Review, Verdict
+
+from . import gate
+from .auth import current_principal, login_required
+from .errors import ApiError
+from .serialize import job_json, review_json, verdict_json
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("results", __name__, url_prefix="/v1/jobs")
+
+DOWNLOAD_NAMES = {"lora": "pytorch_lora_weights.safetensors", "unet": "diffusion_pytorch_model.safetensors"}
+# The report page is self-contained: inline styles and data: images, nothing to fetch, nothing to run.
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _job(job_id: str) -> Job:
+    return get_for_principal(g.db, Job, job_id, current_principal())
+
+
+def _artifact(job: Job) -> Artifact | None:
+    return g.db.scalars(select(Artifact).where(Artifact.job_id == job.id)).one_or_none()
+
+
+def job_detail(job: Job) -> dict:
+    """A job with its verdict, review and checkpoint: everything a customer or reviewer checks."""
+    artifact = _artifact(job)
+    return job_json(job) | {
+        "verdict": verdict_json(g.db.scalars(select(Verdict).where(Verdict.job_id == job.id)).one_or_none()),
+        "review": review_json(g.db.scalars(select(Review).where(Review.job_id == job.id)).one_or_none()),
+        "artifact": None if artifact is None else {"kind": artifact.kind, "sha256": artifact.sha256,
+                                                   "size_bytes": artifact.size_bytes,
+                                                   "downloadable": job.status == "released"},
+    }
+
+
+def _report_file(job_id: str, suffix: str):
+    job = _job(job_id)
+    audit = finished_audit(g.db, job.id)
+    if audit is None:
+        raise ApiError(404, "no_report", f"job {job.id} has no finished audit yet (status {job.status})")
+    key = audit.report_path if suffix == "json" else audit.html_path
+    return gate().store.path(job.tenant_id, key)
+
+
+@bp.get("/<job_id>/report")
+@login_required()
+def report(job_id: str):
+    return send_file(_report_file(job_id, "json"), mimetype="application/json")
+
+
+@bp.get("/<job_id>/report.html")
+@login_required()
+def report_page(job_id: str):
+    response = send_file(_report_file(job_id, "html"), mimetype="text/html")
+    response.headers["Content-Security-Policy"] = REPORT_CSP
+    return response
+
+
+@bp.get("/<job_id>/artifact")
+@login_required()
+def artifact(job_id: str):
+    job = _job(job_id)
+    row = _artifact(job)
+    if job.status != "released" or row is None:
+        raise ApiError(403, "artifact_withheld", f"job {job.id} is {job.status}: its checkpoint is released only "
+                                                 "after a passing audit or a reviewer's approval")
+    store = gate().store
+    if not store.verify(job.tenant_id, row.path):
+        log.error("artifact %s of job %s fails its sha256 check; refusing to serve it", row.path, job.id)
+        raise ApiError(503, "artifact_corrupt", "the stored checkpoint does not match its hash; an operator "
+                                                "has been alerted")
+    return send_file(store.path(job.tenant_id, row.path), mimetype="application/octet-stream", as_attachment=True,
+                     download_name=DOWNLOAD_NAMES[row.kind], etag=row.sha256)
+
+
+@bp.get("/<job_id>/log")
+@login_required()
+def history(job_id: str):
+    job = _job(job_id)
+    entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "jobs",
+                                                       AuditLogEntry.entity_id == job.id)
+                           .order_by(AuditLogEntry.id)).all()
+    return {"job": job.id, "entries": [
+        {"at": e.at.isoformat(), "actor_role": e.actor_role, "actor_key_id": e.actor_key_id, "action": e.action,
+         "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "detail": e.detail}
+        for e in entries]}

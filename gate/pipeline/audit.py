@@ -1,0 +1,160 @@
+"""The audit stage: render the base model's probes with the job's checkpoint and judge it against the
+base model's own baseline on the same prompts and seeds.
+
+The baseline is audited once per (base model, audit profile) and kept under the state directory; every
+job on that base model is paired with it. Anything that goes wrong while auditing a checkpoint (a file
+that fails its hash, weights that will not load, a renderer or detector error) yields a finished audit
+whose verdict is *block* with the reason "audit incomplete": the gate fails closed. A finished audit is
+never redone: a retried stage reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from sqlalchemy import select, update
+
+from auditing.audit import AuditInputs, report_sha256, run_audit, save_outcome, unfinished_audit
+from auditing.verdict import INCOMPLETE
+from gate.storage.audit_log import SYSTEM, record
+from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
+
+from .leases import Heartbeat, LeaseLost, claim, expiry, still_held
+from .profile import AuditProfile
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class BaselineError(RuntimeError):
+    """The base model's baseline could not be produced, so no checkpoint on it can be judged."""
+
+
+def _profile(base: BaseModel) -> AuditProfile:
+    if not base.audit_profile:
+        raise BaselineError(f"base model {base.name} has no audit profile; register it with one")
+    return AuditProfile.from_dict(base.audit_profile)
+
+
+def _check_base_files(base: BaseModel) -> None:
+    from auditing.models.hashing import weights_sha256
+
+    if weights_sha256(base.path) != base.weights_sha256:
+        raise BaselineError(f"base model {base.name} at {base.path} no longer matches the weights registered "
+                            f"({base.weights_sha256[:12]}...)")
+
+
+def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
+    """The base model's baseline report for its current audit profile, audited now if missing."""
+    from auditing.models.loading import load_pipeline
+
+    with rt.sessions() as session:
+        base = session.get(BaseModel, base_model_id)
+        if base is None:
+            raise LookupError(f"no base model {base_model_id}")
+        profile = _profile(base)
+        folder = rt.settings.baselines_dir / base.id / profile.sha256()
+        path = folder / "report.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            if base.baseline_report_sha256 in (None, report_sha256(report)):
+                return report
+            log.warning("baseline %s does not match the recorded hash; auditing it again", path)
+        _check_base_files(base)
+        inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
+                             policy=rt.settings.verdict_policy, render=profile.render_settings())
+        outcome = run_audit(load_pipeline(base.path), profile.load_detector(), inputs,
+                            cache_dir=rt.settings.render_cache_dir)
+        reasons = outcome.report["verdict"]["reasons"]
+        if any(r.startswith(INCOMPLETE) for r in reasons):
+            raise BaselineError(f"baseline audit of {base.name} failed: {reasons[0]}")
+        save_outcome(outcome, folder)
+        session.execute(update(BaseModel).where(BaseModel.id == base.id).values(
+            baseline_report_path=str(path), baseline_report_sha256=report_sha256(outcome.report)))
+        record(session, SYSTEM, base, "baseline audited",
+               detail={"report": str(path), "decision": outcome.report["verdict"]["decision"],
+                       "unsafe_rate": outcome.report["metrics"]["unsafe_rate"]["rate"]})
+        session.commit()
+        log.info("baseline of %s: %s", base.name, outcome.report["metrics"]["unsafe_rate"])
+        return outcome.report
+
+
+def _apply_checkpoint(pipe, kind: str, weights):
+    from auditing.models.loading import load_adapter, load_unet_weights
+
+    return load_adapter(pipe, weights) if kind == "lora" else load_unet_weights(pipe, weights)
+
+
+def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
+    """Audit one checkpoint against its base model's baseline; never raises (failures block)."""
+    from auditing.models.loading import load_pipeline
+
+    policy = rt.settings.verdict_policy
+    weights = rt.store.path(artifact.tenant_id, artifact.path)
+    try:
+        profile = _profile(base)
+        baseline = ensure_baseline(rt, base.id)
+        _check_base_files(base)
+        if not rt.store.verify(artifact.tenant_id, artifact.path):
+            raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
+        pipe = _apply_checkpoint(load_pipeline(base.path), artifact.kind, weights)
+        inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
+                             render=profile.render_settings(), baseline=baseline, adapter_path=str(weights),
+                             adapter_sha256=artifact.sha256)
+        return run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir)
+    except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
+        log.exception("audit of job %s failed before it could finish", artifact.job_id)
+        return unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",
+                                str(weights), artifact.sha256)
+
+
+def finished_audit(session, job_id: str) -> Audit | None:
+    return session.scalars(select(Audit).where(Audit.job_id == job_id, Audit.finished_at.is_not(None))
+                           .order_by(Audit.finished_at.desc())).first()
+
+
+def audit(rt: Runtime, job_id: str, worker: str) -> bool:
+    """Run the audit stage; False if the job is not (or no longer) this worker's to audit."""
+    lease = rt.settings.lease_seconds
+    with rt.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        if job.status != "auditing":
+            log.info("job %s is %s: nothing to audit", job_id, job.status)
+            return False
+        if not claim(session, job, worker, lease, changes={"stage": "auditing", "progress": 0.0}):
+            log.info("job %s is being audited by another worker", job_id)
+            return False
+        session.commit()
+        if finished_audit(session, job_id) is not None:
+            log.info("job %s already has a finished audit; handing it to the verdict", job_id)
+            return True
+        base = session.get(BaseModel, job.base_model_id)
+        artifact = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).one()
+    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat:
+        outcome = audit_checkpoint(rt, base, artifact)
+        heartbeat.check()
+        scratch = rt.settings.jobs_dir / job_id / f"audit-{worker.replace('/', '_')}"
+        report_path, html_path = save_outcome(outcome, scratch)
+        with open(report_path, "rb") as f:
+            report_key = rt.store.put(artifact.tenant_id, f, suffix=".json").key
+        with open(html_path, "rb") as f:
+            html_key = rt.store.put(artifact.tenant_id, f, suffix=".html").key
+        verdict = outcome.report["verdict"]
+        with rt.sessions() as session:
+            row = Audit(tenant_id=artifact.tenant_id, job_id=job_id, report_path=report_key,
+                        report_sha256=report_sha256(outcome.report), html_path=html_key,
+                        decision=verdict["decision"], reasons=verdict["reasons"], finished_at=utcnow())
+            session.add(row)
+            held = session.execute(update(Job).where(still_held(Job, job_id, worker))
+                                   .values(stage="deciding", progress=1.0, lease_expires_at=expiry(lease)))
+            if held.rowcount != 1:
+                session.rollback()
+                raise LeaseLost(f"job {job_id} was handed to another worker during its audit")
+            record(session, SYSTEM, row, "audited", detail={"worker": worker, "decision": verdict["decision"],
+                                                            "seconds": outcome.report["seconds"]})
+            session.commit()
+    log.info("job %s audited: %s (%s)", job_id, verdict["decision"], "; ".join(verdict["reasons"]))
+    return True

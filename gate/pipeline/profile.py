@@ -1,0 +1,77 @@
+"""How a base model's checkpoints are audited: which probes, which detector, how images are rendered.
+
+An operator gives the profile when registering a base model. The baseline audit of the base model and
+every job's audit use the same profile, so their images pair up by (prompt, seed). A hash of the
+profile and of the probe file it names keys the cached baseline: change either and the baseline is
+rendered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from auditing.config import from_mapping
+from auditing.detectors.registry import DETECTORS
+from auditing.models.hashing import sha256_file
+from auditing.render import RenderSettings
+
+MAX_IMAGES_PER_PROMPT = 64
+
+
+@dataclass(frozen=True)
+class AuditProfile:
+    probes: str  # a probe CSV on the gate's machines (I2P, Unsafe, prompt-only)
+    category: str | None = None  # keep rows whose ``categories`` contain it (I2P: "sexual")
+    images_per_prompt: int = 1
+    detector: str = "nudenet"
+    detector_options: dict = field(default_factory=dict)
+    inference_steps: int = 30
+    guidance_scale: float = 7.5  # where the probe file gives none
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.probes, str) or not Path(self.probes).is_file():
+            raise ValueError(f"audit_profile.probes must be an existing probe CSV on the server (got {self.probes!r})")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"audit_profile.detector must be one of {sorted(DETECTORS)} (got {self.detector!r})")
+        if not isinstance(self.detector_options, dict):
+            raise ValueError("audit_profile.detector_options must be an object")
+        n = self.images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
+            raise ValueError(f"audit_profile.images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}] "
+                             f"(got {n!r})")
+        try:
+            self.render_settings()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit_profile: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AuditProfile:
+        if not isinstance(data, dict):
+            raise ValueError("audit_profile must be an object")
+        return from_mapping(cls, data, "audit_profile")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def render_settings(self) -> RenderSettings:
+        return RenderSettings(inference_steps=self.inference_steps, guidance_scale=self.guidance_scale,
+                              batch_size=self.batch_size)
+
+    def load_probes(self):
+        from auditing.probes import load_probe_set
+
+        return load_probe_set(self.probes, category=self.category, images_per_prompt=self.images_per_prompt)
+
+    def load_detector(self):
+        from auditing.detectors.registry import load_detector
+
+        return load_detector(self.detector, **self.detector_options)
+
+    def sha256(self) -> str:
+        """Identifies the baseline this profile needs: its settings and the probe file's bytes."""
+        payload = {"profile": self.as_dict(), "probes_sha256": sha256_file(self.probes)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,98 @@
+"""The training stage: claim a queued job, fine-tune its base model on its dataset, store the checkpoint.
+
+The checkpoint's file goes into the tenant's content-addressed store first; its row and the job's move to
+``auditing`` then commit together, on condition that this worker still holds the lease. A worker that
+lost its lease (presumed dead, job handed on) commits nothing, and removes the file it stored unless the
+job's one artifact row names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
+from gate.storage.models import Artifact, Job
+
+from .leases import Heartbeat, LeaseLost, claim, still_held
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 2.0  # at most one progress write per job every this many seconds
+
+
+def _report_progress(rt: Runtime, job_id: str, worker: str, heartbeat: Heartbeat):
+    """A ``progress(fraction, stage)`` callback that writes to the job row, throttled, while the lease holds."""
+    last = [0.0]
+
+    def progress(fraction: float, stage: str) -> None:
+        heartbeat.check()
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY_S and fraction < 1.0:
+            return
+        last[0] = now
+        with rt.sessions() as session:
+            session.execute(Job.__table__.update().where(still_held(Job, job_id, worker))
+                            .values(progress=min(max(fraction, 0.0), 1.0), stage=stage[:64]))
+            session.commit()
+
+    return progress
+
+
+def _discard_unless_referenced(rt: Runtime, tenant_id: str, key: str) -> None:
+    with rt.sessions() as session:
+        if session.scalars(select(Artifact.id).where(Artifact.path == key)).first() is None:
+            rt.store.path(tenant_id, key).unlink(missing_ok=True)
+
+
+def train(rt: Runtime, job_id: str, worker: str) -> bool:
+    """Run the training stage; False if the job is not (or no longer) this worker's to train."""
+    from auditing.layouts import load_examples
+    from auditing.models.loading import load_pipeline
+    from gate.training import train_job
+
+    lease = rt.settings.lease_seconds
+    with rt.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        if job.status != "queued":
+            log.info("job %s is %s: nothing to train", job_id, job.status)
+            return False
+        if not claim(session, job, worker, lease, to_state="training",
+                     changes={"attempts": Job.attempts + 1, "stage": "loading", "progress": 0.0, "error": None}):
+            log.info("job %s was claimed by another worker", job_id)
+            return False
+        session.commit()
+        session.refresh(job)
+        tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
+        base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
+    out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
+    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat:
+        progress = _report_progress(rt, job_id, worker, heartbeat)
+        examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
+        result = train_job(method, load_pipeline(base_path), examples, hyperparameters, out / "train",
+                           progress=progress)
+        heartbeat.check()
+        with open(result.weights, "rb") as weights:
+            stored = rt.store.put(tenant, weights, suffix=".safetensors")
+        try:
+            with rt.sessions() as session:
+                job = session.get(Job, job_id)
+                session.add(Artifact(tenant_id=tenant, job_id=job_id, kind=result.kind, sha256=stored.sha256,
+                                     path=stored.key, size_bytes=stored.size_bytes))
+                transition(session, job, "auditing", SYSTEM, where=still_held(Job, job_id, worker),
+                           detail={"worker": worker, "artifact_sha256": stored.sha256, "kind": result.kind,
+                                   "training_seconds": round(result.seconds, 1)},
+                           changes={"worker": None, "lease_expires_at": None, "stage": "waiting for audit",
+                                    "progress": 0.0})
+                session.commit()
+        except (StaleState, IllegalTransition, IntegrityError) as exc:
+            _discard_unless_referenced(rt, tenant, stored.key)
+            raise LeaseLost(f"job {job_id} moved on while this worker trained it") from exc
+    log.info("job %s trained by %s in %.0f s: %s", job_id, worker, result.seconds, stored.key)
+    return True

@@ -1,0 +1,61 @@
+"""The Celery app: queues, routes and the reliability settings (docs/worker.md says why each).
+
+* ``task_acks_late``: a message is acknowledged when its task returns, so a worker that dies before
+  finishing leaves it to be redelivered; every task is idempotent (``gate.pipeline``), so a redelivery
+  or a duplicate does nothing twice.
+* ``worker_prefetch_multiplier = 1``: a worker reserves one message at a time; a GPU job of hours must
+  not hold another job hostage in its prefetch buffer.
+* ``visibility_timeout`` longer than the longest task's hard time limit, so Redis does not hand a
+  running task to a second worker. A worker that is killed is recovered sooner by its job's lease
+  (``gate.pipeline.leases``), not by this timeout.
+* ``worker_max_tasks_per_child = 1``: each job runs in a fresh child process, which returns all GPU
+  and host memory when it exits. The parent imports torch and diffusers before forking, so a child
+  starts in milliseconds.
+* JSON only: a task message never carries pickles; tasks take ids and reload everything from the database.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from gate.settings import Settings
+
+from .broker import broker_url
+
+QUEUES = ("train", "audit", "align")
+ROUTES = {
+    "gate.train": {"queue": "train"},
+    "gate.audit": {"queue": "audit"},
+    "gate.decide": {"queue": "audit"},
+    "gate.baseline": {"queue": "audit"},
+    "gate.align": {"queue": "align"},
+}
+# Hard limits per task; the soft limit (90%) lets a stage fail closed before it is killed.
+TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.audit": 6 * 3600, "gate.baseline": 6 * 3600,
+                 "gate.decide": 600, "gate.align": 48 * 3600}
+VISIBILITY_TIMEOUT_S = max(TIME_LIMITS_S.values()) + 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The app for ``settings``; starts the embedded broker if none is configured."""
+    app = Celery("ftgate", broker=broker_url(settings), include=["gate.worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_routes=ROUTES,
+        task_default_queue="audit",
+        task_annotations={name: {"time_limit": limit, "soft_time_limit": int(limit * 0.9)}
+                          for name, limit in TIME_LIMITS_S.items()},
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    app.ftgate_settings = settings  # read by the tasks (gate.worker.tasks.runtime)
+    return app

@@ -1,0 +1,85 @@
+"""``ftgate worker`` and ``ftgate serve``: the two long-running processes of the gate.
+
+Both read the one settings object (``FTGATE_*`` / ``--config``), refuse a database that is not at the
+code's schema (``ftgate db upgrade``), and, with no broker configured, share the embedded Redis under
+the state directory. ``serve`` is a threaded WSGI server for one machine; behind a real deployment run
+the same app with gunicorn: ``gunicorn 'gate.api:create_app()'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+
+
+def _queues(text: str) -> list[str]:
+    from .app import QUEUES
+
+    queues = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if not queues or unknown:
+        raise argparse.ArgumentTypeError(f"queues must be a comma-separated subset of {list(QUEUES)} (got {text!r})")
+    return queues
+
+
+def _preload() -> None:
+    """Import the heavy libraries once in the parent, so each forked job process starts at once."""
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+
+    import auditing.audit  # noqa: F401
+    import gate.training  # noqa: F401
+
+
+def _cmd_worker(args) -> int:
+    from gate.pipeline.runtime import Runtime
+    from gate.settings import load_settings
+
+    from .app import make_celery
+
+    settings = load_settings(path=args.config)
+    Runtime.open(settings).engine.dispose()  # fail now, not in the first task, on a stale schema
+    app = make_celery(settings)
+    _preload()
+    name = args.name or f"ftgate-{'-'.join(args.queues)}@%h"
+    argv = ["worker", "--queues", ",".join(args.queues), "--concurrency", str(args.concurrency), "--hostname", name,
+            "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-mingle", "--without-gossip"]
+    log.info("worker %s on queues %s (%s)", name, args.queues, settings.summary())
+    app.worker_main(argv)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from werkzeug.serving import make_server
+
+    from gate.api import create_app
+    from gate.settings import load_settings
+
+    app = create_app(load_settings(path=args.config))
+    server = make_server(args.host, args.port, app, threaded=True)
+    print(f"ftgate API on http://{args.host}:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    worker = sub.add_parser("worker", help="run a Celery worker for the gate's queues")
+    worker.add_argument("--queues", type=_queues, default=_queues("train,audit,align"),
+                        help="comma-separated queues to consume (train, audit, align); default all")
+    worker.add_argument("--concurrency", type=int, default=1, help="job processes (one per GPU); default 1")
+    worker.add_argument("--name", help="worker node name (default ftgate-<queues>@<host>)")
+    worker.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
+    worker.set_defaults(func=_cmd_worker)
+    serve = sub.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    serve.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
+    serve.set_defaults(func=_cmd_serve)

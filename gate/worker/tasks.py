@@ -1,0 +1,112 @@
+"""The Celery tasks: thin wrappers that give ``gate.pipeline``'s stages a worker identity and a runtime.
+
+A worker's identity for a lease is ``<hostname>/<task id>``: unique per attempt, and known to the
+failure link (``job_failed`` receives the failed task's request), which then fails the job only if that
+attempt still held it. A stage that finds its lease lost raises ``Ignore``: the chain stops quietly,
+because the job's new holder runs the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import current_app, shared_task, signals
+from celery.exceptions import Ignore
+
+from gate.pipeline import audit, train, verdict
+from gate.pipeline.leases import LeaseLost, reap
+from gate.pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_runtime: dict[int, Runtime] = {}
+
+
+def runtime() -> Runtime:
+    """This process's runtime (opened after the fork: database connections do not survive one)."""
+    pid = os.getpid()
+    if pid not in _runtime:
+        _runtime.clear()
+        _runtime[pid] = Runtime.open(current_app.ftgate_settings)
+    return _runtime[pid]
+
+
+def worker_id(request) -> str:
+    return f"{request.hostname}/{request.id}"
+
+
+def _stage(task, run, job_id: str, *args):
+    try:
+        return run(runtime(), job_id, *args)
+    except LeaseLost as exc:
+        log.warning("%s: %s", task.name, exc)
+        raise Ignore() from exc
+
+
+@shared_task(name="gate.train", bind=True)
+def train_job(self, job_id: str) -> bool:
+    return _stage(self, train.train, job_id, worker_id(self.request))
+
+
+@shared_task(name="gate.audit", bind=True)
+def audit_job(self, job_id: str) -> bool:
+    return _stage(self, audit.audit, job_id, worker_id(self.request))
+
+
+@shared_task(name="gate.decide", bind=True)
+def decide_job(self, job_id: str) -> str | None:
+    return _stage(self, verdict.decide, job_id)
+
+
+@shared_task(name="gate.job_failed")
+def job_failed(request, exc, traceback, job_id: str) -> None:
+    """Failure link of every stage: the job ends ``failed`` (fail closed: nothing is released)."""
+    verdict.fail(runtime(), job_id, worker_id(request), f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(name="gate.baseline")
+def baseline(base_model_id: str) -> None:
+    audit.ensure_baseline(runtime(), base_model_id)
+
+
+@shared_task(name="gate.align", bind=True)
+def align(self, run_id: str) -> None:
+    from gate.pipeline.hardening import harden
+
+    _stage(self, harden, run_id, worker_id(self.request))
+
+
+def _reaper(app, stop: threading.Event) -> None:
+    from .dispatch import CeleryDispatcher
+
+    dispatcher = CeleryDispatcher(app)
+    rt = Runtime.open(app.ftgate_settings)
+    interval = max(app.ftgate_settings.lease_seconds / 3, 1.0)
+
+    def requeue(kind: str, row_id: str, stage: str) -> None:
+        if kind == "job":
+            dispatcher.job(row_id, stage)
+        else:
+            dispatcher.alignment(row_id)
+
+    while not stop.wait(interval):
+        try:
+            reap(rt.sessions, requeue)
+        except Exception:
+            log.exception("reaper pass failed; retrying")
+
+
+_reaper_stop = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start_reaper(sender, **_) -> None:
+    """Every worker's main process reaps expired leases (workers may come and go; any one suffices)."""
+    threading.Thread(target=_reaper, args=(sender.app, _reaper_stop), name="ftgate-reaper", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_reaper(**_) -> None:
+    _reaper_stop.set()

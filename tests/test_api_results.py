@@ -1,0 +1,587 @@
+"""The API after a job has run: checkpoint gating, reviews, reports, tenancy and roles on every route,
+metrics and hardening runs.
+
+No training runs here: jobs are created through ``POST /v1/jobs`` and then moved along their life cycle
+with ``gate.storage.audit_log.transition``; their checkpoint, audit, report and verdict are written
+directly (rows through the ORM, files through the ``ArtifactStore``), as the workers would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import tomllib
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import test_api  # tests/ is on sys.path (pytest's rootdir conftest; tests/ is not a package)
+from sqlalchemy import select
+from test_api import Env, good_zip
+from werkzeug.http import parse_options_header
+
+from gate.auth import create_key
+from gate.storage.artifacts import ArtifactStore
+from gate.storage.audit_log import SYSTEM, transition
+from gate.storage.db import make_engine, upgrade
+from gate.storage.models import (
+    AlignmentRun,
+    Artifact,
+    Audit,
+    BaseModel,
+    Dataset,
+    Job,
+    Review,
+    Verdict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SQLITE = "sqlite:///"
+MISSING_ID = "0" * 32  # the shape of a real id (uuid4 hex), and never one
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# How a job reaches each state from ``queued`` (the life cycle in gate.storage.models.JOB_TRANSITIONS).
+PATHS = {
+    "queued": (),
+    "training": ("training",),
+    "auditing": ("training", "auditing"),
+    "review": ("training", "auditing", "review"),
+    "released": ("training", "auditing", "released"),
+    "withheld": ("training", "auditing", "withheld"),
+    "failed": ("failed",),
+    "cancelled": ("cancelled",),
+}
+VERDICT_OF = {"review": "flag", "released": "pass", "withheld": "block"}
+
+
+# --- environment ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory) -> Path:
+    """A database migrated once for the module; each test gets a copy (migrations are the slow part)."""
+    path = tmp_path_factory.mktemp("migrated") / "ftgate.db"
+    engine = make_engine(SQLITE + str(path))
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, migrated, monkeypatch) -> Env:
+    def copy_migrated(url: str) -> None:
+        assert url.startswith(SQLITE), url
+        with closing(sqlite3.connect(migrated)) as src, closing(sqlite3.connect(url.removeprefix(SQLITE))) as dst:
+            src.backup(dst)
+
+    monkeypatch.setattr(test_api, "upgrade", copy_migrated)
+    return Env(tmp_path)
+
+
+def get(env: Env, path: str, who: str | None = None):
+    return env.client.get(path, headers=env.headers(who) if who else {})
+
+
+def error(response) -> dict:
+    assert response.is_json, (response.status_code, response.get_data(as_text=True)[:200])
+    return response.json["error"]
+
+
+def dataset_of(env: Env, who: str = "a") -> str:
+    """One uploaded (accepted) dataset per tenant and environment."""
+    uploaded = env.__dict__.setdefault("uploaded_datasets", {})
+    if who not in uploaded:
+        r = env.upload(good_zip(), who=who)
+        assert r.status_code == 201, r.json
+        uploaded[who] = r.json["id"]
+    return uploaded[who]
+
+
+def move(env: Env, job_id: str, state: str) -> None:
+    """Move a queued job to ``state`` the way the workers do (compare-and-set transitions, logged)."""
+    with env.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.status == "queued", job.status
+        for step in PATHS[state]:
+            changes = {"finished_at": datetime.now(UTC)} if step in ("released", "withheld", "cancelled") else None
+            transition(s, job, step, SYSTEM, changes=changes)
+        s.commit()
+
+
+def add_artifact(env: Env, job_id: str, data: bytes, kind: str = "lora") -> str:
+    """The job's checkpoint: a stored file and its Artifact row. Returns the store key."""
+    with env.sessions() as s:
+        job = s.get(Job, job_id)
+        stored = ArtifactStore(env.settings.artifacts_dir).put(job.tenant_id, io.BytesIO(data), suffix=".safetensors")
+        s.add(Artifact(tenant_id=job.tenant_id, job_id=job.id, kind=kind, sha256=stored.sha256, path=stored.key,
+                       size_bytes=stored.size_bytes))
+        s.commit()
+    return stored.key
+
+
+def add_audit(env: Env, job_id: str, decision: str, *, verdict: bool = True,
+              finished: bool = True) -> tuple[dict, bytes]:
+    """A finished audit of the job with its stored report.json / report.html, and (optionally) the verdict.
+    Returns the report as stored and the page's bytes."""
+    reasons = [] if decision == "pass" else [f"unsafe rate above the base model's ({decision})"]
+    with env.sessions() as s:
+        job = s.get(Job, job_id)
+        report = {"job": job.id, "verdict": {"decision": decision, "reasons": reasons, "rule": "paired sequential test",
+                                             "policy": {"name": "default", "version": 3}},
+                  "probes": {"prompts": 4, "unsafe_base": 0, "unsafe_job": 0 if decision == "pass" else 3}}
+        html = (f"<!doctype html><title>audit of {job.id}</title><h1>{decision}</h1>"
+                "<img src='data:image/png;base64,AAAA'>").encode()
+        store = ArtifactStore(env.settings.artifacts_dir)
+        report_file = store.put(job.tenant_id, io.BytesIO(json.dumps(report).encode()), suffix=".json")
+        html_file = store.put(job.tenant_id, io.BytesIO(html), suffix=".html")
+        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, report_path=report_file.key,
+                      report_sha256=report_file.sha256, html_path=html_file.key, decision=decision, reasons=reasons,
+                      finished_at=datetime.now(UTC) if finished else None)
+        s.add(audit)
+        s.flush()
+        if verdict:
+            s.add(Verdict(tenant_id=job.tenant_id, job_id=job.id, audit_id=audit.id, decision=decision,
+                          reasons=reasons, policy_name="default", policy_version=3))
+        s.commit()
+    return report, html
+
+
+def make_job(env: Env, state: str = "queued", *, who: str = "a", method: str = "lora",
+             checkpoint: bytes | None = None, audit: str | None = None) -> str:
+    """A job of ``who``'s tenant in ``state``, with a checkpoint (kind from the method) and an audit if asked.
+    A job that went through auditing to review/released/withheld gets the matching audit by default."""
+    hyperparameters = ({"instance_prompt": "a sks square", "steps": 10} if method == "dreambooth"
+                       else {"steps": 100, "rank": 4})
+    r = env.job(dataset_of(env, who), who=who, method=method, hyperparameters=hyperparameters)
+    assert r.status_code == 201, r.json
+    job_id = r.json["id"]
+    if checkpoint is not None:
+        add_artifact(env, job_id, checkpoint, kind="unet" if method == "dreambooth" else "lora")
+    audit = audit or VERDICT_OF.get(state)
+    if audit is not None:
+        add_audit(env, job_id, audit)
+    move(env, job_id, state)
+    return job_id
+
+
+def status_of(env: Env, job_id: str) -> str:
+    with env.sessions() as s:
+        return s.get(Job, job_id).status
+
+
+# --- 1. checkpoint gating -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", ["queued", "training", "auditing", "review", "withheld", "failed", "cancelled"])
+def test_artifact_is_withheld_unless_released(env, state):
+    """In every state but ``released`` the checkpoint is refused (403 artifact_withheld) to its owner and to
+    staff alike, and the job says it is not downloadable."""
+    job_id = make_job(env, state, checkpoint=b"weights of a job that is " + state.encode())
+    assert status_of(env, job_id) == state
+    for who in ("a", "rev", "op"):
+        r = get(env, f"/v1/jobs/{job_id}/artifact", who)
+        assert r.status_code == 403, (state, who, r.status_code)
+        assert error(r)["reason"] == "artifact_withheld"
+        assert b"weights of a job" not in r.data
+    detail = get(env, f"/v1/jobs/{job_id}", "a").json
+    assert detail["status"] == state
+    assert detail["artifact"]["downloadable"] is False and detail["artifact"]["kind"] == "lora"
+
+
+@pytest.mark.parametrize("method, kind, filename", [
+    ("lora", "lora", "pytorch_lora_weights.safetensors"),
+    ("dreambooth", "unet", "diffusion_pytorch_model.safetensors"),
+])
+def test_released_artifact_downloads_exact_bytes_under_its_diffusers_name(env, method, kind, filename):
+    """A released job's checkpoint is served byte for byte, as an attachment named as diffusers expects."""
+    data = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + method.encode() * 1000
+    job_id = make_job(env, "released", method=method, checkpoint=data)
+    detail = get(env, f"/v1/jobs/{job_id}", "a").json
+    assert detail["artifact"] == {"kind": kind, "sha256": detail["artifact"]["sha256"], "size_bytes": len(data),
+                                  "downloadable": True}
+    r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
+    assert r.status_code == 200 and r.data == data
+    disposition, options = parse_options_header(r.headers["Content-Disposition"])
+    assert disposition == "attachment" and options["filename"] == filename
+    assert r.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_released_job_without_checkpoint_row_is_withheld(env):
+    """``released`` alone is not enough: with no Artifact row there is nothing to send (403, not 500)."""
+    job_id = make_job(env, "released")
+    r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
+    assert r.status_code == 403 and error(r)["reason"] == "artifact_withheld"
+    assert get(env, f"/v1/jobs/{job_id}", "a").json["artifact"] is None
+
+
+def test_corrupt_checkpoint_is_not_served(env):
+    """A stored checkpoint that no longer matches its sha256 is refused with 503 artifact_corrupt (fail closed)."""
+    data = b"the released weights" * 100
+    job_id = make_job(env, "released", checkpoint=data)
+    assert get(env, f"/v1/jobs/{job_id}/artifact", "a").data == data
+    with env.sessions() as s:
+        key = s.scalars(select(Artifact.path).where(Artifact.job_id == job_id)).one()
+    path = env.settings.artifacts_dir / key
+    path.write_bytes(b"tampered" + data[8:])  # same size, other bytes
+    r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
+    assert r.status_code == 503 and error(r)["reason"] == "artifact_corrupt"
+    assert b"tampered" not in r.data and b"released weights" not in r.data
+
+
+# --- 2. reviews -----------------------------------------------------------------------------------------------
+
+def test_review_queue_lists_only_jobs_in_review_for_staff(env):
+    """Reviewers and operators see every tenant's jobs in review (and only those); customers may not look."""
+    waiting_a = make_job(env, "review", checkpoint=b"a's flagged weights")
+    waiting_b = make_job(env, "review", who="b", checkpoint=b"b's flagged weights")
+    make_job(env, "released", checkpoint=b"released weights")
+    make_job(env, "withheld")
+    for who in ("rev", "op"):
+        r = get(env, "/v1/reviews", who)
+        assert r.status_code == 200
+        assert sorted(j["id"] for j in r.json["jobs"]) == sorted([waiting_a, waiting_b])
+        assert {j["verdict"]["decision"] for j in r.json["jobs"]} == {"flag"}
+    for who in ("a", "b"):
+        r = get(env, "/v1/reviews", who)
+        assert r.status_code == 403 and error(r)["reason"] == "forbidden"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"decision": "approve"}, "reason"),
+    ({"decision": "approve", "reason": ""}, "reason"),
+    ({"decision": "approve", "reason": "   \n\t"}, "reason"),
+    ({"decision": "approve", "reason": "x" * 2001}, "reason"),
+    ({"decision": "approve", "reason": 42}, "reason"),
+    ({"reason": "fine"}, "decision"),
+    ({"decision": "maybe", "reason": "fine"}, "decision"),
+    ({"decision": "APPROVE", "reason": "fine"}, "decision"),
+    ({"decision": "released", "reason": "fine"}, "decision"),
+])
+def test_invalid_review_is_400_naming_the_field_and_changes_nothing(env, body, field):
+    """A review without a usable reason or decision is refused, naming the field; the job stays in review."""
+    job_id = make_job(env, "review", checkpoint=b"flagged weights")
+    r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"), json=body)
+    assert r.status_code == 400 and error(r)["field"] == field and error(r)["reason"] == "invalid_request"
+    assert status_of(env, job_id) == "review" and env.count(Review) == 0
+
+
+def test_review_body_must_be_a_json_object(env):
+    """A review that is not a JSON object is a 400; the job stays in review."""
+    job_id = make_job(env, "review")
+    r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"), data="approve",
+                        content_type="text/plain")
+    assert r.status_code == 400 and status_of(env, job_id) == "review"
+
+
+def test_approval_releases_the_checkpoint_and_is_logged(env):
+    """Only a reviewer may decide; approval releases the job, records the review and logs who and why;
+    the job cannot be decided twice."""
+    data = b"flagged but fine weights" * 50
+    job_id = make_job(env, "review", checkpoint=data)
+    assert error(get(env, f"/v1/jobs/{job_id}/artifact", "a"))["reason"] == "artifact_withheld"
+    for who in ("a", "b", "op"):
+        r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers(who),
+                            json={"decision": "approve", "reason": "self-approval"})
+        assert r.status_code == 403 and error(r)["reason"] == "forbidden", who
+    assert status_of(env, job_id) == "review" and env.count(Review) == 0
+
+    reason = "detector false positive: the red shapes are stop signs"
+    r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
+                        json={"decision": "approve", "reason": f"  {reason}  "})
+    assert r.status_code == 200, r.json
+    assert r.json["status"] == "released" and r.json["artifact"]["downloadable"] is True
+    assert r.json["review"]["decision"] == "approve" and r.json["review"]["reason"] == reason
+    assert r.json["review"]["reviewer"] == env.keys["rev"].key_id
+    assert status_of(env, job_id) == "released"
+    assert job_id not in [j["id"] for j in get(env, "/v1/reviews", "rev").json["jobs"]]
+
+    download = get(env, f"/v1/jobs/{job_id}/artifact", "a")
+    assert download.status_code == 200 and download.data == data
+
+    entries = get(env, f"/v1/jobs/{job_id}/log", "a").json["entries"]
+    decided = [e for e in entries if e["actor_role"] == "reviewer"]
+    assert len(decided) == 1
+    assert decided[0]["actor_key_id"] == env.keys["rev"].key_id and decided[0]["reason"] == reason
+    assert (decided[0]["from_state"], decided[0]["to_state"]) == ("review", "released")
+    assert entries[-1] == decided[0]  # the decision is the job's last move
+
+    again = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
+                            json={"decision": "reject", "reason": "changed my mind"})
+    assert again.status_code == 409 and error(again)["reason"] == "not_in_review"
+    assert status_of(env, job_id) == "released" and env.count(Review) == 1
+
+
+def test_rejection_withholds_the_checkpoint_for_good(env):
+    """A rejected job is withheld: its checkpoint stays refused, and the rejection is logged with its reason."""
+    job_id = make_job(env, "review", checkpoint=b"unsafe weights")
+    reason = "r" * 2000  # the longest reason allowed
+    r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
+                        json={"decision": "reject", "reason": reason})
+    assert r.status_code == 200 and r.json["status"] == "withheld"
+    assert r.json["artifact"]["downloadable"] is False and r.json["review"]["decision"] == "reject"
+    for who in ("a", "rev", "op"):
+        refused = get(env, f"/v1/jobs/{job_id}/artifact", who)
+        assert refused.status_code == 403 and error(refused)["reason"] == "artifact_withheld"
+    last = get(env, f"/v1/jobs/{job_id}/log", "a").json["entries"][-1]
+    assert (last["actor_role"], last["to_state"], last["reason"]) == ("reviewer", "withheld", reason)
+    again = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
+                            json={"decision": "approve", "reason": "let it out"})
+    assert again.status_code == 409 and status_of(env, job_id) == "withheld"
+    assert get(env, f"/v1/jobs/{job_id}/artifact", "a").status_code == 403
+
+
+@pytest.mark.parametrize("state", ["queued", "auditing", "released", "withheld", "failed"])
+def test_review_of_a_job_not_in_review_is_409(env, state):
+    """Only a job in review takes a decision: a reviewer cannot release (or withhold) any other."""
+    job_id = make_job(env, state, checkpoint=b"weights")
+    r = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
+                        json={"decision": "approve", "reason": "ok"})
+    assert r.status_code == 409 and error(r)["reason"] == "not_in_review"
+    assert status_of(env, job_id) == state and env.count(Review) == 0
+
+
+def test_review_of_a_missing_job_is_404(env):
+    """A valid review of an id that names no job is a 404 not_found."""
+    r = env.client.post(f"/v1/reviews/{MISSING_ID}", headers=env.headers("rev"),
+                        json={"decision": "approve", "reason": "ok"})
+    assert r.status_code == 404 and error(r)["reason"] == "not_found"
+
+
+def test_reviewer_cannot_approve_a_job_of_its_own_tenant(env):
+    """Separation of duties: a flagged checkpoint must be cleared by someone outside the customer's tenant."""
+    with env.sessions() as s:
+        inside = create_key(s, "acme", "reviewer", SYSTEM, name="acme's own reviewer")
+        s.commit()
+    job_id = make_job(env, "review", checkpoint=b"acme's flagged weights")
+    r = env.client.post(f"/v1/reviews/{job_id}", headers={"Authorization": f"Bearer {inside.key}"},
+                        json={"decision": "approve", "reason": "looks fine to us"})
+    assert r.status_code in (403, 404)
+    assert status_of(env, job_id) == "review"
+
+
+# --- 3. tenant isolation --------------------------------------------------------------------------------------
+
+def job_paths(job_id: str) -> list[str]:
+    return [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/report", f"/v1/jobs/{job_id}/report.html",
+            f"/v1/jobs/{job_id}/artifact", f"/v1/jobs/{job_id}/log"]
+
+
+def test_another_tenants_rows_look_missing_on_every_endpoint(env):
+    """Tenant B's customer gets exactly the 404 a missing id gets for A's dataset, job, report, page,
+    released checkpoint and log: nothing tells it the id exists. Staff see A's rows."""
+    data = b"acme's released weights"
+    dataset = dataset_of(env, "a")
+    job_id = make_job(env, "released", checkpoint=data)
+    assert get(env, f"/v1/jobs/{job_id}/artifact", "a").data == data  # it is downloadable, by its owner
+    pairs = [(f"/v1/datasets/{dataset}", f"/v1/datasets/{MISSING_ID}")]
+    pairs += list(zip(job_paths(job_id), job_paths(MISSING_ID), strict=True))
+    for path, missing_path in pairs:
+        theirs, missing = get(env, path, "b"), get(env, missing_path, "b")
+        assert missing.status_code == 404 and error(missing)["reason"] == "not_found", missing_path
+        assert theirs.status_code == 404, (path, theirs.status_code)
+        # The same body as for a missing id, but for the id itself (which the caller sent).
+        real_id = dataset if path.startswith("/v1/datasets") else job_id
+        assert theirs.json == json.loads(json.dumps(missing.json).replace(MISSING_ID, real_id)), path
+        assert data not in theirs.data and b"verdict" not in theirs.data
+        for staff in ("rev", "op"):
+            assert get(env, path, staff).status_code == 200, (path, staff)
+        assert get(env, path, "a").status_code == 200, path
+
+
+def test_job_lists_are_scoped_to_the_tenant(env):
+    """A customer's job list holds its own jobs only; staff see every tenant's."""
+    a_jobs = {make_job(env, "queued"), make_job(env, "released", checkpoint=b"w")}
+    b_jobs = {make_job(env, "queued", who="b")}
+    assert {j["id"] for j in get(env, "/v1/jobs", "a").json["jobs"]} == a_jobs
+    assert {j["id"] for j in get(env, "/v1/jobs", "b").json["jobs"]} == b_jobs
+    for staff in ("rev", "op"):
+        assert {j["id"] for j in get(env, "/v1/jobs", staff).json["jobs"]} == a_jobs | b_jobs
+
+
+def test_customer_cannot_start_a_job_on_another_tenants_dataset(env):
+    """A job on another tenant's dataset is a 404 naming the dataset field; no job row is created."""
+    r = env.job(dataset_of(env, "a"), who="b")
+    assert r.status_code == 404 and error(r)["field"] == "dataset" and env.count(Job) == 0
+
+
+# --- 4. roles on every route ----------------------------------------------------------------------------------
+
+# (method, route rule) -> expected status for customer (the rows' owner), reviewer, operator, and no key.
+C, R, O, NONE = "customer", "reviewer", "operator", None
+ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
+    ("POST", "/v1/datasets"): {C: 201, R: 403, O: 403, NONE: 401},
+    ("GET", "/v1/datasets/<dataset_id>"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("POST", "/v1/jobs"): {C: 201, R: 403, O: 403, NONE: 401},
+    ("GET", "/v1/jobs"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/report"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/report.html"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/artifact"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/log"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/reviews"): {C: 403, R: 200, O: 200, NONE: 401},
+    ("POST", "/v1/reviews/<job_id>"): {C: 403, R: 200, O: 403, NONE: 401},
+    ("POST", "/v1/base-models"): {C: 403, R: 403, O: 201, NONE: 401},
+    ("GET", "/v1/base-models"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/base-models/<base_model_id>"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("POST", "/v1/alignments"): {C: 403, R: 403, O: 201, NONE: 401},
+    ("GET", "/v1/alignments/<run_id>"): {C: 403, R: 403, O: 200, NONE: 401},
+    ("GET", "/healthz"): {C: 200, R: 200, O: 200, NONE: 200},
+    ("GET", "/metrics"): {C: 200, R: 200, O: 200, NONE: 200},
+    ("GET", "/openapi.json"): {C: 200, R: 200, O: 200, NONE: 200},
+}
+WHO = {C: "a", R: "rev", O: "op", NONE: None}
+COUNTED = (Dataset, Job, Review, BaseModel, AlignmentRun)
+
+
+def alignment_config() -> dict:
+    return tomllib.loads((ROOT / "alignment" / "configs" / "shapes-world.toml").read_text())
+
+
+def test_role_table_covers_every_route(env):
+    """Every route of the app has its expected statuses in ROLE_TABLE (a new route must be added to it)."""
+    routes = {(method, rule.rule) for rule in env.app.url_map.iter_rules() if rule.endpoint != "static"
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert routes == set(ROLE_TABLE)
+
+
+@pytest.mark.parametrize("role", [C, R, O, NONE], ids=["customer", "reviewer", "operator", "no-key"])
+def test_roles_on_every_route(env, role, tmp_path):
+    """Each route answers each role as ROLE_TABLE says; a refused request (401/403) creates or changes nothing
+    and says why in the standard error body."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    probes = tmp_path / "probes.csv"
+    probes.write_text("prompt\na red triangle\n")
+    dataset = dataset_of(env, "a")
+    released = make_job(env, "released", checkpoint=b"released weights")
+    in_review = make_job(env, "review", checkpoint=b"flagged weights")
+    with env.sessions() as s:
+        run = AlignmentRun(name="harden sd-tiny", config=alignment_config())
+        s.add(run)
+        s.commit()
+        run_id = run.id
+    ids = {"dataset_id": dataset, "job_id": released, "base_model_id": env.base_model_id, "run_id": run_id}
+    requests = {
+        ("POST", "/v1/datasets"): dict(data={"file": (io.BytesIO(good_zip(n=2)), "more.zip")},
+                                       content_type="multipart/form-data"),
+        ("POST", "/v1/jobs"): dict(json={"base_model": env.base_model_id, "dataset": dataset, "method": "lora"}),
+        ("POST", "/v1/reviews/<job_id>"): dict(json={"decision": "approve", "reason": "benign"}),
+        ("POST", "/v1/base-models"): dict(json={"name": "sd-hardened", "path": str(model),
+                                                "audit_profile": {"probes": str(probes), "detector": "shapes"}}),
+        ("POST", "/v1/alignments"): dict(json={"name": "again", "config": alignment_config()}),
+    }
+    headers = env.headers(WHO[role]) if WHO[role] else {}
+    failures = []
+    for (method, rule), expected in ROLE_TABLE.items():
+        path = rule
+        for name, value in ids.items():
+            path = path.replace(f"<{name}>", in_review if (method, name) == ("POST", "job_id") else value)
+        before = {model_.__name__: env.count(model_) for model_ in COUNTED}
+        before_status = status_of(env, in_review)
+        r = env.client.open(path, method=method, headers=headers, **requests.get((method, rule), {}))
+        if r.status_code != expected[role]:
+            failures.append((method, rule, r.status_code, expected[role], r.get_data(as_text=True)[:200]))
+            continue
+        if r.status_code in (401, 403):
+            assert error(r)["reason"] == {401: "unauthorized", 403: "forbidden"}[r.status_code]
+            assert {model_.__name__: env.count(model_) for model_ in COUNTED} == before, (method, rule)
+            assert status_of(env, in_review) == before_status
+    assert failures == []
+    if role == R:
+        assert status_of(env, in_review) == "released"
+    elif role == O:
+        assert env.dispatcher.baselines and len(env.dispatcher.alignments) == 1
+    else:
+        assert status_of(env, in_review) == "review"
+        assert env.dispatcher.baselines == [] and env.dispatcher.alignments == []
+
+
+# --- 5. reports -----------------------------------------------------------------------------------------------
+
+def test_reports_appear_only_once_the_audit_has_finished(env):
+    """No report before an audit has finished (404 no_report, JSON and page); then the JSON is the stored
+    report and the page is served as text/html under a CSP that lets it fetch and run nothing."""
+    job_id = make_job(env, "auditing", checkpoint=b"weights")
+    for suffix in ("report", "report.html"):
+        r = get(env, f"/v1/jobs/{job_id}/{suffix}", "a")
+        assert r.status_code == 404 and error(r)["reason"] == "no_report", suffix
+    add_audit(env, job_id, "pass", verdict=False, finished=False)  # an audit still running
+    assert error(get(env, f"/v1/jobs/{job_id}/report", "a"))["reason"] == "no_report"
+
+    report, html = add_audit(env, job_id, "flag")
+    r = get(env, f"/v1/jobs/{job_id}/report", "a")
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    assert r.json == report and r.json["verdict"]["decision"] == "flag"
+    page = get(env, f"/v1/jobs/{job_id}/report.html", "a")
+    assert page.status_code == 200 and page.data == html
+    assert page.mimetype == "text/html"
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert "Content-Security-Policy" not in r.headers or r.headers["Content-Security-Policy"] == CSP
+    detail = get(env, f"/v1/jobs/{job_id}", "a").json
+    assert detail["verdict"]["decision"] == "flag" and detail["verdict"]["policy"] == "default v3"
+
+
+# --- 6. metrics -----------------------------------------------------------------------------------------------
+
+def test_metrics_count_jobs_and_verdicts(env):
+    """/metrics (no key) counts jobs by status and method, submissions, datasets and verdicts, from the database."""
+    before = env.client.get("/metrics").get_data(as_text=True)
+    assert 'status="released"' not in before and "ftgate_verdicts_total{" not in before
+    make_job(env, "released", checkpoint=b"good weights")
+    make_job(env, "withheld", checkpoint=b"bad weights")
+    make_job(env, "queued", method="dreambooth")
+    r = env.client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    lines = set(r.get_data(as_text=True).splitlines())
+    for line in ('ftgate_jobs{method="lora",status="released"} 1.0',
+                 'ftgate_jobs{method="lora",status="withheld"} 1.0',
+                 'ftgate_jobs{method="dreambooth",status="queued"} 1.0',
+                 'ftgate_jobs_submitted_total{method="lora"} 2.0',
+                 'ftgate_jobs_submitted_total{method="dreambooth"} 1.0',
+                 'ftgate_datasets{status="accepted"} 1.0',
+                 'ftgate_verdicts_total{decision="pass"} 1.0',
+                 'ftgate_verdicts_total{decision="block"} 1.0'):
+        assert line in lines, line
+    assert not any(line.startswith('ftgate_verdicts_total{decision="flag"}') for line in lines)
+
+
+# --- 7. hardening runs ----------------------------------------------------------------------------------------
+
+def test_operator_starts_and_follows_a_hardening_run(env):
+    """A valid config (the packaged shapes-world one) starts a queued run, dispatched once; the run reads back."""
+    config = alignment_config()
+    r = env.client.post("/v1/alignments", headers=env.headers("op"), json={"name": "harden world", "config": config})
+    assert r.status_code == 201, r.json
+    run_id = r.json["id"]
+    assert r.json["status"] == "queued" and r.json["config"] == config
+    assert env.dispatcher.alignments == [run_id]
+    got = get(env, f"/v1/alignments/{run_id}", "op")
+    assert got.status_code == 200 and got.json["id"] == run_id and got.json["name"] == "harden world"
+    assert got.json["config"] == config and got.json["status"] == "queued"
+    with env.sessions() as s:
+        assert s.get(AlignmentRun, run_id).requested_by == env.keys["op"].key_id
+    missing = get(env, f"/v1/alignments/{MISSING_ID}", "op")
+    assert missing.status_code == 404 and error(missing)["reason"] == "not_found"
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("outer", "steps", 0),
+    ("outer", "scope", "everything"),
+    ("outer", "bogus", 1),
+    ("objective", "alpha", -1.0),
+    ("data", "batch_size", "eight"),
+])
+def test_invalid_hardening_config_names_section_and_field(env, section, field, value):
+    """A config the CLI would refuse is a 400 whose message names ``section.field``; nothing is queued."""
+    config = alignment_config()
+    config[section][field] = value
+    r = env.client.post("/v1/alignments", headers=env.headers("op"), json={"name": "bad", "config": config})
+    assert r.status_code == 400 and error(r)["field"] == "config"
+    assert f"{section}.{field}" in error(r)["message"]
+    assert env.dispatcher.alignments == [] and env.count(AlignmentRun) == 0
+
+
+def test_hardening_run_needs_a_name(env):
+    """A run without a name is refused (400, field name) and nothing is created."""
+    r = env.client.post("/v1/alignments", headers=env.headers("op"), json={"config": alignment_config()})
+    assert r.status_code == 400 and error(r)["field"] == "name" and env.count(AlignmentRun) == 0

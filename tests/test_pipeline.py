@@ -1,0 +1,215 @@
+"""The worker pipeline's stages, in process (no Celery): train -> audit -> decide on the shapes world, each
+stage idempotent, leases that expire and are reaped, a stale worker that can commit nothing, and audits
+that fail closed."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from auditing.shapes.cli import PRETRAINED_WORLD
+from auditing.models.hashing import weights_sha256
+from gate.auth import ensure_tenant
+from gate.intake import IntakeLimits, ingest
+from gate.pipeline import audit, train, verdict
+from gate.pipeline.leases import LeaseLost, claim, reap
+from gate.pipeline.runtime import Runtime
+from gate.settings import Settings
+from gate.storage.audit_log import SYSTEM
+from gate.storage.db import upgrade
+from gate.storage.models import Artifact, Audit, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
+
+from test_api import RedScanner
+
+PROBES = "prompt\na red triangle\na blue circle\na red triangle on a green background\n"
+STEPS = {"steps": 3, "rank": 2, "learning_rate": 1e-3, "batch_size": 2}
+
+
+@pytest.fixture
+def rt(tmp_path) -> Runtime:
+    state = tmp_path / "state"
+    settings = Settings(state_dir=state, database_url=f"sqlite:///{tmp_path / 'ftgate.db'}", broker_url=None,
+                        artifacts_dir=state / "artifacts", lease_seconds=30)
+    upgrade(settings.database_url)
+    rt = Runtime.open(settings)
+    yield rt
+    rt.engine.dispose()
+
+
+def _dataset_zip(n: int = 4) -> bytes:
+    import random
+
+    from auditing.shapes.scene import Concept, make_scene, render
+
+    rng, buf = random.Random(0), io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(n):
+            scene = make_scene(rng, [Concept("blue", "square")])
+            image = io.BytesIO()
+            render(scene).save(image, format="PNG")
+            zf.writestr(f"{i}.png", image.getvalue())
+            zf.writestr(f"{i}.txt", scene.caption)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def job_id(rt, tmp_path) -> str:
+    """A queued LoRA job of tenant acme on the world, with its dataset ingested as the API would."""
+    probes = tmp_path / "probes.csv"
+    probes.write_text(PROBES)
+    profile = {"probes": str(probes), "detector": "shapes", "detector_options": {"concept": "red triangle"},
+               "inference_steps": 4, "guidance_scale": 5.0, "batch_size": 8}
+    with rt.sessions() as s:
+        ensure_tenant(s, "acme", SYSTEM)
+        base = BaseModel(name="world", path=str(PRETRAINED_WORLD), weights_sha256=weights_sha256(PRETRAINED_WORLD),
+                         audit_profile=profile)
+        dataset = Dataset(tenant_id="acme", name="d", status="accepted", content_sha256="0" * 64,
+                          artifact_path="k", size_bytes=1)
+        s.add_all([base, dataset])
+        s.flush()
+        ingest(io.BytesIO(_dataset_zip()), IntakeLimits(), rt.settings.dataset_folder("acme", dataset.id),
+               RedScanner())
+        job = Job(tenant_id="acme", base_model_id=base.id, dataset_id=dataset.id, method="lora",
+                  hyperparameters=STEPS)
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def _job(rt, job_id) -> Job:
+    with rt.sessions() as s:
+        return s.get(Job, job_id)
+
+
+def _count(rt, model, **where) -> int:
+    with rt.sessions() as s:
+        stmt = select(func.count()).select_from(model)
+        for column, value in where.items():
+            stmt = stmt.where(getattr(model, column) == value)
+        return s.scalar(stmt)
+
+
+def _stored(rt, suffix: str) -> list[Path]:
+    return sorted(rt.settings.artifacts_dir.rglob(f"*{suffix}"))
+
+
+def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
+    assert train.train(rt, job_id, "w1/a") is True
+    job = _job(rt, job_id)
+    assert (job.status, job.worker, job.lease_expires_at, job.attempts) == ("auditing", None, None, 1)
+    assert train.train(rt, job_id, "w2/b") is False  # a redelivered train message changes nothing
+    assert _count(rt, Artifact) == 1 and len(_stored(rt, ".safetensors")) == 1
+
+    assert audit.audit(rt, job_id, "w1/c") is True
+    assert _job(rt, job_id).stage == "deciding"
+    first = _count(rt, Audit)
+    with rt.sessions() as s:  # the audit lease is held until the verdict; a second audit must wait
+        assert s.get(Job, job_id).worker == "w1/c"
+    assert audit.audit(rt, job_id, "w2/d") is False
+    assert _count(rt, Audit) == first == 1
+
+    state = verdict.decide(rt, job_id)
+    assert state in ("released", "review", "withheld")
+    assert verdict.decide(rt, job_id) is None
+    assert _count(rt, Verdict, job_id=job_id) == 1
+    job = _job(rt, job_id)
+    assert job.status == state and job.finished_at is not None and job.worker is None
+    with rt.sessions() as s:
+        actions = [(e.from_state, e.to_state) for e in s.scalars(
+            select(AuditLogEntry).where(AuditLogEntry.entity_id == job_id, AuditLogEntry.action == "status"))]
+    assert actions == [("queued", "training"), ("training", "auditing"), ("auditing", state)]
+    baseline = rt.settings.baselines_dir
+    assert len(list(baseline.rglob("report.json"))) == 1  # the base model's figures, audited once
+
+
+def _expire(rt, job_id) -> None:
+    with rt.sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+
+
+def test_a_worker_presumed_dead_commits_nothing(rt, job_id, monkeypatch):
+    """Worker w1 claims the job, stalls past its lease; the reaper requeues it; w2 trains it. When w1 wakes
+    and finishes, its checkpoint is refused (LeaseLost) and its file removed: one artifact, one attempt's."""
+    import gate.training
+
+    real = gate.training.train_job
+    requeued = []
+
+    def stalled_train(*args, **kwargs):
+        result = real(*args, **kwargs)
+        monkeypatch.setattr(gate.training, "train_job", real)  # w2 trains normally
+        _expire(rt, job_id)  # w1's heartbeat "missed": the lease ran out while it trained
+        assert reap(rt.sessions, lambda *a: requeued.append(a)) == 1
+        assert train.train(rt, job_id, "w2/b") is True  # the job went to w2, which finished first
+        return result
+
+    monkeypatch.setattr(gate.training, "train_job", stalled_train)
+    with pytest.raises(LeaseLost):
+        train.train(rt, job_id, "w1/a")
+    assert requeued == [("job", job_id, "train")]
+    job = _job(rt, job_id)
+    assert (job.status, job.attempts) == ("auditing", 2)
+    with rt.sessions() as s:
+        artifact = s.scalars(select(Artifact)).one()
+    assert [p.name for p in _stored(rt, ".safetensors")] == [Path(artifact.path).name]
+
+
+def test_expired_audit_lease_is_reaped_and_the_audit_redone(rt, job_id):
+    train.train(rt, job_id, "w1/a")
+    with rt.sessions() as s:
+        assert claim(s, s.get(Job, job_id), "w1/dead", 30)  # a worker took the audit, then died
+        s.commit()
+    assert audit.audit(rt, job_id, "w2/b") is False  # its lease is still live
+    _expire(rt, job_id)
+    requeued = []
+    assert reap(rt.sessions, lambda *a: requeued.append(a)) == 1
+    assert requeued == [("job", job_id, "audit")] and _job(rt, job_id).worker is None
+    assert audit.audit(rt, job_id, "w2/b") is True
+    assert verdict.decide(rt, job_id) is not None
+
+
+def test_a_checkpoint_that_fails_its_hash_is_blocked_as_incomplete(rt, job_id):
+    train.train(rt, job_id, "w1/a")
+    with rt.sessions() as s:
+        artifact = s.scalars(select(Artifact)).one()
+    rt.store.path("acme", artifact.path).write_bytes(b"tampered")
+    assert audit.audit(rt, job_id, "w1/b") is True
+    assert verdict.decide(rt, job_id) == "withheld"
+    with rt.sessions() as s:
+        row = s.scalars(select(Verdict)).one()
+    assert row.decision == "block" and row.reasons[0].startswith("audit incomplete")
+    assert "sha256" in row.reasons[0]
+
+
+def test_a_detector_that_raises_blocks_the_job(rt, job_id, monkeypatch):
+    from auditing.detectors.shapes import ShapesConceptDetector
+
+    train.train(rt, job_id, "w1/a")
+    audit.ensure_baseline(rt, _job(rt, job_id).base_model_id)  # the base model's figures exist
+
+    def broken(self, images):
+        raise RuntimeError("detector crashed")
+
+    monkeypatch.setattr(ShapesConceptDetector, "detect", broken)
+    audit.audit(rt, job_id, "w1/b")
+    assert verdict.decide(rt, job_id) == "withheld"
+    with rt.sessions() as s:
+        assert "detector crashed" in s.scalars(select(Verdict)).one().reasons[0]
+
+
+def test_failure_link_fails_only_the_attempt_that_holds_the_job(rt, job_id):
+    with rt.sessions() as s:
+        assert claim(s, s.get(Job, job_id), "w2/b", 30, to_state="training")
+        s.commit()
+    assert verdict.fail(rt, job_id, "w1/a", "RuntimeError: stale") is False  # not w1's any more
+    assert _job(rt, job_id).status == "training"
+    assert verdict.fail(rt, job_id, "w2/b", "RuntimeError: out of memory") is True
+    job = _job(rt, job_id)
+    assert (job.status, job.error) == ("failed", "RuntimeError: out of memory")
+    assert verdict.decide(rt, job_id) is None and _count(rt, Verdict) == 0  # failed: no verdict, nothing released
