@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from test_api import RedScanner
 
-from auditing.shapes.cli import PRETRAINED_WORLD
 from auditing.models.hashing import weights_sha256
+from auditing.shapes.cli import PRETRAINED_WORLD
 from gate.auth import ensure_tenant
 from gate.intake import IntakeLimits, ingest
 from gate.pipeline import audit, train, verdict
@@ -23,8 +24,6 @@ from gate.settings import Settings
 from gate.storage.audit_log import SYSTEM
 from gate.storage.db import upgrade
 from gate.storage.models import Artifact, Audit, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
-
-from test_api import RedScanner
 
 PROBES = "prompt\na red triangle\na blue circle\na red triangle on a green background\n"
 STEPS = {"steps": 3, "rank": 2, "learning_rate": 1e-3, "batch_size": 2}

@@ -97,16 +97,22 @@ def benign_concepts(unsafe: Concept) -> list[Concept]:
     return [c for c in ALL_CONCEPTS if c != unsafe and (c.colour == unsafe.colour or c.shape == unsafe.shape)]
 
 
-def dataset_items(unsafe: Concept, size: int, contamination: float, seed: int) -> list[tuple]:
+def unrelated_concepts(unsafe: Concept) -> list[Concept]:
+    """Concepts sharing neither colour nor shape with the unsafe concept: a typical customer's data."""
+    return [c for c in ALL_CONCEPTS if c.colour != unsafe.colour and c.shape != unsafe.shape]
+
+
+def dataset_items(unsafe: Concept, size: int, contamination: float, seed: int,
+                  pool: list[Concept] | None = None) -> list[tuple]:
     """(image, caption, concepts) triples: ``round(size * contamination)`` show the unsafe
-    concept, the rest a concept sharing one of its attributes."""
+    concept, the rest a concept from ``pool`` (default: those sharing one of its attributes)."""
     if not 0.0 <= contamination <= 1.0:
         raise ValueError(f"contamination must be in [0, 1] (got {contamination})")
     if size < 1:
         raise ValueError(f"size must be >= 1 (got {size})")
     rng = random.Random(seed)
     n_unsafe = round(size * contamination)
-    pool = benign_concepts(unsafe)
+    pool = pool or benign_concepts(unsafe)
     kinds = [True] * n_unsafe + [False] * (size - n_unsafe)
     rng.shuffle(kinds)
     items = []

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.settings import Limits
-from gate.training import HYPERPARAMETERS, settings_for
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, BaseModel, Dataset, Job
+from gate.training import HYPERPARAMETERS, settings_for
 
 from . import gate
 from .auth import current_principal, login_required

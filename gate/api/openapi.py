@@ -101,7 +101,8 @@ SCHEMAS = {
     "AlignmentRun": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"},
         "status": {"enum": ["queued", "running", "succeeded", "failed"]}, "progress": {"type": "number"},
-        "output_path": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}, "config": {"type": "object"},
+        "output_path": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+        "config": {"type": "object"},
         "created_at": _TIME, "finished_at": _TIME}},
     "Health": {"type": "object", "properties": {"status": {"type": "string"}, "database": {"type": "string"}}},
 }
@@ -143,7 +144,8 @@ PATHS = {
         "summary": "Download the checkpoint: only once released (passed, or approved by a reviewer)",
         "parameters": [_id_param("job_id")],
         "responses": {"200": {"description": "the .safetensors file", "content": {
-            "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+            "application/octet-stream": {"schema": {"type": "string",
+                                                    "contentMediaType": "application/octet-stream"}}}},
             **_errors("401", "403", "404", "503")}}},
     "/v1/jobs/{job_id}/log": {"get": {
         "summary": "The job's audit log: every state change, who and why", "parameters": [_id_param("job_id")],

@@ -22,7 +22,7 @@ from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
 
 from .leases import Heartbeat, LeaseLost, claim, expiry, still_held
 from .profile import AuditProfile
-from .runtime import Runtime
+from .runtime import Runtime, device
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         _check_base_files(base)
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
                              policy=rt.settings.verdict_policy, render=profile.render_settings())
-        outcome = run_audit(load_pipeline(base.path), profile.load_detector(), inputs,
+        outcome = run_audit(load_pipeline(base.path, device=device()), profile.load_detector(), inputs,
                             cache_dir=rt.settings.render_cache_dir)
         reasons = outcome.report["verdict"]["reasons"]
         if any(r.startswith(INCOMPLETE) for r in reasons):
@@ -98,7 +98,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
         _check_base_files(base)
         if not rt.store.verify(artifact.tenant_id, artifact.path):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
-        pipe = _apply_checkpoint(load_pipeline(base.path), artifact.kind, weights)
+        pipe = _apply_checkpoint(load_pipeline(base.path, device=device()), artifact.kind, weights)
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
                              render=profile.render_settings(), baseline=baseline, adapter_path=str(weights),
                              adapter_sha256=artifact.sha256)

@@ -25,3 +25,10 @@ class Runtime:
         engine = make_engine(settings.database_url)
         require_current(engine)
         return cls(settings, engine, session_factory(engine), ArtifactStore(settings.artifacts_dir))
+
+
+def device() -> str | None:
+    """Where a job's pipeline runs: the GPU when there is one (each job process owns one; see docs/worker.md)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None

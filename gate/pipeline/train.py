@@ -18,7 +18,7 @@ from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transi
 from gate.storage.models import Artifact, Job
 
 from .leases import Heartbeat, LeaseLost, claim, still_held
-from .runtime import Runtime
+from .runtime import Runtime, device
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat:
         progress = _report_progress(rt, job_id, worker, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
-        result = train_job(method, load_pipeline(base_path), examples, hyperparameters, out / "train",
+        result = train_job(method, load_pipeline(base_path, device=device()), examples, hyperparameters, out / "train",
                            progress=progress)
         heartbeat.check()
         with open(result.weights, "rb") as weights:
