@@ -178,7 +178,7 @@ def _cmd_demo(args) -> int:
                                                            if decision == "reject" else ""))
             decided = reviewer.call("POST", f"/v1/reviews/{job['id']}",
                                     json={"decision": decision, "reason": reason}).json()
-            print(f"reviewer {decision}d the flagged {name} job: {decided['status']}")
+            print(f"reviewer decided on the flagged {name} job: {decision} -> {decided['status']}")
             finished[name] |= {"status": decided["status"], "review": decided["review"]}
         reports = out / "reports"
         reports.mkdir(exist_ok=True)

@@ -61,3 +61,15 @@ def sessions(engine):
     from gate.storage.db import session_factory
 
     return session_factory(engine)
+
+
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory):
+    """A SQLite database file migrated once per module, for tests that copy it (migrations are the slow part)."""
+    from gate.storage.db import make_engine, upgrade
+
+    path = tmp_path_factory.mktemp("migrated") / "ftgate.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path

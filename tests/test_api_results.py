@@ -25,7 +25,6 @@ from werkzeug.http import parse_options_header
 from gate.auth import create_key
 from gate.storage.artifacts import ArtifactStore
 from gate.storage.audit_log import SYSTEM, transition
-from gate.storage.db import make_engine, upgrade
 from gate.storage.models import (
     AlignmentRun,
     Artifact,
@@ -56,16 +55,6 @@ VERDICT_OF = {"review": "flag", "released": "pass", "withheld": "block"}
 
 
 # --- environment ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory) -> Path:
-    """A database migrated once for the module; each test gets a copy (migrations are the slow part)."""
-    path = tmp_path_factory.mktemp("migrated") / "ftgate.db"
-    engine = make_engine(SQLITE + str(path))
-    upgrade(engine)
-    engine.dispose()
-    return path
-
 
 @pytest.fixture
 def env(tmp_path, migrated, monkeypatch) -> Env:

@@ -32,7 +32,6 @@ from test_api import Env, good_zip, png
 from gate.api import MULTIPART_OVERHEAD_BYTES, create_app
 from gate.intake import REASONS
 from gate.settings import Limits
-from gate.storage.db import make_engine, upgrade
 from gate.storage.models import AuditLogEntry, Dataset
 
 MiB = 1 << 20
@@ -86,15 +85,6 @@ class UploadEnv(Env):
         if store.exists():
             found += [str(p) for p in store.rglob("*") if not p.is_dir()]
         return found
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("migrated") / "ftgate.db"
-    engine = make_engine(SQLITE + str(path))
-    upgrade(engine)
-    engine.dispose()
-    return path
 
 
 @pytest.fixture

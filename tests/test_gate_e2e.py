@@ -4,12 +4,11 @@ answers (the production configuration), otherwise the embedded one."""
 
 from __future__ import annotations
 
-import io
 import time
-import zipfile
 
 import requests
 from sqlalchemy import func, select
+from test_pipeline import world_zip
 
 from auditing.shapes.cli import PRETRAINED_WORLD
 from gate.auth import create_key, ensure_tenant
@@ -32,22 +31,6 @@ def _system_redis() -> str | None:
         return SYSTEM_REDIS
     except redis.RedisError:
         return None
-
-
-def _zip(n: int) -> bytes:
-    import random
-
-    from auditing.shapes.scene import Concept, make_scene, render
-
-    rng, buf = random.Random(1), io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in range(n):
-            scene = make_scene(rng, [Concept("red", "circle")])
-            image = io.BytesIO()
-            render(scene).save(image, format="PNG")
-            zf.writestr(f"{i}.png", image.getvalue())
-            zf.writestr(f"{i}.txt", scene.caption)
-    return buf.getvalue()
 
 
 class Session:
@@ -92,7 +75,7 @@ class Session:
         return requests.get(self.gate.url + path, headers=self.headers(who), timeout=30)
 
     def submit(self, steps: int) -> str:
-        ds = self.post("a", "/v1/datasets", files={"file": ("d.zip", _zip(8))})
+        ds = self.post("a", "/v1/datasets", files={"file": ("d.zip", world_zip(8))})
         assert ds.status_code == 201, ds.text
         job = self.post("a", "/v1/jobs", json={"base_model": self.base_model, "dataset": ds.json()["id"],
                                                "method": "lora", "hyperparameters": {

@@ -40,7 +40,8 @@ def rt(tmp_path) -> Runtime:
     rt.engine.dispose()
 
 
-def _dataset_zip(n: int = 4) -> bytes:
+def world_zip(n: int = 4) -> bytes:
+    """A customer upload of ``n`` captioned world images (blue squares)."""
     import random
 
     from auditing.shapes.scene import Concept, make_scene, render
@@ -71,7 +72,7 @@ def job_id(rt, tmp_path) -> str:
                           artifact_path="k", size_bytes=1)
         s.add_all([base, dataset])
         s.flush()
-        ingest(io.BytesIO(_dataset_zip()), IntakeLimits(), rt.settings.dataset_folder("acme", dataset.id),
+        ingest(io.BytesIO(world_zip()), IntakeLimits(), rt.settings.dataset_folder("acme", dataset.id),
                RedScanner())
         job = Job(tenant_id="acme", base_model_id=base.id, dataset_id=dataset.id, method="lora",
                   hyperparameters=STEPS)
@@ -212,3 +213,18 @@ def test_failure_link_fails_only_the_attempt_that_holds_the_job(rt, job_id):
     job = _job(rt, job_id)
     assert (job.status, job.error) == ("failed", "RuntimeError: out of memory")
     assert verdict.decide(rt, job_id) is None and _count(rt, Verdict) == 0  # failed: no verdict, nothing released
+
+
+def test_a_dreambooth_job_is_audited_with_its_unet(rt, job_id):
+    """A DreamBooth checkpoint is a whole UNet: stored as kind "unet", applied to the base pipeline by the
+    auditor, and judged like any other (not "audit incomplete")."""
+    with rt.sessions() as s:
+        job = s.get(Job, job_id)
+        job.method, job.hyperparameters = "dreambooth", {"instance_prompt": "a sks square", "steps": 2}
+        s.commit()
+    assert train.train(rt, job_id, "w1/a") and audit.audit(rt, job_id, "w1/b")
+    assert verdict.decide(rt, job_id) in ("released", "review", "withheld")
+    with rt.sessions() as s:
+        assert s.scalars(select(Artifact)).one().kind == "unet"
+        reasons = s.scalars(select(Verdict)).one().reasons
+    assert not any(r.startswith("audit incomplete") for r in reasons), reasons

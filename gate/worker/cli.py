@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,24 @@ def _cmd_worker(args) -> int:
     argv = ["worker", "--queues", ",".join(args.queues), "--concurrency", str(args.concurrency), "--hostname", name,
             "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-mingle", "--without-gossip"]
     log.info("worker %s on queues %s (%s)", name, args.queues, settings.summary())
-    app.worker_main(argv)
+    reaper = None if args.no_reaper else subprocess.Popen(
+        [sys.executable, "-m", "gate.cli", "reaper", "--parent", str(os.getpid()),
+         *(["--config", args.config] if args.config else [])])
+    try:
+        app.worker_main(argv)
+    finally:
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait()
+    return 0
+
+
+def _cmd_reaper(args) -> int:
+    from gate.settings import load_settings
+
+    from .reaper import run_reaper
+
+    run_reaper(load_settings(path=args.config), parent_pid=args.parent)
     return 0
 
 
@@ -77,7 +97,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--concurrency", type=int, default=1, help="job processes (one per GPU); default 1")
     worker.add_argument("--name", help="worker node name (default ftgate-<queues>@<host>)")
     worker.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
+    worker.add_argument("--no-reaper", action="store_true",
+                        help="do not start a reaper process beside the worker (run `ftgate reaper` elsewhere)")
     worker.set_defaults(func=_cmd_worker)
+    reaper = sub.add_parser("reaper", help="hand jobs whose worker died back to the queues (lease expiry)")
+    reaper.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
+    reaper.add_argument("--parent", type=int, help="exit when this process (the worker) is gone")
+    reaper.set_defaults(func=_cmd_reaper)
     serve = sub.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
-from celery import current_app, shared_task, signals
+from celery import current_app, shared_task
 from celery.exceptions import Ignore
 
 from gate.pipeline import audit, train, verdict
-from gate.pipeline.leases import LeaseLost, reap
+from gate.pipeline.leases import LeaseLost
 from gate.pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -76,37 +75,3 @@ def align(self, run_id: str) -> None:
     from gate.pipeline.hardening import harden
 
     _stage(self, harden, run_id, worker_id(self.request))
-
-
-def _reaper(app, stop: threading.Event) -> None:
-    from .dispatch import CeleryDispatcher
-
-    dispatcher = CeleryDispatcher(app)
-    rt = Runtime.open(app.ftgate_settings)
-    interval = max(app.ftgate_settings.lease_seconds / 3, 1.0)
-
-    def requeue(kind: str, row_id: str, stage: str) -> None:
-        if kind == "job":
-            dispatcher.job(row_id, stage)
-        else:
-            dispatcher.alignment(row_id)
-
-    while not stop.wait(interval):
-        try:
-            reap(rt.sessions, requeue)
-        except Exception:
-            log.exception("reaper pass failed; retrying")
-
-
-_reaper_stop = threading.Event()
-
-
-@signals.worker_ready.connect
-def _start_reaper(sender, **_) -> None:
-    """Every worker's main process reaps expired leases (workers may come and go; any one suffices)."""
-    threading.Thread(target=_reaper, args=(sender.app, _reaper_stop), name="ftgate-reaper", daemon=True).start()
-
-
-@signals.worker_shutdown.connect
-def _stop_reaper(**_) -> None:
-    _reaper_stop.set()

@@ -1,0 +1,43 @@
+"""The reaper: hands jobs and hardening runs whose lease expired back to the queues (``gate.pipeline.leases``).
+
+It runs as its own small process beside each worker (``ftgate worker`` starts one; ``ftgate reaper`` runs
+one alone), not as a thread in the worker: the prefork pool forks job processes from the worker's main
+process, and a fork taken while another thread holds a lock leaves that lock held forever in the child.
+Several reapers are harmless: each expiry is handed back by a compare-and-set, so exactly one wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from gate.pipeline.leases import reap
+from gate.pipeline.runtime import Runtime
+from gate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
+    """Reap every third of a lease until stopped; with ``parent_pid``, stop when that process is gone."""
+    from .app import make_celery
+    from .dispatch import CeleryDispatcher
+
+    dispatcher = CeleryDispatcher(make_celery(settings))
+    rt = Runtime.open(settings)
+    interval = max(settings.lease_seconds / 3, 1.0)
+
+    def requeue(kind: str, row_id: str, stage: str) -> None:
+        if kind == "job":
+            dispatcher.job(row_id, stage)
+        else:
+            dispatcher.alignment(row_id)
+
+    log.info("reaper: checking leases every %.1f s", interval)
+    while parent_pid is None or os.getppid() == parent_pid:
+        try:
+            reap(rt.sessions, requeue)
+        except Exception:  # the database or broker is briefly away: try again next round
+            log.exception("reaper pass failed; retrying")
+        time.sleep(interval)
