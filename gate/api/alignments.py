@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 
 from alignment.config import config_from_mapping
 from gate.storage.audit_log import record
@@ -12,7 +12,7 @@ from gate.storage.models import AlignmentRun
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import ApiError
+from .errors import ApiError, bounded_text, json_object
 from .serialize import alignment_json
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,8 @@ NAME_MAX_CHARS = 200
 @bp.post("")
 @login_required(OPERATOR)
 def start():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "send a JSON object {name, config}")
-    name, config = body.get("name"), body.get("config")
-    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_CHARS:
-        raise ApiError(400, "invalid_request", f"name must be a string of 1 to {NAME_MAX_CHARS} characters",
-                       field="name")
+    body = json_object("{name, config}")
+    name, config = bounded_text(body, "name", NAME_MAX_CHARS), body.get("config")
     try:
         config_from_mapping(config)  # the same validation as `ftgate align --config`
     except (TypeError, ValueError) as exc:

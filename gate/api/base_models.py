@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 from sqlalchemy import select
 
 from auditing.models.hashing import weights_sha256
@@ -19,7 +19,7 @@ from gate.storage.models import BaseModel
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import ApiError
+from .errors import ApiError, bounded_text, json_object
 from .serialize import base_model_json
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,8 @@ NAME_MAX_CHARS = 200
 @bp.post("")
 @login_required(OPERATOR)
 def register():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "send a JSON object {name, path, audit_profile}")
-    name, path = body.get("name"), body.get("path")
-    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_CHARS:
-        raise ApiError(400, "invalid_request", f"name must be a string of 1 to {NAME_MAX_CHARS} characters",
-                       field="name")
+    body = json_object("{name, path, audit_profile}")
+    name, path = bounded_text(body, "name", NAME_MAX_CHARS), body.get("path")
     if not isinstance(path, str) or not Path(path).is_dir():
         raise ApiError(400, "invalid_request", f"path must be an existing local diffusers folder (got {path!r})",
                        field="path")

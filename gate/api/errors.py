@@ -25,6 +25,25 @@ class ApiError(Exception):
         self.status, self.reason, self.message, self.extra = status, reason, message, extra
 
 
+def json_object(shape: str) -> dict:
+    """The request's JSON object, or a 400 saying what to send (``shape``, e.g. "{name, config}")."""
+    from flask import request
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", f"send a JSON object {shape}")
+    return body
+
+
+def bounded_text(body: dict, field: str, max_chars: int) -> str:
+    """``body[field]`` if it is a string of 1 to ``max_chars`` characters; else a 400 naming the field."""
+    value = body.get(field)
+    if not isinstance(value, str) or not value.strip() or len(value) > max_chars:
+        raise ApiError(400, "invalid_request", f"{field} must be a string of 1 to {max_chars} characters",
+                       field=field)
+    return value
+
+
 def error_response(status: int, reason: str, message: str, **extra):
     return jsonify({"error": {"status": status, "reason": reason, "message": message, **extra}}), status
 

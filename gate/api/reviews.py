@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -14,7 +14,7 @@ from gate.storage.audit_log import StaleState, transition
 from gate.storage.models import REVIEW_DECISIONS, Job, Review
 
 from .auth import current_principal, login_required
-from .errors import ApiError
+from .errors import ApiError, bounded_text, json_object
 from .results import job_detail
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,12 @@ def queue():
 @bp.post("/<job_id>")
 @login_required(REVIEWER)
 def decide(job_id: str):
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "send a JSON object {decision, reason}")
-    decision, reason = body.get("decision"), body.get("reason")
+    body = json_object("{decision, reason}")
+    decision = body.get("decision")
     if decision not in REVIEW_DECISIONS:
         raise ApiError(400, "invalid_request", f"decision must be one of {list(REVIEW_DECISIONS)} (got {decision!r})",
                        field="decision", allowed=list(REVIEW_DECISIONS))
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > REASON_MAX_CHARS:
-        raise ApiError(400, "invalid_request", f"reason is required: a string of 1 to {REASON_MAX_CHARS} characters",
-                       field="reason")
+    reason = bounded_text(body, "reason", REASON_MAX_CHARS)
     job = g.db.get(Job, job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")

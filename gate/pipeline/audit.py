@@ -20,7 +20,7 @@ from auditing.verdict import INCOMPLETE
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
 
-from .leases import Heartbeat, LeaseLost, claim, expiry, still_held
+from .leases import Heartbeat, LeaseLost, expiry, still_held, take
 from .profile import AuditProfile
 from .runtime import Runtime, device
 
@@ -118,16 +118,9 @@ def audit(rt: Runtime, job_id: str, worker: str) -> bool:
     """Run the audit stage; False if the job is not (or no longer) this worker's to audit."""
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
-        job = session.get(Job, job_id)
+        job = take(session, Job, job_id, "auditing", worker, lease, changes={"stage": "auditing", "progress": 0.0})
         if job is None:
-            raise LookupError(f"no job {job_id}")
-        if job.status != "auditing":
-            log.info("job %s is %s: nothing to audit", job_id, job.status)
             return False
-        if not claim(session, job, worker, lease, changes={"stage": "auditing", "progress": 0.0}):
-            log.info("job %s is being audited by another worker", job_id)
-            return False
-        session.commit()
         if finished_audit(session, job_id) is not None:
             log.info("job %s already has a finished audit; handing it to the verdict", job_id)
             return True

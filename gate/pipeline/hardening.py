@@ -14,7 +14,7 @@ from pathlib import Path
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import AlignmentRun, utcnow
 
-from .leases import Heartbeat, LeaseLost, claim, still_held
+from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,9 @@ def harden(rt: Runtime, run_id: str, worker: str) -> bool:
 
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
-        run = session.get(AlignmentRun, run_id)
+        run = take(session, AlignmentRun, run_id, "queued", worker, lease, to_state="running")
         if run is None:
-            raise LookupError(f"no hardening run {run_id}")
-        if run.status != "queued" or not claim(session, run, worker, lease, to_state="running"):
             return False
-        session.commit()
         config = dict(run.config)
     folder = run_folder(rt, run_id)
     folder.mkdir(parents=True, exist_ok=True)

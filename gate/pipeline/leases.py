@@ -54,6 +54,22 @@ def claim(session: Session, row: Job | AlignmentRun, worker: str, lease_seconds:
     return True
 
 
+def take(session: Session, model, row_id: str, expected: str, worker: str, lease_seconds: int, **claim_args):
+    """Start a stage: the row, claimed by ``worker`` and committed, if it is in state ``expected`` and
+    nobody else holds it; None when there is nothing for this worker to do."""
+    row = session.get(model, row_id)
+    if row is None:
+        raise LookupError(f"no {model.__tablename__} row {row_id}")
+    if row.status != expected:
+        log.info("%s %s is %s, not %s: nothing to do", model.__tablename__, row_id, row.status, expected)
+        return None
+    if not claim(session, row, worker, lease_seconds, **claim_args):
+        log.info("%s %s is held by another worker", model.__tablename__, row_id)
+        return None
+    session.commit()
+    return row
+
+
 def still_held(model, row_id: str, worker: str):
     """The WHERE clause of every write a lease holder makes."""
     return (model.id == row_id) & (model.worker == worker)

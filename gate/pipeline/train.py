@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import Artifact, Job
 
-from .leases import Heartbeat, LeaseLost, claim, still_held
+from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime, device
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,10 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
 
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
-        job = session.get(Job, job_id)
+        job = take(session, Job, job_id, "queued", worker, lease, to_state="training",
+                   changes={"attempts": Job.attempts + 1, "stage": "loading", "progress": 0.0, "error": None})
         if job is None:
-            raise LookupError(f"no job {job_id}")
-        if job.status != "queued":
-            log.info("job %s is %s: nothing to train", job_id, job.status)
             return False
-        if not claim(session, job, worker, lease, to_state="training",
-                     changes={"attempts": Job.attempts + 1, "stage": "loading", "progress": 0.0, "error": None}):
-            log.info("job %s was claimed by another worker", job_id)
-            return False
-        session.commit()
         session.refresh(job)
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
