@@ -77,12 +77,12 @@ class Client:
         return response
 
 
-def _issue_keys(state: Path) -> dict[str, str]:
+def _issue_keys(database_url: str) -> dict[str, str]:
     from gate.auth import create_key, ensure_tenant
     from gate.storage.audit_log import SYSTEM
     from gate.storage.db import make_engine, session_factory
 
-    engine = make_engine(f"sqlite:///{state / 'ftgate.db'}")
+    engine = make_engine(database_url)
     with session_factory(engine)() as session:
         for tenant in ("platform", "acme"):
             ensure_tenant(session, tenant, SYSTEM)
@@ -150,7 +150,7 @@ def _cmd_demo(args) -> int:
     summary: dict = {"state": str(state), "base_model": str(model), "policy": POLICY}
     with LocalGate(state, env={"FTGATE_VERDICT_POLICY": str(policy)}, log_dir=out / "logs") as gate:
         print(f"gate up at {gate.url} (state {state}; logs {out / 'logs'})")
-        keys = _issue_keys(state)
+        keys = _issue_keys(gate.settings.database_url)
         operator, customer = Client(gate.url, keys["operator"]), Client(gate.url, keys["customer"])
         profile = {"probes": str(probes), "detector": "shapes",
                    "detector_options": {"concept": UNSAFE}, "images_per_prompt": IMAGES_PER_PROBE,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +77,19 @@ class RecordingDispatcher:
 
 
 class Env:
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, migrated: Path | None = None, limits: Limits | None = None):
+        """``migrated``: a database file already at the schema head (conftest's ``migrated``) to copy instead of
+        running the migrations; ``limits``: the platform limits, if not this file's."""
         self.state = tmp_path / "state"
-        self.settings = Settings(state_dir=self.state, database_url=f"sqlite:///{tmp_path / 'ftgate.db'}",
-                                 broker_url=None, artifacts_dir=self.state / "artifacts",
-                                 limits=Limits(max_upload_bytes=UPLOAD_LIMIT, contamination_flag_ratio=0.0))
-        upgrade(self.settings.database_url)
+        database = tmp_path / "ftgate.db"
+        self.settings = Settings(state_dir=self.state, database_url=f"sqlite:///{database}", broker_url=None,
+                                 artifacts_dir=self.state / "artifacts",
+                                 limits=limits or Limits(max_upload_bytes=UPLOAD_LIMIT, contamination_flag_ratio=0.0))
+        if migrated is None:
+            upgrade(self.settings.database_url)
+        else:
+            with closing(sqlite3.connect(migrated)) as src, closing(sqlite3.connect(database)) as dst:
+                src.backup(dst)  # the database as committed, WAL included (a file copy may miss it)
         self.engine = make_engine(self.settings.database_url)
         self.sessions = session_factory(self.engine)
         self.dispatcher = RecordingDispatcher()

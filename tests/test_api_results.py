@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import tomllib
-from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import test_api  # tests/ is on sys.path (pytest's rootdir conftest; tests/ is not a package)
 from sqlalchemy import select
 from test_api import Env, good_zip
 from werkzeug.http import parse_options_header
@@ -37,7 +34,6 @@ from gate.storage.models import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SQLITE = "sqlite:///"
 MISSING_ID = "0" * 32  # the shape of a real id (uuid4 hex), and never one
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 # How a job reaches each state from ``queued`` (the life cycle in gate.storage.models.JOB_TRANSITIONS).
@@ -57,14 +53,8 @@ VERDICT_OF = {"review": "flag", "released": "pass", "withheld": "block"}
 # --- environment ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def env(tmp_path, migrated, monkeypatch) -> Env:
-    def copy_migrated(url: str) -> None:
-        assert url.startswith(SQLITE), url
-        with closing(sqlite3.connect(migrated)) as src, closing(sqlite3.connect(url.removeprefix(SQLITE))) as dst:
-            src.backup(dst)
-
-    monkeypatch.setattr(test_api, "upgrade", copy_migrated)
-    return Env(tmp_path)
+def env(tmp_path, migrated) -> Env:
+    return Env(tmp_path, migrated)
 
 
 def get(env: Env, path: str, who: str | None = None):

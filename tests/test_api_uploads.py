@@ -12,30 +12,26 @@ import gzip
 import io
 import json
 import os
-import sqlite3
 import stat
 import struct
 import tarfile
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
-from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import test_api  # tests/ is on sys.path (pytest's rootdir conftest; tests/ is not a package)
 from PIL import Image
 from test_api import Env, good_zip, png
+from test_intake import make_zip
 
-from gate.api import MULTIPART_OVERHEAD_BYTES, create_app
+from gate.api import MULTIPART_OVERHEAD_BYTES
 from gate.intake import REASONS
 from gate.settings import Limits
 from gate.storage.models import AuditLogEntry, Dataset
 
 MiB = 1 << 20
-SQLITE = "sqlite:///"
 MAX_UPLOAD = 120_000
 MAX_FILES = 40
 MAX_PIXELS = 32 * 32
@@ -48,28 +44,10 @@ LIMITS = Limits(max_upload_bytes=MAX_UPLOAD, max_files=MAX_FILES, max_image_pixe
 
 
 class UploadEnv(Env):
-    """``test_api.Env`` (database, tenants, keys, fake scanner, helpers) with its app built on this file's limits.
-
-    While ``Env`` builds itself, ``test_api.create_app`` is wrapped so the app gets ``LIMITS`` (whatever else
-    ``Env`` passes goes through unchanged), and ``test_api.upgrade`` copies a database migrated once per module
-    instead of running the migrations again for every test.
-    """
+    """``test_api.Env`` (database, tenants, keys, fake scanner, helpers) on this file's limits."""
 
     def __init__(self, tmp_path: Path, migrated: Path):
-        def create_app_with_limits(settings, *args, **kwargs):
-            return create_app(replace(settings, limits=LIMITS), *args, **kwargs)
-
-        def copy_migrated(url: str) -> None:
-            assert url.startswith(SQLITE), url
-            with closing(sqlite3.connect(migrated)) as src, closing(sqlite3.connect(url.removeprefix(SQLITE))) as dst:
-                src.backup(dst)  # the database as committed, WAL included
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(test_api, "create_app", create_app_with_limits)
-            mp.setattr(test_api, "upgrade", copy_migrated)
-            super().__init__(tmp_path)
-        self.settings = replace(self.settings, limits=LIMITS)
-        assert self.app.extensions["ftgate"].settings.limits == LIMITS
+        super().__init__(tmp_path, migrated, limits=LIMITS)
 
     def post(self, headers: dict | None = None, **kwargs):
         return self.client.post("/v1/datasets", headers=self.headers("a") if headers is None else headers, **kwargs)
@@ -103,12 +81,7 @@ def assert_nothing_stored(env: UploadEnv, audit_entries: int) -> None:
 
 def zip_of(*members, compression=zipfile.ZIP_DEFLATED) -> bytes:
     """A zip of (name or ZipInfo, bytes) pairs in order; duplicate names allowed."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", compression) as zf:
-        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name"
-        for name, data in members:
-            zf.writestr(name, data)
-    return buf.getvalue()
+    return make_zip(members, compression)
 
 
 def pair(stem: str = "a", caption: bytes | str = "a blue square", image: bytes | None = None, ext: str = ".png"):

@@ -45,7 +45,7 @@ class Session:
 
     def __enter__(self):
         self.gate.start()
-        self.sessions = session_factory(make_engine(f"sqlite:///{self.gate.state_dir / 'ftgate.db'}"))
+        self.sessions = session_factory(make_engine(self.gate.settings.database_url))
         with self.sessions() as s:
             for tenant in ("platform", "acme"):
                 ensure_tenant(s, tenant, SYSTEM)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
@@ -36,7 +36,7 @@ def _report_progress(rt: Runtime, job_id: str, worker: str, heartbeat: Heartbeat
             return
         last[0] = now
         with rt.sessions() as session:
-            session.execute(Job.__table__.update().where(still_held(Job, job_id, worker))
+            session.execute(update(Job).where(still_held(Job, job_id, worker))
                             .values(progress=min(max(fraction, 0.0), 1.0), stage=stage[:64]))
             session.commit()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 
+from gate.settings import load_settings
 from gate.storage.db import upgrade
 
 from .broker import EmbeddedRedis
@@ -35,6 +36,7 @@ class LocalGate:
         self.state_dir = Path(state_dir).absolute()
         self.log_dir = Path(log_dir or self.state_dir / "logs")
         self.env = {**os.environ, "FTGATE_STATE_DIR": str(self.state_dir), **(env or {})}
+        self.settings = load_settings(self.env)  # what the worker and the API will read from the same variables
         self.broker = EmbeddedRedis(self.state_dir / "redis")
         self.workers: list[subprocess.Popen] = []
         self.api: subprocess.Popen | None = None
@@ -55,9 +57,8 @@ class LocalGate:
         return worker
 
     def start(self) -> LocalGate:
-        upgrade(f"sqlite:///{self.state_dir / 'ftgate.db'}" if "FTGATE_DATABASE_URL" not in self.env
-                else self.env["FTGATE_DATABASE_URL"])
-        if "FTGATE_BROKER_URL" not in self.env:
+        upgrade(self.settings.database_url)
+        if self.settings.broker_url is None:
             self._started_broker = self.broker.ensure_running()
         self.start_worker()
         self.api = self._spawn("api", "serve", "--port", "0")
