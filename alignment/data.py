@@ -29,6 +29,7 @@ from .functional import Batch
 log = logging.getLogger(__name__)
 
 PROBE_SUFFIXES = (".csv",)
+FINETUNE_SAMPLING = ("resample", "fixed")
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,14 @@ class DataConfig:
     images_per_prompt: int = 1
     max_examples: int = 512
     batch_size: int = 4
+    finetune_sampling: str = "resample"  # "fixed": the same fine-tuning batches every outer step (an ablation)
 
     def __post_init__(self):
         for field in ("harmful", "preservation", "finetune"):
             if not getattr(self, field):
                 raise ValueError(f"data.{field} must name a folder or a probe CSV")
+        if self.finetune_sampling not in FINETUNE_SAMPLING:
+            raise ValueError(f"data.finetune_sampling {self.finetune_sampling!r} not in {FINETUNE_SAMPLING}")
         if not 1 <= self.images_per_prompt <= 64:
             raise ValueError(f"data.images_per_prompt must be in [1, 64] (got {self.images_per_prompt})")
         if not 1 <= self.max_examples <= 100_000:

@@ -116,16 +116,26 @@ class Aligner:
             return {k: t.detach().clone() for k, t in self.theta().items()}
 
     # -- data -------------------------------------------------------------------------------
-    def _batch(self, batch: Batch, size: int) -> tuple[Batch, Draw]:
-        index = torch.tensor(self.rng.sample(range(len(batch)), min(size, len(batch))))
+    def _batch(self, batch: Batch, size: int, rng: random.Random | None = None,
+               generator: torch.Generator | None = None) -> tuple[Batch, Draw]:
+        index = torch.tensor((rng or self.rng).sample(range(len(batch)), min(size, len(batch))))
         chosen = batch.take(index)
-        return chosen, Draw.sample(self.scheduler, chosen.latents, self.generator)
+        return chosen, Draw.sample(self.scheduler, chosen.latents, generator or self.generator)
 
-    def _finetune_batch(self, config: FineTuneConfig) -> FineTuneBatch:
-        data, draw = self._batch(self.data.finetune.batch, config.batch_size)
+    def _finetune_sampler(self) -> tuple[random.Random | None, torch.Generator | None]:
+        """Where a sample's fine-tuning batches come from: the run's own draws, or (``fixed``, the
+        "no meta over data" ablation) draws restarted from the seed, so every outer step fine-tunes
+        on the same batches and noise."""
+        if self.config.data.finetune_sampling == "resample":
+            return None, None
+        return random.Random(self.config.seed), torch.Generator().manual_seed(self.config.seed)
+
+    def _finetune_batch(self, config: FineTuneConfig, rng: random.Random | None = None,
+                        generator: torch.Generator | None = None) -> FineTuneBatch:
+        data, draw = self._batch(self.data.finetune.batch, config.batch_size, rng, generator)
         if config.loss != "prior":
             return FineTuneBatch(data, draw)
-        prior, prior_draw = self._batch(self.data.preservation.batch, config.batch_size)
+        prior, prior_draw = self._batch(self.data.preservation.batch, config.batch_size, rng, generator)
         return FineTuneBatch(data, draw, prior, prior_draw)
 
     # -- one outer step ---------------------------------------------------------------------
@@ -134,7 +144,8 @@ class Aligner:
         """L_harm(theta*) and the hypergradient x for one sampled configuration."""
         cfg = self.config
         hcfg = cfg.hypergradient
-        batches = [self._finetune_batch(config) for _ in range(config.steps)]
+        rng, generator = self._finetune_sampler()
+        batches = [self._finetune_batch(config, rng, generator) for _ in range(config.steps)]
         weight = cfg.objective.prior_weight
 
         def loss_at(params: Params, step: int) -> torch.Tensor:
@@ -156,7 +167,7 @@ class Aligner:
         harm_star, g = gradient(harm_at, star)
         if hcfg.method == "first-order":
             return float(harm_star), g, _no_solve()
-        hessian_batch = self._finetune_batch(config)
+        hessian_batch = self._finetune_batch(config, rng, generator)
         hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, hcfg.fd_epsilon)
         sol = solve(hvp, g, hcfg)
         return float(harm_star), sol.x, {"gamma": sol.gamma, "contraction": sol.contraction,
@@ -176,14 +187,15 @@ class Aligner:
         beta, alpha = cfg.objective.beta, cfg.objective.alpha
         ((1 - beta) * harm + alpha * pres).backward()  # free these graphs before the J inner runs
         samples, xs = [], []
-        for _ in range(cfg.outer.samples):
+        # beta = 0 is unlearning alone (Eq. 2): the resilience term has no weight, so no inner runs.
+        for _ in range(cfg.outer.samples if beta > 0 else 0):
             config = cfg.distribution.sample(self.rng)
             harm_star, x, info = self._hypergradient(theta, config, harm_batch, harm_draw)
             xs.append(x)
             samples.append(SampleResult(config, harm_star, float(flat_norm(x)), **info))
-        meta = {k: sum(x[k] for x in xs) / len(xs) for k in xs[0]}
-        # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (the LoRA merge).
-        (beta * flat_dot(meta, self.theta())).backward()
+        meta = {k: sum(x[k] for x in xs) / len(xs) for k in xs[0]} if xs else {}
+        if meta:  # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (LoRA merge)
+            (beta * flat_dot(meta, self.theta())).backward()
         params = list(self.leaves.values())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip_norm or float("inf")))
         if not torch.isfinite(torch.tensor(grad_norm)):
@@ -191,12 +203,13 @@ class Aligner:
                                      "or bound the harm loss (objective.harm_bound)")
         self.optimizer.step()
         self.step_index += 1
-        harm_after = sum(s.harm_after for s in samples) / len(samples)
+        harm_after = sum(s.harm_after for s in samples) / len(samples) if samples else None  # no inner runs
         return {
             "step": self.step_index, "L_harm": harm.item(), "R": pres.item(),
             "L_harm_star_mean": harm_after,
-            "objective": harm.item() + alpha * pres.item() + beta * (harm_after - harm.item()),
-            "samples": [s.as_dict() for s in samples], "hypergradient_norm": float(flat_norm(meta)),
+            "objective": harm.item() + alpha * pres.item() + (beta * (harm_after - harm.item()) if samples else 0.0),
+            "samples": [s.as_dict() for s in samples],
+            "hypergradient_norm": float(flat_norm(meta)) if meta else 0.0,
             "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
             "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
         }

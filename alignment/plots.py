@@ -15,7 +15,8 @@ def plot_curves(records: list[dict], out: str | Path) -> Path:
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     top.plot(steps, [r["L_harm"] for r in records], label="L_harm(theta)")
-    top.plot(steps, [r["L_harm_star_mean"] for r in records], label="L_harm(theta*) (mean over J)")
+    if any(r["L_harm_star_mean"] is not None for r in records):  # absent when beta = 0: no inner runs
+        top.plot(steps, [r["L_harm_star_mean"] for r in records], label="L_harm(theta*) (mean over J)")
     top.plot(steps, [r["R"] for r in records], label="R(theta)")
     backoff_steps = [r["step"] for r in records if r["backoffs"]]
     if backoff_steps:

@@ -128,7 +128,8 @@ def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int
             record = aligner.step()
             records.write(json.dumps(record) + "\n")
             records.flush()
-            bar.set_postfix(L_harm=f"{record['L_harm']:.4f}", L_harm_star=f"{record['L_harm_star_mean']:.4f}",
+            star = record["L_harm_star_mean"]
+            bar.set_postfix(L_harm=f"{record['L_harm']:.4f}", L_harm_star="-" if star is None else f"{star:.4f}",
                             R=f"{record['R']:.4f}", backoffs=record["backoffs"])
             bar.update(1)
             if aligner.step_index % config.outer.checkpoint_every == 0 or aligner.step_index == total:

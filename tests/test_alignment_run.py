@@ -178,3 +178,46 @@ def test_yaml_config_reads_like_toml(tmp_path):
     config = load_config(path)
     assert config.outer.steps == 3 and config.outer.clip_norm is None
     assert config.distribution.learning_rates == (1e-3, 1e-4)
+
+
+def test_unlearning_alone_runs_no_inner_fine_tuning(workspace, monkeypatch):
+    """beta = 0 is Eq. 2 alone: no ADAPT runs, no hypergradients, and the weights still move."""
+    import alignment.outer
+
+    def no_adapt(*args, **kwargs):
+        raise AssertionError("ADAPT ran although beta = 0")
+
+    monkeypatch.setattr(alignment.outer, "adapt", no_adapt)
+    config = _config(workspace, "unlearn-only")
+    config.write_text(config.read_text().replace('harm_bound = 2.0', 'harm_bound = 2.0\nbeta = 0.0'))
+    out = run_alignment(config)
+    rows = _records(out)
+    assert all(r["samples"] == [] and r["L_harm_star_mean"] is None for r in rows)
+    a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(workspace / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+
+
+@pytest.mark.parametrize("sampling", ["resample", "fixed"])
+def test_fixed_finetune_sampling_repeats_the_same_batches(workspace, monkeypatch, sampling):
+    """The "no meta over data" ablation: every outer step fine-tunes on identical batches and noise."""
+    from alignment.outer import Aligner
+
+    seen = []
+    real = Aligner._finetune_batch
+
+    def spy(self, config, rng=None, generator=None):
+        batch = real(self, config, rng, generator)
+        seen.append((self.step_index, batch.data.latents.clone(), batch.draw.noisy.clone()))
+        return batch
+
+    monkeypatch.setattr(Aligner, "_finetune_batch", spy)
+    config = _config(workspace, f"sampling-{sampling}")
+    config.write_text(config.read_text().replace("batch_size = 2\n\n[gen",
+                                                 f'batch_size = 2\nfinetune_sampling = "{sampling}"\n\n[gen'))
+    run_alignment(config, stop_after=2)
+    first = [(lat, noisy) for step, lat, noisy in seen if step == 0]
+    second = [(lat, noisy) for step, lat, noisy in seen if step == 1]
+    assert first and len(first) == len(second)
+    same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    assert same == (sampling == "fixed")
