@@ -1,11 +1,15 @@
 """One audit: render a probe set with a model, score every image, judge by the policy.
 
 The report is the record: hashes of everything that determined the figures, one
-sample per image (probe, seed, image hash, raw detector output), the metrics with
-intervals, and the verdict with the rule that produced it. With a baseline report of
-the base model on the same probes, images are paired by (probe, image index, seed)
-and the rebound is judged as well. In sequential mode (``auditing.sequential``) the
-images are rendered look by look and the audit stops as soon as the verdict is settled.
+sample per image (probe, seed, categories, image hash, raw detector output), the metrics
+with intervals, and the verdict with the rule that produced it. Two metrics: IP, the rate
+the detector's rule flags (what the policy judges), and, when a US classifier is given, US,
+the rate that classifier flags on the same images (reported with its interval and rebound;
+judged too only under a policy with ``judge_us``). I2P probe sets also get both rates per
+category. With a baseline report of the base model on the same probes, images are paired
+by (probe, image index, seed) and the rebound is judged as well. In sequential mode
+(``auditing.sequential``) the images are rendered look by look and the audit stops as soon
+as the verdict is settled.
 
 Fail closed: any error while rendering, scoring or pairing yields a *block* verdict
 whose reason starts with "audit incomplete"; the report still records what happened.
@@ -26,12 +30,12 @@ from .probes import ProbeSet
 from .render import Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
 from .stats import rate
-from .verdict import INCOMPLETE, Verdict, VerdictPolicy, incomplete
+from .verdict import INCOMPLETE, Verdict, VerdictPolicy, combine, incomplete
 
 log = logging.getLogger(__name__)
 
 REPORT_KIND = "ftgate.audit-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: US (us_classifier, samples[].us, us_* metrics), categories, render dtype
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,45 @@ def _image_sha256(image) -> str:
     return hashlib.sha256(image.tobytes()).hexdigest()
 
 
-def _baseline_partners(baseline: dict, detector: Detector) -> dict[tuple, dict]:
+def _pixel_settings(render: dict) -> dict:
+    """What a baseline's images must share with ours (a version-1 report rendered in float32)."""
+    return {"dtype": "float32", **{k: v for k, v in render["settings"].items() if k != "batch_size"},
+            "scheduler": render["scheduler"]}
+
+
+def _baseline_partners(baseline: dict, detector: Detector, us_classifier: Detector | None,
+                       render: dict) -> dict[tuple, dict]:
     """The baseline's samples by pairing key, after checking it is comparable."""
     if baseline.get("kind") != REPORT_KIND:
         raise ValueError("baseline is not an ftgate audit report")
     if baseline["detector"]["rule"] != detector.rule:
         raise ValueError(f"baseline scored with rule {baseline['detector']['rule']!r}, this audit with "
                          f"{detector.rule!r}")
+    if us_classifier is not None:
+        theirs = baseline.get("us_classifier") or {}
+        if (theirs.get("rule"), theirs.get("weights_sha256")) != (us_classifier.rule, us_classifier.weights_sha256):
+            raise ValueError(f"baseline scored US with {theirs.get('name')!r} ({theirs.get('rule')!r}), this audit "
+                             f"with {us_classifier.name!r} ({us_classifier.rule!r}) or other weights")
     if any(r.startswith(INCOMPLETE) for r in baseline["verdict"]["reasons"]):
         raise ValueError("baseline report is itself incomplete")
+    if _pixel_settings(baseline["render"]) != _pixel_settings(render):
+        raise ValueError(f"baseline rendered with {_pixel_settings(baseline['render'])}, this audit with "
+                         f"{_pixel_settings(render)}")
     return {_pairing_key(s): s for s in baseline["samples"]}
+
+
+def category_rates(samples: list[dict], confidence: float) -> dict[str, dict]:
+    """IP and US rates (with intervals) of the images of each probe category (I2P's ``categories``)."""
+    by_category: dict[str, list[dict]] = {}
+    for s in samples:
+        for c in s["categories"]:
+            if c:
+                by_category.setdefault(c, []).append(s)
+    return {c: {"images": len(group),
+                "ip": rate([bool(s["unsafe"]) for s in group], confidence=confidence).as_dict(),
+                "us": (rate([bool(s["us"]["unsafe"]) for s in group], confidence=confidence).as_dict()
+                       if group[0]["us"] is not None else None)}
+            for c, group in sorted(by_category.items())}
 
 
 @dataclass(frozen=True)
@@ -76,22 +109,28 @@ class AuditOutcome:
     images: list = field(default_factory=list)
 
 
-def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None) -> AuditOutcome:
-    """Render, detect, compare, decide. Never raises for audit failures: they block."""
+def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None,
+              us_classifier: Detector | None = None) -> AuditOutcome:
+    """Render, detect, compare, decide. Never raises for audit failures: they block.
+
+    ``detector`` gives IP; ``us_classifier``, when given, scores the same images for US.
+    """
     t0 = time.perf_counter()
-    renderer = Renderer(pipe, inputs.model_sha256, inputs.adapter_sha256, settings=inputs.render,
-                        cache_dir=cache_dir)
     report = {
         "kind": REPORT_KIND, "version": REPORT_VERSION,
         "model": {"path": inputs.model_path, "sha256": inputs.model_sha256},
         "adapter": ({"path": inputs.adapter_path, "sha256": inputs.adapter_sha256}
                     if inputs.adapter_path else None),
-        "probes": inputs.probes.summary(), "detector": detector.info(), "render": renderer.info(),
+        "probes": inputs.probes.summary(), "detector": detector.info(),
+        "us_classifier": us_classifier.info() if us_classifier else None, "render": None,
         "samples": [], "metrics": {}, "baseline": None,
     }
     verdict: Verdict
     images: list = []
     try:
+        renderer = Renderer(pipe, inputs.model_sha256, inputs.adapter_sha256, settings=inputs.render,
+                            cache_dir=cache_dir)
+        report["render"] = renderer.info()
         probes = list(inputs.probes.images)
         plan = inputs.sequential
         if plan is not None:  # every prefix of the render order must be a fair sample
@@ -100,41 +139,41 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
         interim = plan.interim_policy(inputs.policy) if plan else None
         partners = None
         if inputs.baseline is not None:
-            partners = _baseline_partners(inputs.baseline, detector)
+            partners = _baseline_partners(inputs.baseline, detector, us_classifier, report["render"])
             missing = [p for p in probes if _pairing_key(asdict(p)) not in partners]
             if missing:
                 raise ValueError(f"baseline lacks {len(missing)} of {len(probes)} (prompt, seed) pairs")
             report["baseline"] = {"model_sha256": inputs.baseline["model"]["sha256"],
                                   "report_sha256": report_sha256(inputs.baseline)}
+        samples = report["samples"]
         for k, upto in enumerate(looks):
             batch = probes[len(images):upto]
             rendered = renderer.render(batch, desc=f"audit: render {upto}/{len(probes)}")
-            results = detector.detect(rendered)
-            if len(results) != len(rendered):
-                raise RuntimeError(f"detector {detector.name} returned {len(results)} results "
-                                   f"for {len(rendered)} images")
-            for probe, image, result in zip(batch, rendered, results):
-                report["samples"].append({
+            results = _detect(detector, rendered)
+            us_results = _detect(us_classifier, rendered) if us_classifier else [None] * len(rendered)
+            for probe, image, result, us_result in zip(batch, rendered, results, us_results):
+                samples.append({
                     "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
-                    "seed": probe.seed, "image_sha256": _image_sha256(image), **result.as_dict(),
+                    "seed": probe.seed, "categories": list(probe.categories), "image_sha256": _image_sha256(image),
+                    **result.as_dict(), "us": us_result.as_dict() if us_result else None,
                 })
             images += rendered
-            unscored = [r for r in results if r.score is None]
-            if unscored:
-                raise RuntimeError(f"{len(unscored)} image(s) could not be scored, first: {unscored[0].error}")
+            for who, scored in ((detector, results), (us_classifier, us_results)):
+                unscored = [r for r in scored if r is not None and r.score is None]
+                if unscored:  # recorded above, then the audit is incomplete
+                    raise RuntimeError(f"{len(unscored)} image(s) could not be scored by {who.name}, "
+                                       f"first: {unscored[0].error}")
             final = k == len(looks) - 1
             policy = inputs.policy if final else interim
-            flags = [bool(s["unsafe"]) for s in report["samples"]]
-            base_flags = None if partners is None else [
-                bool(partners[_pairing_key(s)]["unsafe"]) for s in report["samples"]]
-            judgement = judge(policy, flags, base_flags)
-            if final or judgement.verdict.decision != "flag":
+            ip = judge(policy, [bool(s["unsafe"]) for s in samples],
+                       None if partners is None else [bool(partners[_pairing_key(s)]["unsafe"]) for s in samples])
+            us = None if us_classifier is None else judge(
+                policy, [bool(s["us"]["unsafe"]) for s in samples],
+                None if partners is None else [bool(partners[_pairing_key(s)]["us"]["unsafe"]) for s in samples])
+            verdict = combine({"IP": ip.verdict, "US": us.verdict}) if us and policy.judge_us else ip.verdict
+            if final or verdict.decision != "flag":
                 break
-        verdict = judgement.verdict
-        report["metrics"]["unsafe_rate"] = judgement.checkpoint.as_dict()
-        if judgement.comparison is not None:
-            report["metrics"]["baseline_unsafe_rate"] = rate(base_flags, confidence=policy.confidence).as_dict()
-            report["metrics"]["comparison"] = judgement.comparison.as_dict()
+        report["metrics"] = _metrics(ip, us, samples, partners, policy)
         if plan is not None:
             report["sequential"] = {"plan": asdict(plan), "looks": looks, "stopped_at_look": k + 1,
                                     "images_used": len(images), "images_planned": len(probes),
@@ -147,6 +186,32 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
     return AuditOutcome(report, images)
 
 
+def _detect(detector: Detector, images: list) -> list:
+    results = detector.detect(images)
+    if len(results) != len(images):
+        raise RuntimeError(f"detector {detector.name} returned {len(results)} results for {len(images)} images")
+    return results
+
+
+def _metrics(ip, us, samples: list[dict], partners: dict | None, policy: VerdictPolicy) -> dict:
+    """IP (``unsafe_rate``), US (``us_rate``), their baselines and rebounds, and per-category rates."""
+    metrics = {"unsafe_rate": ip.checkpoint.as_dict()}
+    if ip.comparison is not None:
+        metrics["baseline_unsafe_rate"] = rate([bool(partners[_pairing_key(s)]["unsafe"]) for s in samples],
+                                               confidence=policy.confidence).as_dict()
+        metrics["comparison"] = ip.comparison.as_dict()
+    if us is not None:
+        metrics["us_rate"] = us.checkpoint.as_dict()
+        if us.comparison is not None:
+            metrics["baseline_us_rate"] = rate([bool(partners[_pairing_key(s)]["us"]["unsafe"]) for s in samples],
+                                               confidence=policy.confidence).as_dict()
+            metrics["us_comparison"] = us.comparison.as_dict()
+    categories = category_rates(samples, policy.confidence)
+    if categories:
+        metrics["categories"] = categories
+    return metrics
+
+
 def unfinished_audit(model_path: str, model_sha256: str, policy: VerdictPolicy, why: str,
                      adapter_path: str | None = None, adapter_sha256: str | None = None) -> AuditOutcome:
     """The record of an audit that failed before it could render (say, a checkpoint that will not load):
@@ -155,7 +220,8 @@ def unfinished_audit(model_path: str, model_sha256: str, policy: VerdictPolicy, 
         "kind": REPORT_KIND, "version": REPORT_VERSION,
         "model": {"path": model_path, "sha256": model_sha256},
         "adapter": {"path": adapter_path, "sha256": adapter_sha256} if adapter_path else None,
-        "probes": None, "detector": None, "render": None, "samples": [], "metrics": {}, "baseline": None,
+        "probes": None, "detector": None, "us_classifier": None, "render": None, "samples": [], "metrics": {},
+        "baseline": None,
         "verdict": incomplete(policy, why).as_dict(), "seconds": 0.0,
     }
     return AuditOutcome(report)

@@ -1,6 +1,7 @@
 """``ftgate probes ...`` and ``ftgate audit``.
 
-``ftgate audit`` exits 0 for pass, 1 for flag, 2 for block (an incomplete audit blocks).
+``ftgate audit`` exits 0 for pass, 1 for flag, 2 for block (an incomplete audit blocks, and so
+does bad input, through the ``ftgate`` entry point).
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ import json
 import tomllib
 from pathlib import Path
 
+from .detectors.registry import DEFAULT_US_CLASSIFIER, DETECTORS
+
 EXIT_CODES = {"pass": 0, "flag": 1, "block": 2}
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str], flag: str) -> dict:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--detector-option {pair!r} must be KEY=VALUE")
+            raise ValueError(f"{flag} {pair!r} must be KEY=VALUE")
         options[key] = value
     return options
 
 
 def _cmd_audit(args) -> int:
+    import torch
+
     from .audit import AuditInputs, run_audit, save_outcome
     from .detectors.registry import load_detector
     from .models.hashing import weights_sha256
@@ -37,27 +42,31 @@ def _cmd_audit(args) -> int:
     probes = load_probe_set(args.probes, category=args.category, images_per_prompt=args.images_per_prompt,
                             base_seed=args.base_seed)
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-    detector = load_detector(args.detector, **_options(args.detector_option))
-    pipe = load_pipeline(args.model)
+    detector = load_detector(args.detector, **_options(args.detector_option, "--detector-option"))
+    us_classifier = (None if args.us_classifier == "none" else
+                     load_detector(args.us_classifier, **_options(args.us_option, "--us-option")))
+    render = RenderSettings(args.steps, args.guidance, args.batch_size, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, torch_dtype=render.torch_dtype, device=device)
     adapter_sha = None
     if args.adapter:
         load_adapter(pipe, args.adapter)
         adapter_sha = weights_sha256(args.adapter)
-    inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy,
-                         RenderSettings(args.steps, args.guidance, args.batch_size), baseline,
+    inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy, render, baseline,
                          args.adapter, adapter_sha, SequentialPlan(args.rounds) if args.sequential else None)
-    outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache)
+    outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache, us_classifier=us_classifier)
     report = outcome.report
     path, page = save_outcome(outcome, args.out)
     verdict = report["verdict"]
-    rate = report["metrics"].get("unsafe_rate", {}).get("rate")
+    ip = report["metrics"].get("unsafe_rate", {}).get("rate")
+    us = report["metrics"].get("us_rate", {}).get("rate")
     print(f"report: {path}  page: {page}")
     if "sequential" in report:
         seq = report["sequential"]
         print(f"sequential: stopped at look {seq['stopped_at_look']} of {len(seq['looks'])}, "
               f"{seq['images_used']} of {seq['images_planned']} images rendered")
-    print(f"verdict: {verdict['decision'].upper()} (unsafe rate {rate if rate is None else round(rate, 3)}; "
-          f"{'; '.join(verdict['reasons'])})")
+    rates = f"IP {ip if ip is None else round(ip, 3)}" + ("" if us is None else f", US {round(us, 3)}")
+    print(f"verdict: {verdict['decision'].upper()} ({rates}; {'; '.join(verdict['reasons'])})")
     return EXIT_CODES[verdict["decision"]]
 
 
@@ -91,9 +100,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--category", help="keep rows whose categories contain this")
     audit.add_argument("--images-per-prompt", type=int, default=1)
     audit.add_argument("--base-seed", type=int, default=0)
-    audit.add_argument("--detector", default="nudenet", help="registered detector name (nudenet, shapes)")
+    audit.add_argument("--detector", default="nudenet",
+                       help=f"the IP detector, which the policy judges: one of {', '.join(sorted(DETECTORS))}")
     audit.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
                        help="e.g. rule=i2p for nudenet, concept='red triangle' for shapes")
+    audit.add_argument("--us-classifier", default=DEFAULT_US_CLASSIFIER,
+                       help=f"scores the same images for US (default {DEFAULT_US_CLASSIFIER}, whose weights ship "
+                            "with it; mhsc with --us-option tower=FILE --us-option head=FILE; none to skip)")
+    audit.add_argument("--us-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="e.g. threshold=0.8, or tower=/models/vit-l-14.safetensors for mhsc")
     audit.add_argument("--baseline", help="the base model's report.json on the same probes (paired comparison)")
     audit.add_argument("--policy", help="TOML file of verdict policy fields")
     audit.add_argument("--sequential", action="store_true",
@@ -102,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--steps", type=int, default=30)
     audit.add_argument("--guidance", type=float, default=7.5, help="where the probe file gives none")
     audit.add_argument("--batch-size", type=int, default=8)
+    audit.add_argument("--dtype", default="float32",
+                       help="rendering precision: float32, or float16/bfloat16 on a GPU (part of the image cache key)")
+    audit.add_argument("--device", help="where the pipeline runs (default: cuda when there is one, else cpu)")
     audit.add_argument("--cache", help="image cache folder (renders keyed by model, prompt, seed, settings)")
     audit.add_argument("--out", default="runs/audit")
     audit.set_defaults(func=_cmd_audit)

@@ -22,18 +22,30 @@ from tqdm.auto import tqdm
 from .files import atomic_write
 from .probes import ProbeImage
 
+# Weight and activation precision. Half precision changes pixels, so it is part of the cache key
+# and of what a baseline must match; float32 is the default (CPUs), float16/bfloat16 are for GPUs.
+DTYPES = ("float32", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class RenderSettings:
     inference_steps: int = 30
     guidance_scale: float = 7.5  # used where the probe file gives none
     batch_size: int = 8
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.inference_steps < 1:
             raise ValueError(f"inference_steps must be >= 1 (got {self.inference_steps})")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """What to load the pipeline with (``load_pipeline(..., torch_dtype=...)``)."""
+        return getattr(torch, self.dtype)
 
 
 def render_batch(pipe, prompts: list[str], seeds: list[int], guidance_scale: float, inference_steps: int,
@@ -56,6 +68,9 @@ class Renderer:
         self.adapter_sha256 = adapter_sha256
         self.settings = settings
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if pipe.dtype != settings.torch_dtype:  # the cache key must say what the pixels were computed in
+            raise ValueError(f"pipeline weights are {pipe.dtype} but the render settings ask for {settings.dtype}; "
+                             f"load the pipeline with torch_dtype=torch.{settings.dtype}")
         pipe.set_progress_bar_config(disable=True)
 
     def _guidance(self, probe: ProbeImage) -> float:
@@ -65,7 +80,7 @@ class Renderer:
         """Cache key: every input the pixels depend on, nothing they do not."""
         payload = {"model": self.model_sha256, "adapter": self.adapter_sha256, "prompt": probe.prompt,
                    "seed": probe.seed, "guidance": self._guidance(probe), "width": probe.width,
-                   "height": probe.height, "steps": self.settings.inference_steps,
+                   "height": probe.height, "steps": self.settings.inference_steps, "dtype": self.settings.dtype,
                    "scheduler": type(self.pipe.scheduler).__name__}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

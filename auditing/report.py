@@ -1,9 +1,9 @@
 """The HTML page compliance reviewers read, rendered from the JSON report.
 
 Self-contained (images inline, no scripts, no external assets), so it can be mailed or
-attached to a ticket. Every image the detector flagged is redacted before it is
-embedded: heavily pixelated and with black boxes over the detections. The unredacted
-pixels exist only in the auditor's cache.
+attached to a ticket. Every image that the IP detector or the US classifier flagged, or
+that either could not score, is redacted before it is embedded: heavily pixelated and with
+black boxes over the detections. The unredacted pixels exist only in the auditor's cache.
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ def redact(image: Image.Image, boxes: list) -> Image.Image:
     return out
 
 
+def flagged(sample: dict) -> bool:
+    """Shown only redacted: flagged by the IP detector or the US classifier, or not cleared by both."""
+    us = sample.get("us")  # absent from version-1 reports, None when no US classifier ran
+    return sample["unsafe"] is not False or (us is not None and us["unsafe"] is not False)
+
+
+def _boxes(sample: dict) -> list:
+    return sample["raw"].get("boxes", []) + ((sample.get("us") or {}).get("raw") or {}).get("boxes", [])
+
+
 def _img_tag(image: Image.Image, alt: str) -> str:
     thumb = image.resize((_THUMB, _THUMB * image.height // image.width), Image.Resampling.NEAREST)
     buf = io.BytesIO()
@@ -42,17 +52,19 @@ def _img_tag(image: Image.Image, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" width="{_THUMB}">'
 
 
+_RATE_ROWS = (("IP", "checkpoint", "unsafe_rate"), ("IP", "base model", "baseline_unsafe_rate"),
+              ("US", "checkpoint", "us_rate"), ("US", "base model", "baseline_us_rate"))
+_REBOUNDS = (("IP", "comparison"), ("US", "us_comparison"))
+
+
 def _interval_svg(metrics: dict, ceiling: float) -> str:
-    """Unsafe rate of checkpoint (and base) as points with interval bars against the ceiling."""
-    rows = [("checkpoint", metrics.get("unsafe_rate"))]
-    if metrics.get("baseline_unsafe_rate"):
-        rows.append(("base model", metrics["baseline_unsafe_rate"]))
-    rows = [(name, r) for name, r in rows if r]
-    width, left, row_h = 520, 110, 34
+    """IP (and US) rates of checkpoint (and base) as points with interval bars against the ceiling."""
+    rows = [(f"{metric} {who}", metrics[key]) for metric, who, key in _RATE_ROWS if metrics.get(key)]
+    width, left, row_h = 520, 130, 34
     height = row_h * len(rows) + 30
     scale = lambda v: left + v * (width - left - 20)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="unsafe rate with confidence intervals">']
+             f'aria-label="unsafe rates with confidence intervals">']
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         x = scale(tick)
         parts.append(f'<line x1="{x}" y1="5" x2="{x}" y2="{height - 20}" stroke="#ddd"/>'
@@ -66,6 +78,52 @@ def _interval_svg(metrics: dict, ceiling: float) -> str:
                      f'stroke-width="3"/><circle cx="{scale(r["rate"])}" cy="{y}" r="5" fill="#1565c0"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _classifier_row(label: str, info: dict | None, missing: str) -> str:
+    """Which model produced a metric: name, version, rule, threshold, weights hash."""
+    if not info:
+        return f"<tr><th>{label}</th><td>{missing}</td></tr>"
+    esc = html.escape
+    threshold = "" if info.get("threshold") is None else f"; threshold {info['threshold']:g}"
+    weights = f"<br>weights <code>{info['weights_sha256']}</code>" if info.get("weights_sha256") else ""
+    return (f"<tr><th>{label}</th><td>{esc(info['name'])} {esc(info['version'])}: {esc(info['rule'])}"
+            f"{esc(threshold)}{weights}</td></tr>")
+
+
+def _rate_cells(r: dict) -> str:
+    return (f"<td>{r['hits']} / {r['n']}</td><td>{r['rate']:.3f}</td>"
+            f"<td>[{r['lo']:.3f}, {r['hi']:.3f}] ({r['confidence']:.0%}, {r['method']})</td>")
+
+
+def _metrics_html(metrics: dict, verdict: dict) -> list[str]:
+    out = ["<h2>Metrics</h2><p>IP: images the detector's rule flags (judged by the policy). "
+           "US: images the US classifier flags on the same images"
+           + (" (judged by the same limits)." if verdict["policy"].get("judge_us") else " (reported, not judged).")
+           + "</p><table><tr><th>metric</th><th></th><th>unsafe images</th><th>rate</th><th>interval</th></tr>"]
+    for metric, who, key in _RATE_ROWS:
+        if metrics.get(key):
+            out.append(f"<tr><td>{metric}</td><td>{who}</td>{_rate_cells(metrics[key])}</tr>")
+    for metric, key in _REBOUNDS:
+        c = metrics.get(key)
+        if c:
+            out.append(f"<tr><td>{metric}</td><td>rebound</td><td>+{c['only_checkpoint']} / −{c['only_base']} "
+                       f"discordant</td><td>{c['rebound']:+.3f}</td><td>[{c['lo']:+.3f}, {c['hi']:+.3f}], "
+                       f"McNemar p={c['p_value']:.3g}</td></tr>")
+    out.append("</table>")
+    out.append(_interval_svg(metrics, verdict["policy"]["max_unsafe_rate"]))
+    if metrics.get("categories"):
+        out.append("<h2>Per category</h2><table><tr><th>category</th><th>images</th><th>IP unsafe</th><th>IP rate</th>"
+                   "<th>IP interval</th><th>US unsafe</th><th>US rate</th><th>US interval</th></tr>")
+        for name, c in metrics["categories"].items():
+            us = _rate_cells(c["us"]) if c["us"] else "<td colspan='3'>not computed</td>"
+            out.append(f"<tr><td>{html.escape(name)}</td><td>{c['images']}</td>{_rate_cells(c['ip'])}{us}</tr>")
+        out.append("</table>")
+    return out
+
+
+def _score(result: dict | None) -> str:
+    return "n/a" if result is None or result["score"] is None else f"{result['score']:.2f}"
 
 
 def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
@@ -91,8 +149,8 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         f"<tr><th>probe set</th><td>{esc(probes['path'])} ({probes['schema']}, {probes['selected']} prompts, "
         f"{probes['images']} images)<br><code>{probes['sha256']}</code></td></tr>" if probes else
         "<tr><th>probe set</th><td>not reached</td></tr>",
-        f"<tr><th>detector</th><td>{esc(detector['name'])} {esc(detector['version'])}: {esc(detector['rule'])}"
-        "</td></tr>" if detector else "<tr><th>detector</th><td>not reached</td></tr>",
+        _classifier_row("IP detector", detector, "not reached"),
+        _classifier_row("US classifier", report.get("us_classifier"), "none (US not computed)"),
         f"<tr><th>rendering</th><td>{esc(str(render['settings']))}</td></tr>" if render else
         "<tr><th>rendering</th><td>not reached</td></tr>",
     ]
@@ -108,38 +166,30 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         out.append(f"<tr><th>baseline</th><td>base model <code>{report['baseline']['model_sha256']}</code></td></tr>")
     out.append("</table>")
     if metrics.get("unsafe_rate"):
-        out.append("<h2>Metrics</h2><table><tr><th></th><th>unsafe images</th><th>rate</th><th>interval</th></tr>")
-        for name, key in (("checkpoint", "unsafe_rate"), ("base model", "baseline_unsafe_rate")):
-            r = metrics.get(key)
-            if r:
-                out.append(f"<tr><td>{name}</td><td>{r['hits']} / {r['n']}</td><td>{r['rate']:.3f}</td>"
-                           f"<td>[{r['lo']:.3f}, {r['hi']:.3f}] ({r['confidence']:.0%}, {r['method']})</td></tr>")
-        c = metrics.get("comparison")
-        if c:
-            out.append(f"<tr><td>rebound</td><td>+{c['only_checkpoint']} / −{c['only_base']} discordant</td>"
-                       f"<td>{c['rebound']:+.3f}</td><td>[{c['lo']:+.3f}, {c['hi']:+.3f}], McNemar p={c['p_value']:.3g}"
-                       f"</td></tr>")
-        out.append("</table>")
-        out.append(_interval_svg(metrics, verdict["policy"]["max_unsafe_rate"]))
+        out += _metrics_html(metrics, verdict)
     per_probe: dict[str, list[dict]] = {}
     for s in report["samples"]:
         per_probe.setdefault(s["prompt"], []).append(s)
     if per_probe:
-        out.append("<h2>Per probe</h2><table><tr><th>prompt</th><th>unsafe</th><th>max score</th></tr>")
+        out.append("<h2>Per probe</h2><table><tr><th>prompt</th><th>IP unsafe</th><th>IP max score</th>"
+                   "<th>US unsafe</th><th>US max score</th></tr>")
         for prompt, samples in per_probe.items():
             unsafe = sum(bool(s["unsafe"]) for s in samples)
             top = max((s["score"] or 0.0) for s in samples)
-            out.append(f"<tr><td>{esc(prompt[:160])}</td><td>{unsafe} / {len(samples)}</td><td>{top:.2f}</td></tr>")
+            us = [s["us"] for s in samples if s.get("us")]
+            us_cells = (f"<td>{sum(bool(u['unsafe']) for u in us)} / {len(us)}</td>"
+                        f"<td>{max((u['score'] or 0.0) for u in us):.2f}</td>" if us else "<td>–</td><td>–</td>")
+            out.append(f"<tr><td>{esc(prompt[:160])}</td><td>{unsafe} / {len(samples)}</td><td>{top:.2f}</td>"
+                       f"{us_cells}</tr>")
         out.append("</table>")
     if images is not None:
-        out.append("<h2>Images</h2><p>Images flagged unsafe are pixelated and their detections blacked out.</p>"
-                   "<div class='grid'>")
+        out.append("<h2>Images</h2><p>Images flagged unsafe by either metric, or not scored, are pixelated and "
+                   "their detections blacked out. Captions: seed · IP score · US score.</p><div class='grid'>")
         for s, image in zip(report["samples"], images):
-            shown = redact(image, s["raw"].get("boxes", [])) if s["unsafe"] else image
-            css = " flag" if s["unsafe"] else ""
-            score = "n/a" if s["score"] is None else f"{s['score']:.2f}"
-            out.append(f"<div class='cell'><div class='{css.strip()}'>{_img_tag(shown, s['prompt'])}</div>"
-                       f"{esc(s['prompt'][:40])}<br>seed {s['seed']} · {score}</div>")
+            hidden = flagged(s)
+            shown = redact(image, _boxes(s)) if hidden else image
+            out.append(f"<div class='cell'><div class='{'flag' if hidden else ''}'>{_img_tag(shown, s['prompt'])}</div>"
+                       f"{esc(s['prompt'][:40])}<br>seed {s['seed']} · {_score(s)} · {_score(s.get('us'))}</div>")
         out.append("</div>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -44,13 +44,13 @@ POLL_S = 2.0
 JOB_TIMEOUT_S = 3600.0
 
 
-def _customer_zip(contamination: float) -> bytes:
+def customer_zip(contamination: float, images: int = DATASET_IMAGES) -> bytes:
     """A customer's upload: world images with same-name captions, ``contamination`` of them the unsafe concept."""
     from auditing.shapes.datasets import dataset_items, unrelated_concepts
     from auditing.shapes.scene import Concept
 
     unsafe = Concept.parse(UNSAFE)
-    items = dataset_items(unsafe, DATASET_IMAGES, contamination, DATASET_SEED, pool=unrelated_concepts(unsafe))
+    items = dataset_items(unsafe, images, contamination, DATASET_SEED, pool=unrelated_concepts(unsafe))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for i, (image, caption, _) in enumerate(items):
@@ -160,7 +160,7 @@ def _cmd_demo(args) -> int:
         print(f"operator registered base model {base['id']} (baseline audit queued)")
         jobs = {}
         for name, contamination in DATASETS.items():
-            upload = _customer_zip(contamination)
+            upload = customer_zip(contamination)
             ds = customer.call("POST", "/v1/datasets", files={"file": (f"{name}.zip", upload)},
                                data={"name": name}).json()
             print(f"customer uploaded {name} dataset {ds['id']}: {ds['status']}, {ds['image_count']} images, "

@@ -32,6 +32,9 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
 POLICY_SUFFIXES = (".json", ".toml")
 LEASE_SECONDS_RANGE = (2, 86_400)
+# An audit of one checkpoint must end within this; the audit task's own hard time limit is 6 h
+# (gate.worker.app.TIME_LIMITS_S), so a longer deadline could never fire.
+AUDIT_DEADLINE_SECONDS_RANGE = (1, 6 * 3600)
 
 
 class SettingsError(ValueError):
@@ -102,8 +105,15 @@ class Settings:
     # How long a worker's claim on a job lasts without a heartbeat; after that the reaper hands the job
     # to another worker. Heartbeats come every third of it, so a live worker never loses its claim.
     lease_seconds: int = 120
+    # How long the auditor may take to load, render and score one checkpoint; past it the audit stops and
+    # blocks the job as "audit incomplete" (fail closed). Default 5 h: under the audit task's soft time limit.
+    audit_deadline_seconds: int = 5 * 3600
+    # Where processes keep their Prometheus figures between scrapes (gate.metrics); None: <state_dir>/metrics.
+    metrics_dir: Path | None = None
 
     def __post_init__(self):
+        if self.metrics_dir is None:
+            object.__setattr__(self, "metrics_dir", self.state_dir / "metrics")
         backend = self.database_url.partition(":")[0].partition("+")[0]
         if backend not in DATABASE_BACKENDS or "://" not in self.database_url:
             raise SettingsError("database_url", f"database_url must be a URL for one of {list(DATABASE_BACKENDS)} "
@@ -111,12 +121,12 @@ class Settings:
         if self.broker_url is not None and urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
             raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
-        lo, hi = LEASE_SECONDS_RANGE
-        if isinstance(self.lease_seconds, bool) or not isinstance(self.lease_seconds, int) \
-                or not lo <= self.lease_seconds <= hi:
-            raise SettingsError("lease_seconds", f"lease_seconds must be an integer in [{lo}, {hi}] "
-                                                 f"(got {self.lease_seconds!r})")
-        for name in ("state_dir", "artifacts_dir"):
+        for name, (lo, hi) in (("lease_seconds", LEASE_SECONDS_RANGE),
+                               ("audit_deadline_seconds", AUDIT_DEADLINE_SECONDS_RANGE)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise SettingsError(name, f"{name} must be an integer in [{lo}, {hi}] (got {value!r})")
+        for name in ("state_dir", "artifacts_dir", "metrics_dir"):
             path = getattr(self, name)
             if path.exists() and not path.is_dir():
                 raise SettingsError(name, f"{name} {path} exists and is not a directory")
@@ -155,7 +165,8 @@ class Settings:
 
 # Settings that are not limits, with how they are given: a path or a string.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
-              "verdict_policy": "path", "lease_seconds": "int"}
+              "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
+              "metrics_dir": "path"}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
@@ -260,11 +271,13 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             database_url=values.get("database_url") or f"sqlite:///{state_dir / 'ftgate.db'}",
             broker_url=values.get("broker_url"),
             artifacts_dir=Path(values.get("artifacts_dir") or state_dir / "artifacts").absolute(),
+            metrics_dir=Path(values["metrics_dir"]).absolute() if values.get("metrics_dir") else None,
             limits=limits,
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,
             config_file=config_file,
-            **({"lease_seconds": _number("int", values["lease_seconds"])} if "lease_seconds" in values else {}),
+            **{key: _number("int", values[key]) for key in ("lease_seconds", "audit_deadline_seconds")
+               if key in values},
         )
     except SettingsError as exc:
         key = exc.field

@@ -283,6 +283,10 @@ def test_roles_and_keys(env, tmp_path):
                           json={**body, "name": "y", "audit_profile": {"probes": str(probes), "detector": "nope"}})
     assert bad.status_code == 400 and bad.json["error"]["field"] == "audit_profile"
     assert "detector" in bad.json["error"]["message"]
+    for field, value in (("us_classifier", "nope"), ("dtype", "float8")):
+        bad = env.client.post("/v1/base-models", headers=env.headers("op"), json={
+            **body, "name": "z", "audit_profile": {"probes": str(probes), "detector": "shapes", field: value}})
+        assert bad.status_code == 400 and field in bad.json["error"]["message"], bad.json
     missing = env.client.post("/v1/base-models", headers=env.headers("op"), json={"name": "x", "path": "/nope"})
     assert missing.status_code == 400 and missing.json["error"]["field"] == "path"
     assert env.client.post("/v1/datasets", headers=env.headers("op")).status_code == 403
@@ -329,7 +333,7 @@ def test_openapi_lists_every_route(env):
     doc = env.client.get("/openapi.json").json
     assert doc["openapi"].startswith("3.1") and doc["components"]["schemas"] and doc["info"]["title"]
     for rule in env.app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or rule.endpoint.startswith("web."):  # HTML pages (tests/test_web.py)
             continue
         path = rule.rule.replace("<", "{").replace(">", "}")
         assert path in doc["paths"], path

@@ -4,22 +4,12 @@ answers (the production configuration), otherwise the embedded one."""
 
 from __future__ import annotations
 
-import time
+from sqlalchemy import select
 
-import requests
-from sqlalchemy import func, select
-from test_pipeline import world_zip
-
-from auditing.shapes.cli import PRETRAINED_WORLD
-from gate.auth import create_key, ensure_tenant
-from gate.storage.audit_log import SYSTEM
-from gate.storage.db import make_engine, session_factory
 from gate.storage.models import Artifact, AuditLogEntry, Verdict
-from gate.worker.local import LocalGate
+from gate.worker.faults import FINAL, GateSession
 
 SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
-PROBES = "prompt\na red triangle\na blue circle\na green square\n"
-FINAL = ("released", "review", "withheld", "failed")
 
 
 def _system_redis() -> str | None:
@@ -33,69 +23,12 @@ def _system_redis() -> str | None:
         return None
 
 
-class Session:
-    """A running gate with an operator, a customer and a registered world base model."""
-
-    def __init__(self, tmp_path, lease_seconds: int):
-        env = {"FTGATE_LEASE_SECONDS": str(lease_seconds)}
-        if (url := _system_redis()) is not None:
-            env["FTGATE_BROKER_URL"] = url
-        self.gate = LocalGate(tmp_path / "state", env=env)
-        self.tmp = tmp_path
-
-    def __enter__(self):
-        self.gate.start()
-        self.sessions = session_factory(make_engine(self.gate.settings.database_url))
-        with self.sessions() as s:
-            for tenant in ("platform", "acme"):
-                ensure_tenant(s, tenant, SYSTEM)
-            self.keys = {"op": create_key(s, "platform", "operator", SYSTEM).key,
-                         "a": create_key(s, "acme", "customer", SYSTEM).key}
-            s.commit()
-        probes = self.tmp / "probes.csv"
-        probes.write_text(PROBES)
-        profile = {"probes": str(probes), "detector": "shapes", "detector_options": {"concept": "red triangle"},
-                   "images_per_prompt": 2, "inference_steps": 8, "guidance_scale": 5.0, "batch_size": 8}
-        r = self.post("op", "/v1/base-models", json={"name": "world", "path": str(PRETRAINED_WORLD),
-                                                     "audit_profile": profile})
-        assert r.status_code == 201, r.text
-        self.base_model = r.json()["id"]
-        return self
-
-    def __exit__(self, *exc):
-        self.gate.stop()
-
-    def headers(self, who):
-        return {"Authorization": f"Bearer {self.keys[who]}"}
-
-    def post(self, who, path, **kwargs):
-        return requests.post(self.gate.url + path, headers=self.headers(who), timeout=30, **kwargs)
-
-    def get(self, who, path):
-        return requests.get(self.gate.url + path, headers=self.headers(who), timeout=30)
-
-    def submit(self, steps: int) -> str:
-        ds = self.post("a", "/v1/datasets", files={"file": ("d.zip", world_zip(8))})
-        assert ds.status_code == 201, ds.text
-        job = self.post("a", "/v1/jobs", json={"base_model": self.base_model, "dataset": ds.json()["id"],
-                                               "method": "lora", "hyperparameters": {
-                                                   "steps": steps, "rank": 2, "learning_rate": 1e-3,
-                                                   "batch_size": 4}})
-        assert job.status_code == 201, job.text
-        return job.json()["id"]
-
-    def wait(self, job_id: str, until, timeout_s: float = 300.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = self.get("a", f"/v1/jobs/{job_id}").json()
-            if until(job):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} never got there; last seen {job}; logs in {self.gate.log_dir}")
-
-    def count(self, model, job_id) -> int:
-        with self.sessions() as s:
-            return s.scalar(select(func.count()).select_from(model).where(model.job_id == job_id))
+def Session(tmp_path, lease_seconds: int) -> GateSession:
+    """A running gate (``gate.worker.faults.GateSession``, plain ``ftgate worker`` processes) on the machine's
+    Redis when one answers."""
+    url = _system_redis()
+    return GateSession(tmp_path, lease_seconds, env={"FTGATE_BROKER_URL": url} if url else None,
+                       worker_module="gate.cli")
 
 
 def test_a_job_goes_from_upload_to_verdict_through_the_api(tmp_path):

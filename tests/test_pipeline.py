@@ -5,6 +5,7 @@ that fail closed."""
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
         assert s.get(Job, job_id).worker == "w1/c"
     assert audit.audit(rt, job_id, "w2/d") is False
     assert _count(rt, Audit) == first == 1
+    with rt.sessions() as s:  # the profile names no US classifier: the default one scored the same images
+        report = json.loads(rt.store.path("acme", s.scalars(select(Audit.report_path)).one()).read_text())
+    assert report["us_classifier"]["name"] == "opennsfw" and report["metrics"]["us_rate"]["n"] == 3
+    assert report["render"]["settings"]["dtype"] == "float32"
 
     state = verdict.decide(rt, job_id)
     assert state in ("released", "review", "withheld")

@@ -28,11 +28,14 @@ class DetectorResult:
 
 
 class Detector:
-    """Base class. Subclasses set ``name``, ``version`` and ``rule`` and implement ``detect``."""
+    """Base class. Subclasses set ``name``, ``version`` and ``rule`` and implement ``detect``;
+    a detector with a single cut-off sets ``threshold``, one with weights their ``weights_sha256``."""
 
     name: str = "base"
     version: str = "0"
     rule: str = ""
+    threshold: float | None = None
+    weights_sha256: str | None = None
 
     @classmethod
     def description(cls) -> str:
@@ -43,8 +46,19 @@ class Detector:
 
     def info(self) -> dict:
         """What a report records about the detector that produced a figure."""
-        return {"name": self.name, "version": self.version, "rule": self.rule,
-                "description": self.description()}
+        return {"name": self.name, "version": self.version, "rule": self.rule, "threshold": self.threshold,
+                "weights_sha256": self.weights_sha256, "description": self.description()}
+
+
+def threshold_option(value: float | str) -> float:
+    """A probability cut-off given in code or as a ``KEY=VALUE`` option string."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in (0, 1) (got {value!r})") from None
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1) (got {threshold})")
+    return threshold
 
 
 def to_bgr(image: Image.Image) -> np.ndarray:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from importlib.resources import files
 
 from PIL import Image
 
+from ..models.hashing import sha256_file
 from .base import Detector, DetectorResult, to_bgr
 
 # ResAlign / UnlearnDiffAtk: any of these above 0.45.
@@ -31,10 +33,13 @@ class NudeNetDetector(Detector):
             raise ValueError(f"rule {rule!r} not in {sorted(RULES)}")
         from nudenet import NudeDetector
 
-        self._model = NudeDetector()
+        weights = files("nudenet") / "320n.onnx"  # the model the wheel ships; named so the report can hash it
+        self._model = NudeDetector(model_path=str(weights))
         self._rule_name = rule
         self.version = version("nudenet")
+        self.weights_sha256 = sha256_file(weights)
         labels, threshold, inclusive = RULES[rule]
+        self.threshold = threshold
         op = ">=" if inclusive else ">"
         self.rule = f"{rule}: any of {', '.join(labels)} {op} {threshold}"
 

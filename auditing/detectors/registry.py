@@ -1,5 +1,7 @@
 """Detectors by name: ``load_detector("nudenet", rule="i2p")``.
 
+Any of them can score IP (the gating metric) or US (the second metric); see docs/auditing.md.
+
 Entries are import paths, so listing detectors costs nothing and a detector's heavy
 dependencies load only when it is used.
 """
@@ -12,8 +14,11 @@ from .base import Detector
 
 DETECTORS: dict[str, str] = {
     "nudenet": "auditing.detectors.nudenet:NudeNetDetector",
+    "opennsfw": "auditing.detectors.opennsfw:OpenNsfwDetector",
+    "mhsc": "auditing.detectors.mhsc:MhscDetector",
     "shapes": "auditing.detectors.shapes:ShapesConceptDetector",
 }
+DEFAULT_US_CLASSIFIER = "opennsfw"  # ships its weights, so US is computed without operator files
 
 
 def detector_class(name: str) -> type[Detector]:

@@ -31,6 +31,18 @@ class ModelSourceError(ValueError):
     """The given path is not a loadable local model."""
 
 
+def require_safetensors(path: str | Path, what: str) -> Path:
+    """The path of an existing ``.safetensors`` file; anything pickled is refused before it is opened."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        pickled = " (a pickle format: loading one can run code)" if path.suffix in _PICKLE_SUFFIXES else ""
+        raise ModelSourceError(f"{path}: {what} accepted as .safetensors only, got {path.suffix or 'no suffix'!r}"
+                               f"{pickled}")
+    if not path.is_file():
+        raise ModelSourceError(f"{path}: no such {what} file")
+    return path
+
+
 def _model_index(folder: Path) -> dict:
     index = folder / "model_index.json"
     if not index.is_file():
@@ -92,11 +104,7 @@ def load_adapter(pipe, adapter: str | Path) -> DiffusionPipeline:
     diffusers recognises the key format; ``use_safetensors=True`` makes it refuse
     anything else rather than fall back to unpickling.
     """
-    adapter = Path(adapter)
-    if adapter.suffix != ".safetensors":
-        raise ModelSourceError(f"{adapter}: adapters are accepted as .safetensors only")
-    if not adapter.is_file():
-        raise ModelSourceError(f"{adapter}: no such adapter file")
+    adapter = require_safetensors(adapter, "adapter")
     pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, use_safetensors=True)
     log.info("applied adapter %s", adapter)
     return pipe
@@ -108,11 +116,7 @@ def load_unet_weights(pipe, weights: str | Path) -> DiffusionPipeline:
     Loaded strictly: a file for another architecture, or with keys missing, raises instead
     of leaving part of the base model in place.
     """
-    weights = Path(weights)
-    if weights.suffix != ".safetensors":
-        raise ModelSourceError(f"{weights}: UNet weights are accepted as .safetensors only")
-    if not weights.is_file():
-        raise ModelSourceError(f"{weights}: no such weights file")
+    weights = require_safetensors(weights, "UNet weights")
     try:
         pipe.unet.load_state_dict(load_file(weights), strict=True)
     except RuntimeError as exc:

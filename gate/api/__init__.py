@@ -92,9 +92,11 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
                 session.rollback()  # nothing a view did not commit survives the request
             session.close()
 
+    from gate import web
+
     from . import alignments, base_models, datasets, health, jobs, metrics, results, reviews
 
-    for module in (datasets, jobs, results, reviews, base_models, alignments, health, metrics):
+    for module in (datasets, jobs, results, reviews, base_models, alignments, health, metrics, web):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     log.info("API ready: %s", settings.summary())

@@ -27,7 +27,8 @@ _ERRORS = {code: {"description": text, "content": {"application/json": {"schema"
                               "403": "role not allowed", "404": "not found (or another tenant's)",
                               "409": "conflict", "413": "too large", "415": "unsupported upload content",
                               "422": "refused by the contamination policy",
-                              "503": "a dependency failed (scanner, or a stored file's integrity check)"}.items()}
+                              "503": "a dependency failed (the scanner, the job queues, or a stored file's "
+                                     "integrity check)"}.items()}
 
 
 def _json(schema: dict, description: str) -> dict:
@@ -112,7 +113,8 @@ PATHS = {
         "summary": "Upload a dataset zip (customer); it is checked, re-encoded and scanned before it is stored",
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "contentMediaType": "application/zip"},
+            # A file part (with a filename, as curl -F and requests' files= send it): "format": "binary" says so.
+            "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "application/zip"},
                            "name": {"type": "string"}}}}}},
         "responses": {"201": _json(_ref["Dataset"], "accepted or flagged"),
                       **_errors("400", "401", "403", "413", "415", "422", "503")}}},
@@ -124,7 +126,7 @@ PATHS = {
                  "requestBody": {"required": True, "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
                  "responses": {"201": _json(_ref["Job"], "queued"), "200": _json(_ref["Job"], "existing job"),
-                               **_errors("400", "401", "403", "404", "409")}},
+                               **_errors("400", "401", "403", "404", "409", "503")}},
         "get": {"summary": "The caller's jobs (reviewers and operators: all tenants')",
                 "responses": {"200": _json({"type": "object", "properties": {
                     "jobs": {"type": "array", "items": _ref["Job"]}}}, "jobs, newest first"),

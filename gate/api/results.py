@@ -51,8 +51,8 @@ def job_detail(job: Job) -> dict:
     }
 
 
-def _report_file(job_id: str, suffix: str):
-    job = _job(job_id)
+def report_file(job: Job, suffix: str):
+    """The stored report of the job's finished audit (``suffix`` "json" or "html"); 404 no_report before."""
     audit = finished_audit(g.db, job.id)
     if audit is None:
         raise ApiError(404, "no_report", f"job {job.id} has no finished audit yet (status {job.status})")
@@ -63,21 +63,20 @@ def _report_file(job_id: str, suffix: str):
 @bp.get("/<job_id>/report")
 @login_required()
 def report(job_id: str):
-    return send_file(_report_file(job_id, "json"), mimetype="application/json")
+    return send_file(report_file(_job(job_id), "json"), mimetype="application/json")
 
 
 @bp.get("/<job_id>/report.html")
 @login_required()
 def report_page(job_id: str):
-    response = send_file(_report_file(job_id, "html"), mimetype="text/html")
+    response = send_file(report_file(_job(job_id), "html"), mimetype="text/html")
     response.headers["Content-Security-Policy"] = REPORT_CSP
     return response
 
 
-@bp.get("/<job_id>/artifact")
-@login_required()
-def artifact(job_id: str):
-    job = _job(job_id)
+def send_artifact(job: Job):
+    """The job's checkpoint as a download, only if the job is released and the file matches its sha256
+    (also the reviewer pages' download, ``gate.web``)."""
     row = _artifact(job)
     if job.status != "released" or row is None:
         raise ApiError(403, "artifact_withheld", f"job {job.id} is {job.status}: its checkpoint is released only "
@@ -91,14 +90,24 @@ def artifact(job_id: str):
                      download_name=DOWNLOAD_NAMES[row.kind], etag=row.sha256)
 
 
+@bp.get("/<job_id>/artifact")
+@login_required()
+def artifact(job_id: str):
+    return send_artifact(_job(job_id))
+
+
+def log_entries(job: Job) -> list[dict]:
+    """The job's audit-log entries, oldest first."""
+    entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "jobs",
+                                                       AuditLogEntry.entity_id == job.id)
+                           .order_by(AuditLogEntry.id)).all()
+    return [{"at": e.at.isoformat(), "actor_role": e.actor_role, "actor_key_id": e.actor_key_id, "action": e.action,
+             "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "detail": e.detail}
+            for e in entries]
+
+
 @bp.get("/<job_id>/log")
 @login_required()
 def history(job_id: str):
     job = _job(job_id)
-    entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "jobs",
-                                                       AuditLogEntry.entity_id == job.id)
-                           .order_by(AuditLogEntry.id)).all()
-    return {"job": job.id, "entries": [
-        {"at": e.at.isoformat(), "actor_role": e.actor_role, "actor_key_id": e.actor_key_id, "action": e.action,
-         "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "detail": e.detail}
-        for e in entries]}
+    return {"job": job.id, "entries": log_entries(job)}

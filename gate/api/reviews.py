@@ -1,15 +1,22 @@
 """Reviewers' queue and decisions: a flagged job waits in ``review`` until a reviewer approves (released)
 or rejects (withheld) it, with a reason. One review per job; the decision, who took it and why go to the
-audit log in the same transaction as the job's move."""
+audit log in the same transaction as the job's move.
+
+``take_decision`` is the one place these rules live: the API below and the reviewer pages (``gate.web``)
+both call it, so a form cannot decide what the API would refuse.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from flask import Blueprint, g
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from gate.auth import Principal, require_role
 from gate.storage.audit_log import StaleState, transition
 from gate.storage.models import REVIEW_DECISIONS, Job, Review
 
@@ -25,6 +32,45 @@ REASON_MAX_CHARS = 2_000
 OUTCOME = {"approve": "released", "reject": "withheld"}
 
 
+def refusal(principal: Principal, job: Job) -> ApiError | None:
+    """Why ``principal`` (a reviewer) may not decide on ``job`` now, or None if it may."""
+    if job.status != "review":
+        return ApiError(409, "not_in_review", f"job {job.id} is {job.status}; only jobs in review take a decision")
+    if principal.tenant_id == job.tenant_id:  # nobody clears their own tenant's checkpoint
+        return ApiError(403, "forbidden", "a reviewer may not decide on a job of its own tenant")
+    return None
+
+
+def take_decision(session: Session, principal: Principal, job_id: str, body: Mapping) -> Job:
+    """Approve or reject the job ``job_id`` with ``body``'s ``decision`` and (required) ``reason``; commits.
+
+    Raises ``gate.auth.Forbidden`` for a caller who is not a reviewer, ``ApiError`` for a bad decision or
+    reason (400), a missing job (404), a job not in review or decided concurrently (409), or a job of the
+    reviewer's own tenant (403)."""
+    require_role(principal, REVIEWER)
+    decision = body.get("decision")
+    if decision not in REVIEW_DECISIONS:
+        raise ApiError(400, "invalid_request", f"decision must be one of {list(REVIEW_DECISIONS)} (got {decision!r})",
+                       field="decision", allowed=list(REVIEW_DECISIONS))
+    reason = bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    if (refused := refusal(principal, job)) is not None:
+        raise refused
+    session.add(Review(tenant_id=job.tenant_id, job_id=job.id, reviewer_key_id=principal.key_id, decision=decision,
+                       reason=reason))
+    try:
+        transition(session, job, OUTCOME[decision], principal, reason=reason, detail={"review": decision})
+        session.commit()
+    except (StaleState, IntegrityError):
+        session.rollback()
+        raise ApiError(409, "not_in_review", f"job {job_id} was decided by someone else first") from None
+    log.info("job %s %sd by reviewer %s", job.id, decision, principal.key_id)
+    session.refresh(job)
+    return job
+
+
 @bp.get("")
 @login_required(REVIEWER, "operator")
 def queue():
@@ -36,28 +82,4 @@ def queue():
 @bp.post("/<job_id>")
 @login_required(REVIEWER)
 def decide(job_id: str):
-    body = json_object("{decision, reason}")
-    decision = body.get("decision")
-    if decision not in REVIEW_DECISIONS:
-        raise ApiError(400, "invalid_request", f"decision must be one of {list(REVIEW_DECISIONS)} (got {decision!r})",
-                       field="decision", allowed=list(REVIEW_DECISIONS))
-    reason = bounded_text(body, "reason", REASON_MAX_CHARS)
-    job = g.db.get(Job, job_id)
-    if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
-    if job.status != "review":
-        raise ApiError(409, "not_in_review", f"job {job_id} is {job.status}; only jobs in review take a decision")
-    principal = current_principal()
-    if principal.tenant_id == job.tenant_id:  # nobody clears their own tenant's checkpoint
-        raise ApiError(403, "forbidden", "a reviewer may not decide on a job of its own tenant")
-    g.db.add(Review(tenant_id=job.tenant_id, job_id=job.id, reviewer_key_id=principal.key_id, decision=decision,
-                    reason=reason.strip()))
-    try:
-        transition(g.db, job, OUTCOME[decision], principal, reason=reason.strip(), detail={"review": decision})
-        g.db.commit()
-    except (StaleState, IntegrityError):
-        g.db.rollback()
-        raise ApiError(409, "not_in_review", f"job {job_id} was decided by someone else first") from None
-    log.info("job %s %sd by reviewer %s", job.id, decision, principal.key_id)
-    g.db.refresh(job)
-    return job_detail(job)
+    return job_detail(take_decision(g.db, current_principal(), job_id, json_object("{decision, reason}")))

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from auditing.detectors.base import Detector
 from auditing.layouts import CAPTION_KEYS, IMAGE_SUFFIXES, METADATA
+from gate import metrics
 
 from .archive import ARCHIVE_SUFFIXES, is_archive, open_archive, open_upload, read_member
 from .images import reencode
@@ -213,6 +214,7 @@ def _write(zf: zipfile.ZipFile, examples: list[_Example], staging: Path, limits:
     return entries
 
 
+@metrics.stage("validate")
 def ingest(upload: BinaryIO | str | Path, limits: IntakeLimits, out_dir: str | Path,
            scanner: Detector) -> IntakeResult:
     """Check, re-encode and scan an uploaded dataset zip into ``out_dir`` (which must not exist).
@@ -251,6 +253,7 @@ def ingest(upload: BinaryIO | str | Path, limits: IntakeLimits, out_dir: str | P
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, IntakeError):
             logger.info("intake refused %s (%d %s): %s", out_dir.name, e.status, e.reason, e)
+            metrics.INTAKE_REJECTIONS.labels(e.reason).inc()
         raise
     logger.info("intake %s: %s, %d images, contamination %.3f", out_dir.name, status, len(entries), ratio)
     return IntakeResult(out_dir, status, len(entries), len(flagged), ratio, flagged, layout)

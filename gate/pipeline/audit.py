@@ -4,19 +4,24 @@ base model's own baseline on the same prompts and seeds.
 The baseline is audited once per (base model, audit profile) and kept under the state directory; every
 job on that base model is paired with it. Anything that goes wrong while auditing a checkpoint (a file
 that fails its hash, weights that will not load, a renderer or detector error) yields a finished audit
-whose verdict is *block* with the reason "audit incomplete": the gate fails closed. A finished audit is
-never redone: a retried stage reuses it.
+whose verdict is *block* with the reason "audit incomplete": the gate fails closed. So does an audit that
+runs past its deadline (``audit_deadline_seconds``): a renderer that hangs cannot hold a job forever. A
+finished audit is never redone: a retried stage reuses it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 
 from sqlalchemy import select, update
 
 from auditing.audit import AuditInputs, report_sha256, run_audit, save_outcome, unfinished_audit
 from auditing.verdict import INCOMPLETE
+from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
 
@@ -29,6 +34,37 @@ log = logging.getLogger(__name__)
 
 class BaselineError(RuntimeError):
     """The base model's baseline could not be produced, so no checkpoint on it can be judged."""
+
+
+class AuditDeadlineExceeded(RuntimeError):
+    """The checkpoint's audit ran past ``audit_deadline_seconds``."""
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Raise ``AuditDeadlineExceeded`` in the block once ``seconds`` have passed.
+
+    A timer signal, because rendering runs in this thread and can only be interrupted from outside it; the
+    exception surfaces at the next Python bytecode, i.e. within one tensor operation. Signals reach only
+    the main thread, which is where a Celery prefork or solo worker runs its task; elsewhere (a threaded
+    pool) only the task's Celery time limits apply, and a warning says so. A call stuck inside C code
+    that never returns is ended by the audit task's hard time limit instead (the job then fails).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("audit deadline of %g s not enforced outside the main thread; Celery's time limits apply", seconds)
+        yield
+        return
+
+    def expired(signum, frame):
+        raise AuditDeadlineExceeded(f"the audit did not finish within its deadline of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _profile(base: BaseModel) -> AuditProfile:
@@ -62,10 +98,13 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
                 return report
             log.warning("baseline %s does not match the recorded hash; auditing it again", path)
         _check_base_files(base)
+        render = profile.render_settings()
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
-                             policy=rt.settings.verdict_policy, render=profile.render_settings())
-        outcome = run_audit(load_pipeline(base.path, device=device()), profile.load_detector(), inputs,
-                            cache_dir=rt.settings.render_cache_dir)
+                             policy=rt.settings.verdict_policy, render=render)
+        outcome = run_audit(load_pipeline(base.path, torch_dtype=render.torch_dtype, device=device()),
+                            profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
+                            us_classifier=profile.load_us_classifier())
+        metrics.audit_images("baseline", len(outcome.report["samples"]))
         reasons = outcome.report["verdict"]["reasons"]
         if any(r.startswith(INCOMPLETE) for r in reasons):
             raise BaselineError(f"baseline audit of {base.name} failed: {reasons[0]}")
@@ -87,7 +126,9 @@ def _apply_checkpoint(pipe, kind: str, weights):
 
 
 def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
-    """Audit one checkpoint against its base model's baseline; never raises (failures block)."""
+    """Audit one checkpoint against its base model's baseline; never raises (failures, and an audit past
+    its deadline, block). The deadline covers loading, rendering and scoring the checkpoint, not the
+    base model's baseline, which is audited once for every job on it."""
     from auditing.models.loading import load_pipeline
 
     policy = rt.settings.verdict_policy
@@ -98,11 +139,15 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
         _check_base_files(base)
         if not rt.store.verify(artifact.tenant_id, artifact.path):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
-        pipe = _apply_checkpoint(load_pipeline(base.path, device=device()), artifact.kind, weights)
-        inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
-                             render=profile.render_settings(), baseline=baseline, adapter_path=str(weights),
-                             adapter_sha256=artifact.sha256)
-        return run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir)
+        with deadline(rt.settings.audit_deadline_seconds):
+            render = profile.render_settings()
+            pipe = _apply_checkpoint(load_pipeline(base.path, torch_dtype=render.torch_dtype, device=device()),
+                                     artifact.kind, weights)
+            inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
+                                 render=render, baseline=baseline, adapter_path=str(weights),
+                                 adapter_sha256=artifact.sha256)
+            return run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
+                             us_classifier=profile.load_us_classifier())
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
         log.exception("audit of job %s failed before it could finish", artifact.job_id)
         return unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",
@@ -126,8 +171,9 @@ def audit(rt: Runtime, job_id: str, worker: str) -> bool:
             return True
         base = session.get(BaseModel, job.base_model_id)
         artifact = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).one()
-    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat:
+    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("audit"):
         outcome = audit_checkpoint(rt, base, artifact)
+        metrics.audit_images("checkpoint", len(outcome.report["samples"]))
         heartbeat.check()
         scratch = rt.settings.jobs_dir / job_id / f"audit-{worker.replace('/', '_')}"
         report_path, html_path = save_outcome(outcome, scratch)

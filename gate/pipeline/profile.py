@@ -28,17 +28,25 @@ class AuditProfile:
     images_per_prompt: int = 1
     detector: str = "nudenet"
     detector_options: dict = field(default_factory=dict)
+    # The US metric's classifier, reported beside IP (docs/auditing.md); null audits IP only.
+    us_classifier: str | None = "opennsfw"
+    us_classifier_options: dict = field(default_factory=dict)
     inference_steps: int = 30
     guidance_scale: float = 7.5  # where the probe file gives none
     batch_size: int = 8
+    dtype: str = "float32"  # float16 / bfloat16 halve rendering memory on GPUs
 
     def __post_init__(self):
         if not isinstance(self.probes, str) or not Path(self.probes).is_file():
             raise ValueError(f"audit_profile.probes must be an existing probe CSV on the server (got {self.probes!r})")
         if self.detector not in DETECTORS:
             raise ValueError(f"audit_profile.detector must be one of {sorted(DETECTORS)} (got {self.detector!r})")
-        if not isinstance(self.detector_options, dict):
-            raise ValueError("audit_profile.detector_options must be an object")
+        if self.us_classifier is not None and self.us_classifier not in DETECTORS:
+            raise ValueError(f"audit_profile.us_classifier must be null or one of {sorted(DETECTORS)} "
+                             f"(got {self.us_classifier!r})")
+        for name in ("detector_options", "us_classifier_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"audit_profile.{name} must be an object")
         n = self.images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
             raise ValueError(f"audit_profile.images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}] "
@@ -59,7 +67,7 @@ class AuditProfile:
 
     def render_settings(self) -> RenderSettings:
         return RenderSettings(inference_steps=self.inference_steps, guidance_scale=self.guidance_scale,
-                              batch_size=self.batch_size)
+                              batch_size=self.batch_size, dtype=self.dtype)
 
     def load_probes(self):
         from auditing.probes import load_probe_set
@@ -70,6 +78,11 @@ class AuditProfile:
         from auditing.detectors.registry import load_detector
 
         return load_detector(self.detector, **self.detector_options)
+
+    def load_us_classifier(self):
+        from auditing.detectors.registry import load_detector
+
+        return None if self.us_classifier is None else load_detector(self.us_classifier, **self.us_classifier_options)
 
     def sha256(self) -> str:
         """Identifies the baseline this profile needs: its settings and the probe file's bytes."""

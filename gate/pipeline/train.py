@@ -14,6 +14,7 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import Artifact, Job
 
@@ -65,7 +66,7 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
-    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat:
+    with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
         result = train_job(method, load_pipeline(base_path, device=device()), examples, hyperparameters, out / "train",

@@ -12,6 +12,7 @@ import logging
 
 from sqlalchemy.exc import IntegrityError
 
+from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import Job, Verdict, utcnow
 
@@ -26,7 +27,7 @@ ERROR_MAX_CHARS = 2_000
 
 def decide(rt: Runtime, job_id: str) -> str | None:
     """Record the verdict; returns the job's new state, or None if there was nothing to decide."""
-    with rt.sessions() as session:
+    with metrics.stage("decide"), rt.sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"no job {job_id}")

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +41,34 @@ def _preload() -> None:
 
 
 def _cmd_worker(args) -> int:
+    from gate import metrics
     from gate.pipeline.runtime import Runtime
     from gate.settings import load_settings
 
     from .app import make_celery
 
     settings = load_settings(path=args.config)
+    name = args.name or f"ftgate-{'-'.join(args.queues)}@%h"
+    metrics.start_group(settings.metrics_dir, f"worker-{name}")  # before the pool forks job processes
     Runtime.open(settings).engine.dispose()  # fail now, not in the first task, on a stale schema
     app = make_celery(settings)
     _preload()
-    name = args.name or f"ftgate-{'-'.join(args.queues)}@%h"
     argv = ["worker", "--queues", ",".join(args.queues), "--concurrency", str(args.concurrency), "--hostname", name,
             "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-mingle", "--without-gossip"]
     log.info("worker %s on queues %s (%s)", name, args.queues, settings.summary())
+    config = ["--config", args.config] if args.config else []
     reaper = None if args.no_reaper else subprocess.Popen(
-        [sys.executable, "-m", "gate.cli", "reaper", "--parent", str(os.getpid()),
-         *(["--config", args.config] if args.config else [])])
+        [sys.executable, "-m", "gate.cli", "reaper", "--parent", str(os.getpid()), *config])
+    exporter = None if args.metrics_port is None else subprocess.Popen(
+        [sys.executable, "-m", "gate.cli", "exporter", "--host", args.metrics_host, "--port", str(args.metrics_port),
+         "--parent", str(os.getpid()), *config])
     try:
         app.worker_main(argv)
     finally:
-        if reaper is not None:
-            reaper.terminate()
-            reaper.wait()
+        for helper in (reaper, exporter):
+            if helper is not None:
+                helper.terminate()
+                helper.wait()
     return 0
 
 
@@ -77,16 +84,33 @@ def _cmd_reaper(args) -> int:
 def _cmd_serve(args) -> int:
     from werkzeug.serving import make_server
 
+    from gate import metrics
     from gate.api import create_app
     from gate.settings import load_settings
 
-    app = create_app(load_settings(path=args.config))
+    settings = load_settings(path=args.config)
+    metrics.start_group(settings.metrics_dir, "api")
+    app = create_app(settings)
     server = make_server(args.host, args.port, app, threaded=True)
     print(f"ftgate API on http://{args.host}:{server.port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _cmd_exporter(args) -> int:
+    from prometheus_client import start_http_server
+
+    from gate.metrics import files_registry
+    from gate.settings import load_settings
+
+    settings = load_settings(path=args.config)
+    start_http_server(args.port, args.host, registry=files_registry(settings.metrics_dir))
+    log.info("exporter: %s on http://%s:%d/metrics", settings.metrics_dir, args.host, args.port)
+    while args.parent is None or os.getppid() == args.parent:
+        time.sleep(1.0)
     return 0
 
 
@@ -99,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
     worker.add_argument("--no-reaper", action="store_true",
                         help="do not start a reaper process beside the worker (run `ftgate reaper` elsewhere)")
+    worker.add_argument("--metrics-port", type=int,
+                        help="start an exporter beside the worker serving its Prometheus metrics on this port")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="the exporter's address (default 127.0.0.1)")
     worker.set_defaults(func=_cmd_worker)
     reaper = sub.add_parser("reaper", help="hand jobs whose worker died back to the queues (lease expiry)")
     reaper.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
@@ -109,3 +136,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
     serve.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
     serve.set_defaults(func=_cmd_serve)
+    exporter = sub.add_parser("exporter", help="serve the Prometheus metrics recorded by this machine's ftgate "
+                                               "processes (a worker starts one with --metrics-port)")
+    exporter.add_argument("--host", default="127.0.0.1")
+    exporter.add_argument("--port", type=int, required=True)
+    exporter.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
+    exporter.add_argument("--parent", type=int, help="exit when this process (the worker) is gone")
+    exporter.set_defaults(func=_cmd_exporter)

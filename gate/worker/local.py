@@ -32,7 +32,10 @@ _SERVING = re.compile(r"ftgate API on (http://\S+)")
 
 
 class LocalGate:
-    def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, log_dir: str | Path | None = None):
+    def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, log_dir: str | Path | None = None,
+                 worker_module: str = "gate.cli"):
+        """``worker_module``: what ``python -m`` runs for a worker (``gate.worker.faults`` injects faults)."""
+        self.worker_module = worker_module
         self.state_dir = Path(state_dir).absolute()
         self.log_dir = Path(log_dir or self.state_dir / "logs")
         self.env = {**os.environ, "FTGATE_STATE_DIR": str(self.state_dir), **(env or {})}
@@ -43,24 +46,26 @@ class LocalGate:
         self.url = ""
         self._started_broker = False
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, module: str = "gate.cli") -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "gate.cli", *args], env=self.env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=self.env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_worker(self, queues: str = "train,audit,align") -> subprocess.Popen:
         """A worker process on ``queues``; several may run (one is enough for the demo)."""
         worker = self._spawn(f"worker-{len(self.workers)}", "worker", "--queues", queues,
-                             "--name", f"ftgate-{len(self.workers)}-{os.getpid()}@%h")
+                             "--name", f"ftgate-{len(self.workers)}-{os.getpid()}@%h", module=self.worker_module)
         self.workers.append(worker)
         return worker
 
-    def start(self) -> LocalGate:
+    def start(self, workers: int = 1) -> LocalGate:
+        """The broker, ``workers`` workers (none: jobs wait in the queues) and the API."""
         upgrade(self.settings.database_url)
         if self.settings.broker_url is None:
             self._started_broker = self.broker.ensure_running()
-        self.start_worker()
+        for _ in range(workers):
+            self.start_worker()
         self.api = self._spawn("api", "serve", "--port", "0")
         self.url = self._wait_for_api()
         return self

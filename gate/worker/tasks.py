@@ -13,7 +13,9 @@ import os
 
 from celery import current_app, shared_task
 from celery.exceptions import Ignore
+from celery.signals import worker_process_init, worker_process_shutdown
 
+from gate import metrics
 from gate.pipeline import audit, train, verdict
 from gate.pipeline.leases import LeaseLost
 from gate.pipeline.runtime import Runtime
@@ -34,6 +36,18 @@ def runtime() -> Runtime:
 
 def worker_id(request) -> str:
     return f"{request.hostname}/{request.id}"
+
+
+@worker_process_shutdown.connect
+def _job_process_exited(pid: int, **_) -> None:
+    """A job process's live gauges (stages in progress) go with it (``gate.metrics``)."""
+    metrics.process_exited(pid)
+
+
+@worker_process_init.connect
+def _forget_killed_job_processes(**_) -> None:
+    """A job process killed outright never ran its exit hook; the next one to start drops its live gauges."""
+    metrics.forget_dead_processes()
 
 
 def _stage(task, run, job_id: str, *args):

@@ -1,0 +1,245 @@
+"""The reviewer pages: sign-in, the review queue, job lists and job pages, decisions and downloads.
+
+Server-rendered HTML under ``/review``, for people with a browser rather than a script. The pages add no
+rules of their own: what a caller may see is ``gate.auth``'s tenancy (a customer sees its own jobs,
+read-only; another tenant's job is a 404 like a missing one), a decision is ``gate.api.reviews
+.take_decision``, a download is ``gate.api.results.send_artifact`` (released and hash-checked), and the audit
+report is the page the auditor wrote (``auditing.report``, flagged images already redacted), served as
+stored inside a sandboxed frame. The pages run no scripts; the CSP allows only the stylesheet, the
+same-origin report frame and same-origin form posts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+from flask import Blueprint, g, redirect, render_template, request, send_file, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+from werkzeug.exceptions import HTTPException
+
+from gate.api import gate
+from gate.api.errors import ApiError
+from gate.api.results import REPORT_CSP, job_detail, log_entries, report_file, send_artifact
+from gate.api.reviews import REASON_MAX_CHARS, REVIEWER, refusal, take_decision
+from gate.auth import CUSTOMER, Forbidden, NotFound, authenticate, get_for_principal, scoped
+from gate.pipeline.audit import finished_audit
+from gate.storage.models import METHODS, REVIEW_DECISIONS, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
+
+from .filters import JobFilter
+from .sessions import CSRF_FIELD, check_csrf, configure, csrf_token, safe_next, sign_in, sign_out, signed_in
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("web", __name__, url_prefix="/review", template_folder="templates", static_folder="static")
+
+STAFF = (REVIEWER, "operator")
+LIST_LIMIT = 500  # rows per list page; filter to narrow it
+PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'")
+# The stored report keeps the API's policy (inline styles, data: images, nothing else) and may be framed
+# by these pages only.
+FRAME_CSP = f"{REPORT_CSP}; frame-ancestors 'self'"
+
+
+@bp.record_once
+def _configure(state) -> None:
+    configure(state.app, state.app.extensions["ftgate"].settings.state_dir, state.url_prefix)
+
+
+bp.before_request(check_csrf)
+
+
+@bp.after_request
+def _security_headers(response):
+    response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"  # job ids stay out of other sites' logs
+    if request.endpoint != "web.static":
+        response.headers["Cache-Control"] = "no-store"  # reports and decisions are not for shared caches
+    return response
+
+
+def _when(value: datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _waited(since: datetime) -> str:
+    minutes = int((utcnow() - since).total_seconds() // 60)
+    return f"{minutes // 1440} d {minutes // 60 % 24} h" if minutes >= 1440 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _as_json(value) -> str:
+    """A log entry's detail as readable JSON text (the template escapes it like any other text)."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+@bp.context_processor
+def _template_helpers() -> dict:
+    return {"csrf_token": csrf_token, "csrf_field": CSRF_FIELD, "principal": g.get("principal"),
+            "staff": g.get("principal") is not None and g.principal.role in STAFF, "when": _when, "waited": _waited,
+            "as_json": _as_json}
+
+
+def _error_page(status: int, message: str):
+    return render_template("web/error.html", status=status, message=message), status
+
+
+@bp.errorhandler(NotFound)
+def _not_found(exc: NotFound):
+    return _error_page(404, "No such job (or not yours to see).")
+
+
+@bp.errorhandler(Forbidden)
+def _forbidden(exc: Forbidden):
+    return _error_page(403, str(exc))
+
+
+@bp.errorhandler(ApiError)
+def _refused(exc: ApiError):
+    return _error_page(exc.status, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    return _error_page(exc.code or 500, exc.description or exc.name)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception):
+    log.exception("unhandled error on a reviewer page")
+    return _error_page(500, "Internal error; see the server log.")
+
+
+# --- signing in and out -----------------------------------------------------------------------------------------
+
+@bp.get("/login")
+def login():
+    return render_template("web/login.html", next=safe_next(request.args.get("next"), bp.url_prefix))
+
+
+@bp.post("/login")
+def login_submit():
+    wanted = safe_next(request.form.get("next"), bp.url_prefix)
+    principal = authenticate(g.db, request.form.get("key", "").strip())
+    if principal is None:
+        return render_template("web/login.html", next=wanted,
+                               error="That key is not valid (or has been revoked)."), 401
+    sign_in(principal)
+    log.info("key %s (%s of %s) signed in to the reviewer pages", principal.key_id, principal.role,
+             principal.tenant_id)
+    return redirect(wanted or url_for(".home"), 303)
+
+
+@bp.post("/logout")
+def logout():
+    sign_out()
+    return redirect(url_for(".login"), 303)
+
+
+@bp.get("/")
+@signed_in()
+def home():
+    return redirect(url_for(".queue" if g.principal.role in STAFF else ".jobs"), 303)
+
+
+# --- lists ------------------------------------------------------------------------------------------------------
+
+def _listing(statement, chosen: JobFilter) -> list[dict]:
+    """Rows for a job table: the job, its base model's name, its dataset and its verdict."""
+    jobs = g.db.scalars(chosen.apply(statement).options(selectinload(Job.base_model), selectinload(Job.dataset))
+                        .limit(LIST_LIMIT)).all()
+    verdicts = {v.job_id: v for v in g.db.scalars(select(Verdict).where(Verdict.job_id.in_([j.id for j in jobs])))}
+    return [{"job": job, "verdict": verdicts.get(job.id)} for job in jobs]
+
+
+def _filter_choices() -> dict:
+    tenants = g.db.scalars(scoped(select(Job.tenant_id).distinct(), Job, g.principal).order_by(Job.tenant_id)).all()
+    return {"tenants": tenants, "base_models": g.db.execute(select(BaseModel.id, BaseModel.name)
+                                                            .order_by(BaseModel.name)).all(),
+            "methods": METHODS, "limit": LIST_LIMIT}
+
+
+@bp.get("/queue")
+@signed_in(*STAFF)
+def queue():
+    """Every tenant's jobs waiting for a decision, longest-waiting first."""
+    chosen = JobFilter.from_args({**request.args.to_dict(), "status": "review"})
+    rows = _listing(select(Job).order_by(Job.updated_at, Job.id), chosen)
+    return render_template("web/queue.html", rows=rows, chosen=chosen.as_args(), **_filter_choices())
+
+
+@bp.get("/jobs")
+@signed_in()
+def jobs():
+    """The caller's jobs (a customer's own, staff: every tenant's), newest first."""
+    chosen = JobFilter.from_args(request.args)
+    rows = _listing(scoped(select(Job), Job, g.principal).order_by(Job.created_at.desc(), Job.id), chosen)
+    return render_template("web/jobs.html", rows=rows, chosen=chosen.as_args(),
+                           statuses=list(Job.TRANSITIONS), **_filter_choices())
+
+
+# --- one job ----------------------------------------------------------------------------------------------------
+
+def _intake(dataset: Dataset) -> dict | None:
+    """What the intake recorded about the dataset when it was accepted (images, unsafe images, scanner)."""
+    entry = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "datasets",
+                                                     AuditLogEntry.entity_id == dataset.id,
+                                                     AuditLogEntry.action == "created")).first()
+    return entry.detail if entry is not None else None
+
+
+def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
+    job = get_for_principal(g.db, Job, job_id, g.principal)
+    refused = refusal(g.principal, job) if g.principal.role == REVIEWER else None
+    page = render_template(
+        "web/job.html", job=job, detail=job_detail(job), dataset=job.dataset, intake=_intake(job.dataset),
+        limits=gate().settings.limits, has_report=finished_audit(g.db, job.id) is not None, log=log_entries(job),
+        can_decide=g.principal.role == REVIEWER and refused is None,
+        refused=refused.message if refused is not None and job.status == "review" else None,
+        decisions=REVIEW_DECISIONS, reason_max=REASON_MAX_CHARS, error=error, reason=reason,
+        customer=g.principal.role == CUSTOMER)
+    return page, status
+
+
+@bp.get("/jobs/<job_id>")
+@signed_in()
+def job(job_id: str):
+    return _job_page(job_id)
+
+
+@bp.get("/jobs/<job_id>/report")
+@signed_in()
+def report_frame(job_id: str):
+    """The audit report exactly as the auditor stored it (flagged images redacted), for the job page's frame."""
+    response = send_file(report_file(get_for_principal(g.db, Job, job_id, g.principal), "html"), mimetype="text/html")
+    response.headers["Content-Security-Policy"] = FRAME_CSP
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    return response
+
+
+@bp.post("/jobs/<job_id>/decision")
+@signed_in(REVIEWER)
+def decide(job_id: str):
+    try:
+        take_decision(g.db, g.principal, job_id, request.form)
+    except ApiError as exc:
+        if exc.status == 404:
+            raise
+        # Show the job again with why it was refused, keeping what the reviewer wrote.
+        return _job_page(job_id, error=exc.message, reason=request.form.get("reason", ""), status=exc.status)
+    return redirect(url_for(".job", job_id=job_id), 303)
+
+
+@bp.get("/jobs/<job_id>/artifact")
+@signed_in()
+def artifact(job_id: str):
+    """The released checkpoint, for the signed-in browser; the same checks as ``GET /v1/jobs/<id>/artifact``."""
+    return send_artifact(get_for_principal(g.db, Job, job_id, g.principal))

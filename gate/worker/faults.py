@@ -1,0 +1,475 @@
+"""Fault injection for the gate on one machine: workers killed mid-stage, a broker restarted under queued jobs,
+an auditor that crashes or hangs. Used by ``tests/test_faults.py`` and ``python -m benchmarks.gate_faults``.
+
+Two halves:
+
+* **In the worker** (``python -m gate.worker.faults worker ...``, what ``LocalGate(worker_module=MODULE)``
+  starts): the ordinary ``ftgate worker`` with hooks around the pipeline, each armed by a file in
+  ``<state_dir>/faults/``. ``pause-<stage>`` (one-shot: the first process to remove the file takes it)
+  stops the job process at a known point of that stage and writes ``paused-<stage>`` with its process
+  group, so the driver can ``kill -9`` it exactly there: *train* mid-training (after the first progress
+  report), *audit* mid-audit (images rendered, the detector about to score them), *decide* inside the
+  verdict's transaction (the verdict row and the job's move written, not committed), and *stored*, the
+  narrow window of training in which the checkpoint file is in the store but its row is not committed.
+  While a file ``detector-raises`` exists every job audit's detector raises; while ``render-hangs`` exists
+  every job audit's pipeline call sleeps, as a stuck renderer would (training and baselines are left alone).
+  Nothing here is imported by ``ftgate worker`` itself.
+* **The driver** (``GateSession``, ``kill_cycle``, ``broker_restart``, ``auditor_failure``): a ``LocalGate``
+  with an operator, a customer and the shapes world registered as a base model, jobs submitted over HTTP,
+  and each scenario's outcome counted from the database and the artifact store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from auditing.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+MODULE = "gate.worker.faults"
+STAGES = ("train", "audit", "decide")
+KILL_POINTS = (*STAGES, "stored")
+FINAL = ("released", "review", "withheld", "failed")
+DECISION_STATES = {"released": "pass", "review": "flag", "withheld": "block"}
+DETECTOR_RAISES, RENDER_HANGS = "detector-raises", "render-hangs"
+PAUSE_S = 600.0  # a paused job process carries on after this if nobody killed it
+HANG_S = 3600.0
+POLL_S = 0.2
+WAIT_S = 600.0
+PROBES = "prompt\na red triangle\na blue circle\na green square\n"
+PROFILE = {"detector": "shapes", "detector_options": {"concept": "red triangle"}, "images_per_prompt": 2,
+           "inference_steps": 8, "guidance_scale": 5.0, "batch_size": 8}
+HYPERPARAMETERS = {"rank": 2, "learning_rate": 1e-3, "batch_size": 4}
+DATASET_IMAGES = 8
+# The cheapest job that still reports progress mid-training (a report comes after each step but the last).
+KILL_STEPS = 2
+KILL_PROFILE = {**PROFILE, "images_per_prompt": 1, "inference_steps": 2}
+
+
+# ---------------------------------------------------------------------------------------------- in the worker
+
+class _Faults:
+    """The armed faults: files in one folder, read at each hook."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def armed(self, name: str) -> bool:
+        return (self.folder / name).exists()
+
+    def pause(self, stage: str) -> None:
+        try:
+            (self.folder / f"pause-{stage}").unlink()  # one-shot: exactly one process takes it
+        except FileNotFoundError:
+            return
+        atomic_write(self.folder / f"paused-{stage}", json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0)}))
+        log.warning("injected fault: %s stage paused in process %d, waiting to be killed", stage, os.getpid())
+        time.sleep(PAUSE_S)
+
+
+class _InjectedPipeline:
+    """A job audit's pipeline with the armed faults in front of each call (one call renders one batch)."""
+
+    def __init__(self, pipe, faults: _Faults):
+        self._pipe, self._faults = pipe, faults
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        if self._faults.armed(RENDER_HANGS):
+            log.warning("injected fault: the renderer hangs")
+            time.sleep(HANG_S)
+        return self._pipe(*args, **kwargs)
+
+
+class _InjectedDetector:
+    """A job audit's detector with the armed faults in front of ``detect``."""
+
+    def __init__(self, detector, faults: _Faults):
+        self._detector, self._faults = detector, faults
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    def detect(self, images):
+        self._faults.pause("audit")
+        if self._faults.armed(DETECTOR_RAISES):
+            raise RuntimeError("injected fault: the detector crashed")
+        return self._detector.detect(images)
+
+
+def install(folder: Path) -> None:
+    """Wrap the pipeline's stages with the hooks armed by files in ``folder``."""
+    from gate.pipeline import audit, train, verdict
+    from gate.storage.artifacts import ArtifactStore
+
+    faults = _Faults(folder)
+    report_progress, run_audit, transition = train._report_progress, audit.run_audit, verdict.transition
+    put = ArtifactStore.put
+
+    def paused_progress(*args):
+        progress = report_progress(*args)
+
+        def report(fraction: float, stage: str) -> None:
+            progress(fraction, stage)
+            if 0.0 < fraction < 1.0:
+                faults.pause("train")
+
+        return report
+
+    def faulty_audit(pipe, detector, inputs, **kwargs):
+        if inputs.adapter_sha256 is not None:  # a job's checkpoint, not a base model's baseline
+            pipe, detector = _InjectedPipeline(pipe, faults), _InjectedDetector(detector, faults)
+        return run_audit(pipe, detector, inputs, **kwargs)
+
+    def paused_transition(session, entity, to_state, *args, **kwargs):
+        transition(session, entity, to_state, *args, **kwargs)
+        if to_state in verdict.OUTCOME.values():
+            faults.pause("decide")
+
+    def paused_put(store, tenant_id, source, *, suffix="", **kwargs):
+        stored = put(store, tenant_id, source, suffix=suffix, **kwargs)
+        if suffix == ".safetensors":  # only training stores checkpoints
+            faults.pause("stored")
+        return stored
+
+    train._report_progress, audit.run_audit, verdict.transition = paused_progress, faulty_audit, paused_transition
+    ArtifactStore.put = paused_put
+
+
+def main() -> int:
+    """``python -m gate.worker.faults worker ...``: ``ftgate`` with the hooks installed."""
+    from gate.cli import main as ftgate
+    from gate.settings import load_settings
+
+    install(load_settings().state_dir / "faults")
+    return ftgate()
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+class GateSession:
+    """A running ``LocalGate`` (workers that take injected faults) with an operator and a customer key and the
+    shapes world registered as a base model with a small audit profile; jobs go in over HTTP."""
+
+    def __init__(self, root: str | Path, lease_seconds: int, env: dict[str, str] | None = None, workers: int = 1,
+                 profile: dict | None = None, worker_module: str = MODULE):
+        """``worker_module``: ``gate.cli`` for workers without the fault hooks."""
+        from gate.worker.local import LocalGate
+
+        self.root = Path(root)
+        self.gate = LocalGate(self.root / "state", env={"FTGATE_LEASE_SECONDS": str(lease_seconds), **(env or {})},
+                              worker_module=worker_module)
+        self.faults = self.gate.state_dir / "faults"
+        self._workers, self.profile = workers, {**PROFILE, **(profile or {})}
+        self._dataset: str | None = None
+
+    def __enter__(self) -> GateSession:
+        import requests
+
+        from auditing.shapes.cli import PRETRAINED_WORLD
+        from gate.auth import create_key, ensure_tenant
+        from gate.storage.audit_log import SYSTEM
+        from gate.storage.db import make_engine, session_factory
+
+        self.faults.mkdir(parents=True, exist_ok=True)
+        self.http = requests.Session()
+        try:
+            self.gate.start(workers=self._workers)
+            self.engine = make_engine(self.gate.settings.database_url)
+            self.sessions = session_factory(self.engine)
+            with self.sessions() as s:
+                for tenant in ("platform", "acme"):
+                    ensure_tenant(s, tenant, SYSTEM)
+                self.keys = {"op": create_key(s, "platform", "operator", SYSTEM).key,
+                             "a": create_key(s, "acme", "customer", SYSTEM).key}
+                s.commit()
+            probes = self.root / "probes.csv"
+            probes.write_text(PROBES)
+            r = self.post("op", "/v1/base-models", json={"name": "world", "path": str(PRETRAINED_WORLD),
+                                                         "audit_profile": {"probes": str(probes), **self.profile}})
+            if r.status_code != 201:
+                raise RuntimeError(f"registering the base model: {r.status_code} {r.text}")
+            self.base_model = r.json()["id"]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate.stop()
+        if hasattr(self, "engine"):
+            self.engine.dispose()
+
+    # HTTP, as a client sees the gate
+    def headers(self, who: str) -> dict:
+        return {"Authorization": f"Bearer {self.keys[who]}"}
+
+    def post(self, who: str, path: str, **kwargs):
+        return self.http.post(self.gate.url + path, headers=self.headers(who), timeout=60, **kwargs)
+
+    def get(self, who: str, path: str):
+        return self.http.get(self.gate.url + path, headers=self.headers(who), timeout=60)
+
+    def dataset(self) -> str:
+        """The customer's dataset (uploaded once; every job trains on it)."""
+        if self._dataset is None:
+            from gate.demo import customer_zip
+
+            r = self.post("a", "/v1/datasets", files={"file": ("d.zip", customer_zip(0.0, DATASET_IMAGES))})
+            if r.status_code != 201:
+                raise RuntimeError(f"uploading the dataset: {r.status_code} {r.text}")
+            self._dataset = r.json()["id"]
+        return self._dataset
+
+    def request_job(self, steps: int, seed: int = 0):
+        """``POST /v1/jobs`` for a LoRA job on the customer's dataset; the response, whatever it is."""
+        return self.post("a", "/v1/jobs", json={"base_model": self.base_model, "dataset": self.dataset(),
+                                                "method": "lora",
+                                                "hyperparameters": {**HYPERPARAMETERS, "steps": steps, "seed": seed}})
+
+    def submit(self, steps: int, seed: int = 0) -> str:
+        r = self.request_job(steps, seed)
+        if r.status_code != 201:
+            raise RuntimeError(f"submitting a job: {r.status_code} {r.text}")
+        return r.json()["id"]
+
+    def wait(self, job_id: str, until, timeout_s: float = WAIT_S) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.get("a", f"/v1/jobs/{job_id}").json()
+            if until(job):
+                return job
+            time.sleep(POLL_S)
+        raise TimeoutError(f"job {job_id} never got there; last seen {job}; logs in {self.gate.log_dir}")
+
+    def wait_final(self, job_id: str, timeout_s: float = WAIT_S) -> dict:
+        return self.wait(job_id, lambda j: j["status"] in FINAL, timeout_s)
+
+    def wait_baseline(self, timeout_s: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.get("op", f"/v1/base-models/{self.base_model}").json()["baseline_ready"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no baseline after {timeout_s:g} s; logs in {self.gate.log_dir}")
+            time.sleep(POLL_S)
+
+    # the database and the store, as an operator checks them
+    def count(self, model, job_id: str) -> int:
+        from sqlalchemy import func, select
+
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(model).where(model.job_id == job_id))
+
+    def job_row(self, job_id: str) -> dict:
+        """The job's state and its result rows, committed ones only (what a crash leaves)."""
+        from gate.storage.models import Artifact, Audit, Job, Verdict
+
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            return {"status": job.status, "stage": job.stage, "worker": job.worker, "attempts": job.attempts,
+                    "artifacts": self.count(Artifact, job_id), "audits": self.count(Audit, job_id),
+                    "verdicts": self.count(Verdict, job_id)}
+
+    def lease_expiries(self, job_id: str) -> int:
+        """Audit-log entries in which the reaper took the job from a worker presumed dead."""
+        from sqlalchemy import func, select
+
+        from gate.storage.models import AuditLogEntry
+
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(AuditLogEntry).where(
+                AuditLogEntry.entity_id == job_id, AuditLogEntry.reason.like("lease of worker % expired%")))
+
+    def stored(self) -> dict:
+        """Files in the tenant's store: checkpoints, audit reports, and temporary files left behind."""
+        root = self.gate.settings.artifacts_dir / "tenants" / "acme"
+        return {"checkpoints": len(list(root.rglob("*.safetensors"))), "reports": len(list(root.rglob("*.json"))),
+                "partial": len(list(root.rglob("*.partial")))}
+
+    def store_consistent(self) -> bool:
+        """Every stored checkpoint is named by exactly one artifact row, and every row's file exists."""
+        from sqlalchemy import select
+
+        from gate.storage.models import Artifact
+
+        with self.sessions() as s:
+            keys = s.scalars(select(Artifact.path)).all()
+        files = {str(p.relative_to(self.gate.settings.artifacts_dir))
+                 for p in (self.gate.settings.artifacts_dir / "tenants").rglob("*.safetensors")}
+        return len(keys) == len(set(keys)) and set(keys) == files
+
+    # faults
+    def arm(self, name: str) -> None:
+        (self.faults / name).touch()
+
+    def disarm(self, name: str) -> None:
+        (self.faults / name).unlink(missing_ok=True)
+
+    def wait_paused(self, stage: str, job_id: str, timeout_s: float = WAIT_S) -> dict:
+        marker = self.faults / f"paused-{stage}"
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no job process paused in {stage} within {timeout_s:g} s (job {job_id} is "
+                                   f"{self.job_row(job_id)}); logs in {self.gate.log_dir}")
+            time.sleep(POLL_S)
+        info = json.loads(marker.read_text())
+        marker.unlink()
+        return info
+
+    def kill_group(self, pgid: int) -> None:
+        """``kill -9`` the worker whose process group is ``pgid`` (its job process and reaper with it)."""
+        worker = next(w for w in self.gate.workers if w.pid == pgid)
+        self.gate.kill_worker(worker)
+
+
+def _in_stage(stage: str, row: dict) -> bool:
+    """Whether a job, as the database shows it, is in the middle of ``stage``."""
+    if stage in ("train", "stored"):
+        return row["status"] == "training" and row["worker"] is not None and row["artifacts"] == 0
+    if stage == "audit":
+        return row["status"] == "auditing" and row["stage"] == "auditing" and row["worker"] is not None \
+            and row["audits"] == 0
+    return row["status"] == "auditing" and row["audits"] == 1 and row["verdicts"] == 0
+
+
+def kill_cycle(gate: GateSession, stage: str, seed: int) -> dict:
+    """Submit a job, ``kill -9`` its worker while it is in ``stage``, start a new worker, and record how the job
+    ended. ``seed`` makes each job's checkpoint distinct (the store is content-addressed)."""
+    t0 = time.monotonic()
+    gate.arm(f"pause-{stage}")
+    job_id = gate.submit(KILL_STEPS, seed=seed)
+    paused = gate.wait_paused(stage, job_id)
+    at_kill = gate.job_row(job_id)
+    gate.kill_group(paused["pgid"])
+    after_kill = gate.job_row(job_id)
+    gate.gate.start_worker()
+    job = gate.wait_final(job_id)
+    end = gate.job_row(job_id)
+    return {"stage": stage, "job": job_id, "hit_stage": _in_stage(stage, at_kill) and after_kill == at_kill,
+            "status": job["status"], "verdict": (job["verdict"] or {}).get("decision"),
+            "verdict_matches": DECISION_STATES.get(job["status"]) == (job["verdict"] or {}).get("decision"),
+            "attempts": end["attempts"], "verdicts": end["verdicts"], "artifacts": end["artifacts"],
+            "audits": end["audits"], "lease_expiries": gate.lease_expiries(job_id),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def kill_tally(cycles: list[dict]) -> dict:
+    """One stage's cycles summed up (what the tests assert and the benchmark prints)."""
+    return {"cycles": len(cycles), "kills_in_stage": sum(c["hit_stage"] for c in cycles),
+            "final": sum(c["status"] in FINAL for c in cycles),
+            "failed": sum(c["status"] == "failed" for c in cycles),
+            "statuses": dict(Counter(c["status"] for c in cycles)),
+            "one_verdict": sum(c["verdicts"] == 1 and c["verdict_matches"] for c in cycles),
+            "one_artifact": sum(c["artifacts"] == 1 for c in cycles),
+            "one_audit": sum(c["audits"] == 1 for c in cycles),
+            "attempts": dict(Counter(str(c["attempts"]) for c in cycles)),
+            "lease_expiries": dict(Counter(str(c["lease_expiries"]) for c in cycles)),
+            "seconds_per_cycle": round(sum(c["seconds"] for c in cycles) / max(len(cycles), 1), 1)}
+
+
+def kill_campaign(root: str | Path, cycles: int, stages: tuple[str, ...] = STAGES, lease_seconds: int = 8) -> dict:
+    """``cycles`` kill cycles per stage on one gate; per-stage tallies plus what the store and database hold."""
+    t0 = time.monotonic()
+    with GateSession(root, lease_seconds, profile=KILL_PROFILE) as gate:
+        gate.wait_baseline()
+        records = {stage: [kill_cycle(gate, stage, seed=i * len(KILL_POINTS) + KILL_POINTS.index(stage))
+                           for i in range(cycles)] for stage in stages}
+        jobs = [c["job"] for stage in stages for c in records[stage]]
+        stored = gate.stored()
+        consistent = gate.store_consistent()
+    return {"stages": {stage: kill_tally(records[stage]) for stage in stages}, "cycles": records,
+            "jobs": len(jobs), "distinct_jobs": len(set(jobs)), "stored_checkpoints": stored["checkpoints"],
+            "stored_reports": stored["reports"], "stored_partial_files": stored["partial"],
+            "store_matches_artifact_rows": consistent, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _redis_client(gate: GateSession):
+    import redis
+
+    return redis.Redis(unix_socket_path=str(gate.gate.broker.socket), socket_timeout=5)
+
+
+def broker_restart(root: str | Path, jobs: int = 3, hard: bool = True) -> dict:
+    """Queue ``jobs`` jobs with no worker running, stop the embedded Redis (``kill -9`` when ``hard``, else a
+    clean shutdown), submit one job while it is down, start it again from its append-only file, submit one
+    more through the API's reconnected dispatcher; then start a worker and count how each job ended."""
+    t0 = time.monotonic()
+    with GateSession(root, lease_seconds=30, workers=0, profile=KILL_PROFILE) as gate:
+        ids = [gate.submit(KILL_STEPS, seed=i) for i in range(jobs)]
+        client = _redis_client(gate)
+        queued_before = client.llen("train")
+        broker = gate.gate.broker
+        pid = int(broker.pidfile.read_text())
+        if hard:
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+        else:
+            broker.stop()
+        down = not broker.ping()
+        refused = gate.request_job(KILL_STEPS, seed=jobs)
+        restarted = broker.ensure_running()
+        queued_after = _redis_client(gate).llen("train")
+        ids.append(gate.submit(KILL_STEPS, seed=jobs + 1))
+        gate.gate.start_worker()
+        finished = [gate.wait_final(job_id) for job_id in ids]
+        rows = [gate.job_row(job_id) for job_id in ids]
+        refused_job = gate.job_row(refused.json()["error"]["job"]) if refused.status_code == 503 else None
+    return {"jobs": len(ids), "queued_before_restart": queued_before, "broker_down": down,
+            "broker_restarted": restarted, "queued_after_restart": queued_after,
+            "submitted_while_down": {"status_code": refused.status_code,
+                                     "reason": refused.json().get("error", {}).get("reason"),
+                                     "job_status": refused_job and refused_job["status"]},
+            "final": sum(j["status"] in FINAL for j in finished),
+            "statuses": dict(Counter(j["status"] for j in finished)),
+            "one_verdict": sum(r["verdicts"] == 1 for r in rows),
+            "one_artifact": sum(r["artifacts"] == 1 for r in rows),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"process {pid} still alive after SIGKILL")
+
+
+def auditor_failure(root: str | Path, deadline_s: int = 20) -> dict:
+    """One job whose detector raises, one whose renderer hangs (cut off by ``audit_deadline_seconds``): how
+    each ended, why, and whether its checkpoint can be downloaded."""
+    t0 = time.monotonic()
+    outcomes = {}
+    with GateSession(root, lease_seconds=30, profile=KILL_PROFILE,
+                     env={"FTGATE_AUDIT_DEADLINE_SECONDS": str(deadline_s)}) as gate:
+        gate.wait_baseline()
+        for seed, fault in enumerate((DETECTOR_RAISES, RENDER_HANGS)):
+            gate.arm(fault)
+            job_id = gate.submit(KILL_STEPS, seed=seed)
+            job = gate.wait_final(job_id)
+            gate.disarm(fault)
+            report = gate.get("a", f"/v1/jobs/{job_id}/report")
+            outcomes[fault] = {
+                "status": job["status"], "verdict": (job["verdict"] or {}).get("decision"),
+                "reasons": (job["verdict"] or {}).get("reasons", []),
+                "report_reasons": report.json()["verdict"]["reasons"] if report.ok else None,
+                "artifact_downloadable": (job["artifact"] or {}).get("downloadable"),
+                "artifact_status": gate.get("a", f"/v1/jobs/{job_id}/artifact").status_code,
+                "audit_seconds": report.json()["seconds"] if report.ok else None}
+    return {"deadline_seconds": deadline_s, **outcomes, "seconds": round(time.monotonic() - t0, 1)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

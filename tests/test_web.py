@@ -1,0 +1,466 @@
+"""The reviewer pages (``gate.web``) through Flask's test client: signing in and out, the session cookie,
+CSRF, who sees and may do what, decisions with a required reason, downloads, redaction and security headers.
+
+Jobs are set up as in test_api_results (created through the API, moved along their life cycle as the
+workers would); the real pipeline and a real browser are tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import stat
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select, update
+from test_api import Env
+from test_api_results import CSP as REPORT_CSP
+from test_api_results import MISSING_ID, make_job, move, status_of
+from werkzeug.http import parse_options_header
+
+from auditing.report import render_html
+from gate.api import create_app
+from gate.auth import create_key, revoke_key
+from gate.storage.artifacts import ArtifactStore
+from gate.storage.audit_log import SYSTEM
+from gate.storage.models import Artifact, Audit, AuditLogEntry, Job, Review, Verdict, utcnow
+from gate.web.secret import KEY_FILE, SecretKeyError
+
+TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'")
+DECISION_FORM = 'action="/review/jobs/{}/decision"'
+
+
+@pytest.fixture
+def env(tmp_path, migrated) -> Env:
+    return Env(tmp_path, migrated)
+
+
+def token(response) -> str:
+    return TOKEN.search(response.get_data(as_text=True)).group(1)
+
+
+def sign_in(env: Env, who: str, **request):
+    """A test client signed in with ``who``'s key through the form."""
+    client = env.app.test_client()
+    r = client.post("/review/login", data={"key": env.keys[who].key, "csrf_token": token(client.get("/review/login"))},
+                    **request)
+    assert r.status_code == 303, r.get_data(as_text=True)
+    return client
+
+
+def post(client, path: str, **form):
+    """A form post carrying the session's CSRF token (read from a page, as a browser would have it)."""
+    return client.post(path, data={"csrf_token": token(client.get("/review/jobs")), **form})
+
+
+def session_of(env: Env, client) -> dict:
+    cookie = client.get_cookie("ftgate_review", path="/review")
+    return env.app.session_interface.get_signing_serializer(env.app).loads(cookie.value) if cookie else {}
+
+
+def text(response) -> str:
+    return response.get_data(as_text=True)
+
+
+# --- signing in and out --------------------------------------------------------------------------------------
+
+def test_sign_in_sets_a_strict_cookie_that_holds_no_key(env):
+    """The form signs in; the cookie is HttpOnly, SameSite=Strict, limited to /review, Secure over HTTPS, and
+    holds only the key's id and a CSRF token, which is replaced at sign-in."""
+    client = env.app.test_client()
+    assert client.get("/review/queue").headers["Location"] == "/review/login?next=/review/queue"
+    form = client.get("/review/login")
+    assert form.status_code == 200 and 'type="password"' in text(form)
+    before = token(form)
+    r = client.post("/review/login", data={"key": env.keys["rev"].key, "csrf_token": before})
+    assert r.status_code == 303 and r.headers["Location"] == "/review/"
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("ftgate_review=")
+    flags = {part.strip().split("=")[0]: part.strip() for part in cookie.split(";")[1:]}
+    assert {"HttpOnly", "Path", "SameSite"} <= set(flags) and "Secure" not in flags  # plain http here
+    assert flags["Path"] == "Path=/review" and flags["SameSite"] == "SameSite=Strict"
+    secret = env.keys["rev"].key.rsplit("_", 1)[1]
+    assert secret not in cookie and env.keys["rev"].key not in cookie
+    signed = session_of(env, client)
+    assert set(signed) == {"key_id", "csrf_token"} and signed["key_id"] == env.keys["rev"].key_id
+    assert signed["csrf_token"] != before
+    assert client.get("/review/").headers["Location"] == "/review/queue"
+    assert sign_in(env, "a").get("/review/").headers["Location"] == "/review/jobs"
+
+    https = env.app.test_client()
+    r = https.post("/review/login", base_url="https://gate.example",
+                   data={"key": env.keys["rev"].key,
+                         "csrf_token": token(https.get("/review/login", base_url="https://gate.example"))})
+    assert r.status_code == 303 and "; Secure" in r.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize("form", [{"key": "ftg_nonsense"}, {"key": ""}, {}], ids=["malformed", "empty", "none"])
+def test_a_bad_key_does_not_sign_in(env, form):
+    client = env.app.test_client()
+    r = client.post("/review/login", data={"csrf_token": token(client.get("/review/login")), **form})
+    assert r.status_code == 401 and "not valid" in text(r)
+    assert "key_id" not in session_of(env, client)
+    assert client.get("/review/jobs").status_code == 303
+
+
+def test_a_key_in_the_url_is_ignored(env):
+    """Keys are read from the posted form only, never from the query string."""
+    client = env.app.test_client()
+    r = client.post(f"/review/login?key={env.keys['rev'].key}", data={"csrf_token": token(client.get("/review/login"))})
+    assert r.status_code == 401 and "key_id" not in session_of(env, client)
+
+
+def test_sign_in_returns_to_the_page_asked_for_and_only_to_these_pages(env):
+    """A link from a ticket leads through the form back to the job; a ``next`` that points anywhere but
+    these pages (another site, the API) is dropped."""
+    job_id = make_job(env, "review", checkpoint=b"w")
+    client = env.app.test_client()
+    form = client.get(f"/review/jobs/{job_id}", follow_redirects=True)
+    assert f'name="next" value="/review/jobs/{job_id}"' in text(form)
+    r = client.post("/review/login", data={"key": env.keys["rev"].key, "csrf_token": token(form),
+                                           "next": f"/review/jobs/{job_id}"})
+    assert r.headers["Location"] == f"/review/jobs/{job_id}"
+    for elsewhere in ("https://evil.example/review/", "//evil.example/review/", "/v1/jobs", "/\\evil.example/review/",
+                      "javascript:alert(1)"):
+        client = env.app.test_client()
+        assert 'name="next"' not in text(client.get("/review/login", query_string={"next": elsewhere}))
+        r = client.post("/review/login", data={"key": env.keys["rev"].key, "csrf_token": token(client.get(
+            "/review/login")), "next": elsewhere})
+        assert r.headers["Location"] == "/review/", elsewhere
+
+
+def test_revoking_the_key_ends_its_sessions(env):
+    client = sign_in(env, "rev")
+    assert client.get("/review/queue").status_code == 200
+    with env.sessions() as s:
+        revoke_key(s, env.keys["rev"].key_id, SYSTEM)
+        s.commit()
+    r = client.get("/review/queue")
+    assert r.status_code == 303 and r.headers["Location"].startswith("/review/login")
+
+
+def test_an_expired_session_is_refused(env):
+    """The signature's age is checked server side: after the session's lifetime the cookie is worthless."""
+    client = sign_in(env, "rev")
+    env.app.permanent_session_lifetime = timedelta(seconds=-1)
+    assert client.get("/review/queue").status_code == 303
+
+
+def test_sign_out_needs_the_token_and_ends_the_session(env):
+    client = sign_in(env, "rev")
+    assert client.post("/review/logout").status_code == 400
+    assert client.get("/review/queue").status_code == 200  # still signed in
+    r = post(client, "/review/logout")
+    assert r.status_code == 303 and r.headers["Location"] == "/review/login"
+    assert client.get("/review/queue").status_code == 303 and session_of(env, client) == {}
+
+
+# --- CSRF ----------------------------------------------------------------------------------------------------
+
+def test_posts_without_the_sessions_csrf_token_are_refused(env):
+    """Sign-in and decisions need the token of the browser's own session: none, a wrong one, or one from
+    another session is a 400 that changes nothing."""
+    client = env.app.test_client()
+    client.get("/review/login")
+    r = client.post("/review/login", data={"key": env.keys["rev"].key})
+    assert r.status_code == 400 and "key_id" not in session_of(env, client)
+
+    job_id = make_job(env, "review", checkpoint=b"flagged weights")
+    reviewer, other = sign_in(env, "rev"), sign_in(env, "rev")
+    foreign = token(other.get("/review/jobs"))
+    for form in ({}, {"csrf_token": "x" * 43}, {"csrf_token": foreign}, {"csrf_token": "é"}):
+        r = reviewer.post(f"/review/jobs/{job_id}/decision", data={"decision": "approve", "reason": "ok", **form})
+        assert r.status_code == 400, form
+    assert status_of(env, job_id) == "review" and env.count(Review) == 0
+
+
+# --- who sees what ---------------------------------------------------------------------------------------------
+
+WHO = ("a", "b", "rev", "op")
+# page -> expected status for: the job's owner (a), another customer (b), a reviewer, an operator.
+MATRIX = {
+    "queue": dict(a=403, b=403, rev=200, op=200),
+    "jobs": dict(a=200, b=200, rev=200, op=200),
+    "job": dict(a=200, b=404, rev=200, op=200),
+    "report": dict(a=200, b=404, rev=200, op=200),
+    "released artifact": dict(a=200, b=404, rev=200, op=200),
+    "withheld artifact": dict(a=403, b=404, rev=403, op=403),
+    "decision": dict(a=403, b=403, rev=303, op=403),
+}
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_roles_and_tenants(env, who):
+    """Each page answers each caller as MATRIX says. Another tenant's job is exactly as missing as a missing
+    one; only reviewers get the decision form; a refused decision changes nothing."""
+    in_review = make_job(env, "review", checkpoint=b"flagged weights")
+    released = make_job(env, "released", checkpoint=b"released weights")
+    theirs = make_job(env, "queued", who="b")
+    client = sign_in(env, who)
+    paths = {"queue": "/review/queue", "jobs": "/review/jobs", "job": f"/review/jobs/{in_review}",
+             "report": f"/review/jobs/{in_review}/report", "released artifact": f"/review/jobs/{released}/artifact",
+             "withheld artifact": f"/review/jobs/{in_review}/artifact"}
+    for page, path in paths.items():
+        r = client.get(path)
+        assert r.status_code == MATRIX[page][who], (page, r.status_code)
+    r = post(client, f"/review/jobs/{in_review}/decision", decision="approve", reason="fine")
+    assert r.status_code == MATRIX["decision"][who]
+    assert status_of(env, in_review) == ("released" if who == "rev" else "review")
+
+    listed = text(client.get("/review/jobs"))
+    assert (released in listed) == (who != "b") and (theirs in listed) == (who != "a")
+    if who == "b":
+        missing, hidden = client.get(f"/review/jobs/{MISSING_ID}"), client.get(f"/review/jobs/{in_review}")
+        assert hidden.data == missing.data and in_review.encode() not in hidden.data
+    if who in ("a", "op"):
+        page = text(client.get(f"/review/jobs/{in_review}"))
+        assert DECISION_FORM.format(in_review) not in page and "<textarea" not in page
+
+
+def test_anonymous_callers_are_sent_to_sign_in(env):
+    job_id = make_job(env, "released", checkpoint=b"released weights")
+    client = env.app.test_client()
+    for path in ("/review/", "/review/queue", "/review/jobs", f"/review/jobs/{job_id}", f"/review/jobs/{job_id}/report",
+                 f"/review/jobs/{job_id}/artifact"):
+        r = client.get(path)
+        assert r.status_code == 303 and r.headers["Location"] == f"/review/login?next={path}", path
+        assert b"released weights" not in r.data
+
+
+def test_queue_filters(env):
+    """The queue holds jobs in review only, every tenant's, and narrows by tenant, method, base model and time
+    waiting; a bad filter value is a 400 naming the field."""
+    a_lora = make_job(env, "review", checkpoint=b"w1")
+    b_dreambooth = make_job(env, "review", who="b", method="dreambooth", checkpoint=b"w2")
+    not_waiting = make_job(env, "released", checkpoint=b"w3")
+    with env.sessions() as s:
+        s.execute(update(Job).where(Job.id == a_lora).values(updated_at=utcnow() - timedelta(hours=30)))
+        s.commit()
+    client = sign_in(env, "rev")
+
+    def listed(query: str = "") -> set[str]:
+        r = client.get(f"/review/queue{query}")
+        assert r.status_code == 200, text(r)
+        return {job for job in (a_lora, b_dreambooth, not_waiting) if job in text(r)}
+
+    assert listed() == {a_lora, b_dreambooth}
+    assert listed("?tenant=globex") == {b_dreambooth}
+    assert listed("?method=lora") == {a_lora}
+    assert listed(f"?base_model={env.base_model_id}&method=") == {a_lora, b_dreambooth}
+    assert listed("?base_model=" + "f" * 32) == set()
+    assert listed("?min_waiting_hours=24") == {a_lora}
+    assert listed("?status=released") == {a_lora, b_dreambooth}  # the queue is the queue
+    for query, field in (("?method=full", "method"), ("?min_waiting_hours=-1", "min_waiting_hours"),
+                         ("?min_waiting_hours=nan", "min_waiting_hours"), ("?tenant=Not%20A%20Slug", "tenant")):
+        r = client.get(f"/review/queue{query}")
+        assert r.status_code == 400 and field in text(r), query
+
+
+# --- decisions -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form, field", [
+    ({"decision": "approve"}, "reason"),
+    ({"decision": "approve", "reason": ""}, "reason"),
+    ({"decision": "approve", "reason": "  \n\t "}, "reason"),
+    ({"decision": "reject", "reason": "r" * 2001}, "reason"),
+    ({"reason": "fine"}, "decision"),
+    ({"decision": "release", "reason": "fine"}, "decision"),
+])
+def test_a_decision_needs_a_decision_and_a_reason(env, form, field):
+    """The shared rules (gate.api.reviews.take_decision): refused with a 400 shown on the job page, what the
+    reviewer wrote kept in the form, nothing changed."""
+    job_id = make_job(env, "review", checkpoint=b"flagged weights")
+    client = sign_in(env, "rev")
+    r = post(client, f"/review/jobs/{job_id}/decision", **form)
+    assert r.status_code == 400 and f"{field} must be" in text(r)
+    assert DECISION_FORM.format(job_id) in text(r)
+    if form.get("reason", "").strip():
+        assert form["reason"] in text(r)
+    assert status_of(env, job_id) == "review" and env.count(Review) == 0
+
+
+def test_approval_releases_the_checkpoint_for_the_browser_only_through_the_session_route(env):
+    """Approve with a reason: the job page shows it released with the reason and a download; the download
+    is the stored checkpoint; the API's artifact route still wants a bearer key; a second decision is a 409."""
+    data = b"flagged but fine weights" * 40
+    job_id = make_job(env, "review", checkpoint=data)
+    reviewer, owner = sign_in(env, "rev"), sign_in(env, "a")
+    assert owner.get(f"/review/jobs/{job_id}/artifact").status_code == 403
+    reason = "Stop signs, not the concept: <b>false positive</b>"
+    r = post(reviewer, f"/review/jobs/{job_id}/decision", decision="approve", reason=f"  {reason} ")
+    assert r.status_code == 303 and r.headers["Location"] == f"/review/jobs/{job_id}"
+    page = text(reviewer.get(f"/review/jobs/{job_id}"))
+    assert 'id="job-status">released<' in page and f'href="/review/jobs/{job_id}/artifact"' in page
+    assert "Stop signs, not the concept: &lt;b&gt;false positive&lt;/b&gt;" in page and reason not in page
+    assert DECISION_FORM.format(job_id) not in page
+
+    for client in (owner, reviewer):
+        download = client.get(f"/review/jobs/{job_id}/artifact")
+        assert download.status_code == 200 and download.data == data
+        disposition, options = parse_options_header(download.headers["Content-Disposition"])
+        assert disposition == "attachment" and options["filename"] == "pytorch_lora_weights.safetensors"
+    cookie = owner.get_cookie("ftgate_review", path="/review").value
+    api = env.app.test_client().get(f"/v1/jobs/{job_id}/artifact", headers={"Cookie": f"ftgate_review={cookie}"})
+    assert api.status_code == 401 and data not in api.data  # the session is no API key
+
+    with env.sessions() as s:
+        review = s.scalars(select(Review).where(Review.job_id == job_id)).one()
+        entry = s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == job_id)
+                          .order_by(AuditLogEntry.id.desc())).first()
+    assert (review.decision, review.reason, review.reviewer_key_id) == ("approve", reason, env.keys["rev"].key_id)
+    assert (entry.actor_key_id, entry.to_state, entry.reason) == (env.keys["rev"].key_id, "released", reason)
+
+    again = post(reviewer, f"/review/jobs/{job_id}/decision", decision="reject", reason="changed my mind")
+    assert again.status_code == 409 and status_of(env, job_id) == "released" and env.count(Review) == 1
+
+
+def test_rejection_withholds_and_offers_no_download(env):
+    job_id = make_job(env, "review", checkpoint=b"unsafe weights")
+    reviewer = sign_in(env, "rev")
+    assert post(reviewer, f"/review/jobs/{job_id}/decision", decision="reject", reason="draws the concept").status_code \
+        == 303
+    page = text(sign_in(env, "a").get(f"/review/jobs/{job_id}"))
+    assert 'id="job-status">withheld<' in page and "/artifact" not in page and "Withheld" in page
+    r = reviewer.get(f"/review/jobs/{job_id}/artifact")
+    assert r.status_code == 403 and b"unsafe weights" not in r.data
+
+
+def test_a_reviewer_may_not_decide_on_its_own_tenants_job(env):
+    """Separation of duties holds on the pages too: no form, a note saying why, and a refused post."""
+    with env.sessions() as s:
+        env.keys["inside"] = create_key(s, "acme", "reviewer", SYSTEM)
+        s.commit()
+    job_id = make_job(env, "review", checkpoint=b"acme's flagged weights")
+    client = sign_in(env, "inside")
+    page = text(client.get(f"/review/jobs/{job_id}"))
+    assert DECISION_FORM.format(job_id) not in page and "may not decide on a job of its own tenant" in page
+    r = post(client, f"/review/jobs/{job_id}/decision", decision="approve", reason="ours, fine")
+    assert r.status_code == 403 and status_of(env, job_id) == "review" and env.count(Review) == 0
+
+
+def test_the_artifact_route_refuses_a_corrupt_checkpoint(env):
+    """The session download makes the API's sha256 check: a tampered file is a 503, never sent."""
+    data = b"the released weights" * 50
+    job_id = make_job(env, "released", checkpoint=data)
+    with env.sessions() as s:
+        key = s.scalars(select(Artifact.path).where(Artifact.job_id == job_id)).one()
+    client = sign_in(env, "a")
+    assert client.get(f"/review/jobs/{job_id}/artifact").data == data
+    (env.settings.artifacts_dir / key).write_bytes(b"tampered" + data[8:])  # same size, other bytes
+    r = client.get(f"/review/jobs/{job_id}/artifact")
+    assert r.status_code == 503 and b"tampered" not in r.data and b"released weights" not in r.data
+
+
+# --- the job page's content --------------------------------------------------------------------------------------
+
+def noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def store_report(env: Env, job_id: str, report: dict, images: list[Image.Image]) -> None:
+    """The job's finished audit with a page rendered by auditing.report, as the audit stage stores it."""
+    store = ArtifactStore(env.settings.artifacts_dir)
+    with env.sessions() as s:
+        job = s.get(Job, job_id)
+        page = store.put(job.tenant_id, io.BytesIO(render_html(report, images).encode()), suffix=".html")
+        body = store.put(job.tenant_id, io.BytesIO(b"{}"), suffix=".json")
+        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, report_path=body.key, report_sha256=body.sha256,
+                      html_path=page.key, decision="flag", reasons=["r"], finished_at=utcnow())
+        s.add(audit)
+        s.flush()
+        s.add(Verdict(tenant_id=job.tenant_id, job_id=job.id, audit_id=audit.id, decision="flag", reasons=["r"],
+                      policy_name="default", policy_version=1))
+        s.commit()
+
+
+def test_flagged_images_are_never_served_unredacted(env):
+    """The pages serve the auditor's page as stored: each flagged image is a mosaic with its detection
+    blacked out, and the unredacted thumbnail of a flagged image is in no page the browser can fetch."""
+    samples = [{"prompt": f"probe {i}", "seed": i, "score": 0.9 if i < 2 else 0.1, "unsafe": i < 2,
+                "raw": {"boxes": [[4, 4, 12, 12]] if i < 2 else []}} for i in range(4)]
+    report = {"verdict": {"decision": "flag", "reasons": ["unsure"], "rule": "default v1: a rule",
+                          "policy": {"max_unsafe_rate": 0.1}},
+              "model": {"path": "/models/base", "sha256": "0" * 64}, "samples": samples}
+    images = [noise(i) for i in range(4)]
+    unredacted = re.findall(r'base64,([^"]+)"', render_html(
+        {**report, "samples": [{**s, "unsafe": False} for s in samples]}, images))
+    job_id = make_job(env, "queued", checkpoint=b"weights")
+    store_report(env, job_id, report, images)
+    move(env, job_id, "review")
+
+    client = sign_in(env, "rev")
+    frame = client.get(f"/review/jobs/{job_id}/report")
+    assert frame.status_code == 200 and frame.mimetype == "text/html"
+    encoded = re.findall(r'src="data:image/png;base64,([^"]+)"', text(frame))
+    assert len(encoded) == len(samples)
+    for sample, data in zip(samples, encoded, strict=True):
+        shown = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        colours = shown.getcolors(1 << 16)
+        assert (len(colours) <= 17) == sample["unsafe"], sample
+        if sample["unsafe"]:
+            assert (0, 0, 0) in {c for _, c in colours}  # the detection box is blacked out
+    hidden = [t for sample, t in zip(samples, unredacted, strict=True) if sample["unsafe"]]
+    shown = [t for sample, t in zip(samples, unredacted, strict=True) if not sample["unsafe"]]
+    assert all(t in text(frame) for t in shown)  # unflagged images are there as rendered: the search can see them
+    owner = sign_in(env, "a")
+    pages = [frame, owner.get(f"/review/jobs/{job_id}/report"), owner.get(f"/review/jobs/{job_id}")]
+    pages += [client.get(p) for p in ("/review/queue", "/review/jobs", f"/review/jobs/{job_id}")]
+    for page in pages:
+        assert page.status_code == 200 and not any(t in text(page) for t in hidden)
+
+
+def test_job_page_shows_intake_training_settings_and_log(env):
+    """The page carries the dataset's contamination figures as the intake recorded them, the training
+    settings and the job's audit log, with customer text escaped."""
+    job_id = make_job(env, "review", checkpoint=b"w")
+    page = text(sign_in(env, "rev").get(f"/review/jobs/{job_id}"))
+    assert "accepted" in page and "(0 of 3 images unsafe)" in page and "red 1: share of pure red pixels" in page
+    assert '<tr><th>rank</th><td>4</td></tr>' in page and '<tr><th>steps</th><td>100</td></tr>' in page
+    for action in ("created", "auditing → review"):
+        assert action in page
+    assert "No finished audit yet" not in page and f'src="/review/jobs/{job_id}/report"' in page
+
+
+# --- headers -------------------------------------------------------------------------------------------------
+
+def test_pages_send_a_strict_csp_and_carry_no_inline_code(env):
+    job_id = make_job(env, "review", checkpoint=b"w")
+    anonymous, client = env.app.test_client(), sign_in(env, "rev")
+    pages = [anonymous.get("/review/login"), client.get("/review/queue"), client.get("/review/jobs"),
+             client.get(f"/review/jobs/{job_id}"), client.get(f"/review/jobs/{MISSING_ID}")]
+    for r in pages:
+        assert r.headers["Content-Security-Policy"] == PAGE_CSP and r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["Cache-Control"] == "no-store" and r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        body = text(r).lower()
+        assert "<script" not in body and "<style" not in body and " style=" not in body and "javascript:" not in body
+    frame = client.get(f"/review/jobs/{job_id}/report")
+    assert frame.headers["Content-Security-Policy"] == f"{REPORT_CSP}; frame-ancestors 'self'"
+    assert frame.headers["X-Frame-Options"] == "SAMEORIGIN"
+    css = anonymous.get("/review/static/web.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+
+
+# --- the session key -----------------------------------------------------------------------------------------
+
+def test_the_session_key_is_private_and_survives_a_restart(env):
+    """The key file is made once with mode 0600; a second app on the same state directory accepts the first
+    one's cookies; a key file others can read stops the app from starting."""
+    path = env.settings.state_dir / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    client = sign_in(env, "rev")
+    again = create_app(env.settings, dispatcher=env.dispatcher)
+    assert again.secret_key == env.app.secret_key
+    restarted = again.test_client()
+    restarted.set_cookie("ftgate_review", client.get_cookie("ftgate_review", path="/review").value, path="/review")
+    assert restarted.get("/review/queue").status_code == 200
+    os.chmod(path, 0o644)
+    with pytest.raises(SecretKeyError, match="chmod 600"):
+        create_app(env.settings, dispatcher=env.dispatcher)
