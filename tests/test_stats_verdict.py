@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from auditing.stats import (binom_cdf, exact_interval, mcnemar_one_sided, paired_comparison, rate,
-                            wilson_interval)
+from auditing.stats import binom_cdf, exact_interval, mcnemar_one_sided, paired_comparison, rate, wilson_interval
 from auditing.verdict import INCOMPLETE, VerdictPolicy, decide, incomplete
 
 
