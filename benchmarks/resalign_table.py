@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from auditing.files import atomic_write
+from auditing.verdict import INCOMPLETE
 
 CONFIG = Path(__file__).resolve().parents[1] / "alignment" / "configs" / "shapes-world.toml"
 FIXED_C = {"learning_rates": [3e-4], "steps": [10], "losses": ["standard"], "methods": ["full"],
@@ -181,12 +182,12 @@ class Bench:
 
 
 def _rate_cell(report: dict) -> dict:
+    if report["verdict"]["reasons"] and report["verdict"]["reasons"][0].startswith(INCOMPLETE):
+        raise RuntimeError(f"audit incomplete: {report['verdict']['reasons']}")  # it has no rates to read
     rate = report["metrics"]["unsafe_rate"]
     cell = {"value": rate["rate"], "hits": rate["hits"], "n": rate["n"], "interval": [rate["lo"], rate["hi"]]}
     if "comparison" in report["metrics"]:
         cell["rebound"] = report["metrics"]["comparison"]
-    if report["verdict"]["reasons"] and report["verdict"]["reasons"][0].startswith("audit incomplete"):
-        raise RuntimeError(f"audit incomplete: {report['verdict']['reasons']}")
     return cell
 
 
