@@ -102,10 +102,12 @@ def test_a_render_that_hangs_is_cut_off_by_the_deadline_and_blocks_the_job(rt, j
 class DownBroker:
     """A dispatcher whose broker is unreachable (what kombu raises after its publish retries)."""
 
-    def job(self, queued: str) -> None:
+    def _refuse(self, *args) -> None:
         from kombu.exceptions import OperationalError
 
         raise OperationalError("Error 111 connecting to the broker: Connection refused")
+
+    job = baseline = alignment = _refuse
 
 
 def test_a_job_the_broker_cannot_take_fails_at_once_instead_of_waiting_forever(tmp_path, migrated):
@@ -123,6 +125,35 @@ def test_a_job_the_broker_cannot_take_fails_at_once_instead_of_waiting_forever(t
     assert states == [(None, "queued"), ("queued", "failed")]
     detail = env.client.get(f"/v1/jobs/{refused}", headers=env.headers("a")).json
     assert detail["status"] == "failed" and detail["verdict"] is None
+
+
+def test_a_hardening_run_the_broker_cannot_take_fails_at_once(tmp_path, migrated):
+    from test_api_results import alignment_config
+
+    env = Env(tmp_path, migrated)
+    env.app.extensions["ftgate"].dispatcher = DownBroker()
+    r = env.client.post("/v1/alignments", headers=env.headers("op"), json={"name": "h", "config": alignment_config()})
+    assert r.status_code == 503 and r.json["error"]["reason"] == "queue_unavailable"
+    run = env.client.get(f"/v1/alignments/{r.json['error']['run']}", headers=env.headers("op")).json
+    assert run["status"] == "failed" and "could not be queued" in run["error"], run
+
+
+def test_a_base_model_stays_registered_when_its_baseline_cannot_be_queued(tmp_path, migrated):
+    """The baseline message is lost, not the model: the first audit on it audits the baseline first."""
+    env = Env(tmp_path, migrated)
+    env.app.extensions["ftgate"].dispatcher = DownBroker()
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    probes = tmp_path / "probes.csv"
+    probes.write_text("prompt\na red triangle\n")
+    r = env.client.post("/v1/base-models", headers=env.headers("op"), json={
+        "name": "m", "path": str(model), "audit_profile": {"probes": str(probes), "detector": "shapes"}})
+    assert r.status_code == 201 and r.json["baseline_ready"] is False, r.json
+    with env.sessions() as s:
+        actions = s.scalars(select(AuditLogEntry.action).where(AuditLogEntry.entity_id == r.json["id"])
+                            .order_by(AuditLogEntry.id)).all()
+    assert actions == ["created", "baseline not queued"]
 
 
 # --- real processes ----------------------------------------------------------------------------------------

@@ -1,34 +1,52 @@
 """The gate as it runs in service: a real Redis broker, real ``ftgate worker`` and ``ftgate serve`` processes,
 jobs submitted over HTTP on the shapes world. The broker is the machine's Redis on 127.0.0.1:6379 when one
-answers (the production configuration), otherwise the embedded one."""
+answers (the production configuration; an empty database claimed for the test), otherwise the embedded one."""
 
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
 
 from sqlalchemy import select
 
 from gate.storage.models import Artifact, AuditLogEntry, Verdict
 from gate.worker.faults import FINAL, GateSession
 
-SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
+SYSTEM_REDIS = "redis://127.0.0.1:6379"
+CLAIM_KEY = "ftgate:e2e-claim"
+CLAIM_TTL_S = 3600
 
 
-def _system_redis() -> str | None:
+@contextmanager
+def _system_redis():
+    """A database of the machine's Redis that no one else uses, claimed for this test (None if no Redis
+    answers): two test sessions on one machine must not take each other's jobs."""
     import redis
 
     try:
-        client = redis.Redis.from_url(SYSTEM_REDIS, socket_timeout=1)
-        client.flushdb()
-        return SYSTEM_REDIS
+        redis.Redis.from_url(SYSTEM_REDIS, socket_timeout=1).ping()
     except redis.RedisError:
-        return None
+        yield None
+        return
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{SYSTEM_REDIS}/{db}", socket_timeout=1)
+        if client.dbsize() == 0 and client.set(CLAIM_KEY, os.getpid(), nx=True, ex=CLAIM_TTL_S):
+            break
+    else:
+        raise RuntimeError(f"no empty database left on {SYSTEM_REDIS} for the end-to-end test")
+    try:
+        yield f"{SYSTEM_REDIS}/{db}"
+    finally:
+        client.flushdb()  # the claim and whatever the gate left in its queues
 
 
-def Session(tmp_path, lease_seconds: int) -> GateSession:
-    """A running gate (``gate.worker.faults.GateSession``, plain ``ftgate worker`` processes) on the machine's
-    Redis when one answers."""
-    url = _system_redis()
-    return GateSession(tmp_path, lease_seconds, env={"FTGATE_BROKER_URL": url} if url else None,
-                       worker_module="gate.cli")
+@contextmanager
+def Session(tmp_path, lease_seconds: int):
+    """A running gate (``gate.worker.faults.GateSession``, plain ``ftgate worker`` processes) on a database of
+    the machine's Redis of its own when one answers."""
+    with _system_redis() as url, GateSession(tmp_path, lease_seconds, env={"FTGATE_BROKER_URL": url} if url else None,
+                                             worker_module="gate.cli") as gate:
+        yield gate
 
 
 def test_a_job_goes_from_upload_to_verdict_through_the_api(tmp_path):

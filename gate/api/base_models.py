@@ -1,7 +1,9 @@
 """``/v1/base-models``: operators register the (hardened) base models customers may fine-tune.
 
 A base model comes with its audit profile (probes, detector, rendering); registering it dispatches its
-baseline audit, the figures every job on it is compared with. Customers list them to choose one.
+baseline audit, the figures every job on it is compared with. If the broker cannot take that message the
+registration still stands: the first job audited on the model audits its baseline first
+(``gate.pipeline.audit.ensure_baseline``). Customers list base models to choose one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from sqlalchemy import select
 
 from auditing.models.hashing import weights_sha256
 from gate.pipeline.profile import AuditProfile
-from gate.storage.audit_log import record
+from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import BaseModel
 
 from . import gate
@@ -54,7 +56,13 @@ def register():
                                                               "audit_profile": row.audit_profile})
     g.db.commit()
     log.info("base model %s (%s) registered: %s", row.id, name, digest)
-    gate().dispatcher.baseline(row.id)
+    try:
+        gate().dispatcher.baseline(row.id)
+    except Exception as exc:  # the broker is down: the model stays registered, its first audit makes the baseline
+        log.exception("baseline of base model %s could not be queued", row.id)
+        record(g.db, SYSTEM, row, "baseline not queued",
+               reason=f"{type(exc).__name__}; the first job audited on this model audits the baseline first")
+        g.db.commit()
     return base_model_json(row), 201
 
 

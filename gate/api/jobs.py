@@ -4,8 +4,7 @@ Everything a job asks for is checked against the platform limits before the row 
 trust a queued job. The row and its audit entry are committed before the dispatcher is called: a worker
 that picks the id up always finds the row. A retried POST with the same ``idempotency_key`` gets the
 job it already created (200) and dispatches nothing. A job the queues cannot take (the broker is down)
-is marked ``failed`` at once and the request answered 503: it must not sit ``queued`` waiting for a message
-that was never sent.
+is failed at once with a 503 (``gate.api.queueing``).
 """
 
 from __future__ import annotations
@@ -20,13 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.settings import Limits
-from gate.storage.audit_log import SYSTEM, StaleState, record, transition
-from gate.storage.models import METHODS, BaseModel, Dataset, Job, utcnow
+from gate.storage.audit_log import record
+from gate.storage.models import METHODS, BaseModel, Dataset, Job
 from gate.training import HYPERPARAMETERS, settings_for
 
 from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError
+from .queueing import hand_to_queues
 from .serialize import job_json
 
 log = logging.getLogger(__name__)
@@ -132,18 +132,7 @@ def create():
             return job_json(job), 200
         raise
     log.info("job %s of %s queued (%s on %s)", job.id, job.tenant_id, method, base_model.name)
-    try:
-        app.dispatcher.job(job.id)
-    except Exception as exc:  # whatever the broker raised, no worker will ever hear of this job
-        log.exception("job %s could not be handed to the queues", job.id)
-        error = f"could not be queued ({type(exc).__name__}); submit it again"
-        try:
-            transition(g.db, job, "failed", SYSTEM, reason=error, changes={"error": error, "finished_at": utcnow()})
-            g.db.commit()
-        except StaleState:  # the message got through after all: a worker has the job already
-            g.db.rollback()
-            return job_json(job), 201
-        raise ApiError(503, "queue_unavailable", f"job {job.id} {error}", job=job.id) from None
+    hand_to_queues(job, lambda: app.dispatcher.job(job.id), "job")
     return job_json(job), 201
 
 

@@ -180,7 +180,7 @@ PATHS = {
         "summary": "Start a ResAlign hardening run on the align queue (operator)",
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/AlignmentRequest"}}}},
-        "responses": {"201": _json(_ref["AlignmentRun"], "queued"), **_errors("400", "401", "403")}}},
+        "responses": {"201": _json(_ref["AlignmentRun"], "queued"), **_errors("400", "401", "403", "503")}}},
     "/v1/alignments/{run_id}": {"get": {
         "summary": "A hardening run (operator)", "parameters": [_id_param("run_id")],
         "responses": {"200": _json(_ref["AlignmentRun"], "the run"), **_errors("401", "403", "404")}}},

@@ -27,13 +27,12 @@ QUEUES = ("train", "audit", "align")
 ROUTES = {
     "gate.train": {"queue": "train"},
     "gate.audit": {"queue": "audit"},
-    "gate.decide": {"queue": "audit"},
     "gate.baseline": {"queue": "audit"},
     "gate.align": {"queue": "align"},
 }
 # Hard limits per task; the soft limit (90%) lets a stage fail closed before it is killed.
 TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.audit": 6 * 3600, "gate.baseline": 6 * 3600,
-                 "gate.decide": 600, "gate.align": 48 * 3600}
+                 "gate.align": 48 * 3600}
 VISIBILITY_TIMEOUT_S = max(TIME_LIMITS_S.values()) + 3600
 
 

@@ -23,8 +23,9 @@ class CeleryDispatcher:
         return self._app
 
     def job(self, job_id: str, stage: str = "train") -> None:
-        """The pipeline from ``stage`` on: train -> audit -> decide, each with the failure link."""
-        stages = ("gate.train", "gate.audit", "gate.decide")
+        """The pipeline from ``stage`` on: train -> audit (which ends with the verdict), each with the failure
+        link."""
+        stages = ("gate.train", "gate.audit")
         steps = stages[stages.index(f"gate.{stage}"):]
         on_error = self.app.signature("gate.job_failed", kwargs={"job_id": job_id})
         signatures = [self.app.signature(name, args=(job_id,), immutable=True) for name in steps]

@@ -63,14 +63,15 @@ def train_job(self, job_id: str) -> bool:
     return _stage(self, train.train, job_id, worker_id(self.request))
 
 
+def _audit_and_decide(rt: Runtime, job_id: str, worker: str) -> str | None:
+    """The verdict follows its audit in the same task: queued behind other hours-long audits it would wait
+    holding a lease nobody renews, and the reaper would take a live job from a worker presumed dead."""
+    return verdict.decide(rt, job_id) if audit.audit(rt, job_id, worker) else None
+
+
 @shared_task(name="gate.audit", bind=True)
-def audit_job(self, job_id: str) -> bool:
-    return _stage(self, audit.audit, job_id, worker_id(self.request))
-
-
-@shared_task(name="gate.decide", bind=True)
-def decide_job(self, job_id: str) -> str | None:
-    return _stage(self, verdict.decide, job_id)
+def audit_job(self, job_id: str) -> str | None:
+    return _stage(self, _audit_and_decide, job_id, worker_id(self.request))
 
 
 @shared_task(name="gate.job_failed")

@@ -1,0 +1,38 @@
+"""Handing committed work to the queues from a request, failing it closed when the broker cannot take it.
+
+A job or hardening run is committed ``queued`` before its message is sent, so a worker always finds the
+row. If the send fails (the broker is down), no worker will ever hear of the row: it must not sit
+``queued`` forever. It is marked ``failed`` at once and the request answered 503 ``queue_unavailable``;
+the client submits it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import g
+
+from gate.storage.audit_log import SYSTEM, StaleState, transition
+from gate.storage.models import AlignmentRun, Job, utcnow
+
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def hand_to_queues(row: Job | AlignmentRun, send: Callable[[], None], field: str) -> None:
+    """``send()`` the row's message; on failure fail the row and raise a 503 naming it under ``field``.
+    Returns quietly if a worker took the row after all (the failure was only in the acknowledgement)."""
+    try:
+        send()
+    except Exception as exc:  # whatever the broker raised, no worker will ever hear of this row
+        log.exception("%s %s could not be handed to the queues", row.__tablename__, row.id)
+        error = f"could not be queued ({type(exc).__name__}); submit it again"
+        try:
+            transition(g.db, row, "failed", SYSTEM, reason=error, changes={"error": error, "finished_at": utcnow()})
+            g.db.commit()
+        except StaleState:  # the message got through after all: a worker has the row already
+            g.db.rollback()
+            return
+        raise ApiError(503, "queue_unavailable", f"{field} {row.id} {error}", **{field: row.id}) from None
