@@ -271,3 +271,35 @@ def test_tenant_ids_that_could_escape_the_prefix_are_refused(tmp_path, tenant):
 def test_bad_suffixes_are_refused(tmp_path, suffix):
     with pytest.raises(ValueError, match="suffix must match"):
         ArtifactStore(tmp_path).put("acme", io.BytesIO(b"x"), suffix=suffix)
+
+
+def test_the_sweep_removes_old_files_no_row_names_and_nothing_else(sessions, tmp_path):
+    """What a worker killed between storing and committing leaves: an old unreferenced checkpoint and an old
+    temporary file go; checkpoints and reports rows name, and fresh files whose rows may be about to commit,
+    stay; bytes stored again count as fresh."""
+    import os
+    import time
+
+    from gate.storage.sweep import GRACE_S, sweep
+
+    store = ArtifactStore(tmp_path / "store")
+    put = {name: store.put("acme", io.BytesIO(name.encode()), suffix=suffix)
+           for name, suffix in (("named", ".safetensors"), ("report", ".json"), ("orphan", ".safetensors"),
+                                ("fresh", ".safetensors"), ("again", ".safetensors"))}
+    partial = store.root / "tenants" / "acme" / "tmp" / "put-x.partial"
+    partial.write_bytes(b"cut off")
+    old = time.time() - GRACE_S - 60
+    for path in [*(store.root / p.key for name, p in put.items() if name != "fresh"), partial]:
+        os.utime(path, (old, old))
+    store.put("acme", io.BytesIO(b"again"), suffix=".safetensors")  # a job produced the same checkpoint again
+    with sessions() as session:
+        job = _job(session)
+        session.add(Artifact(tenant_id="acme", job=job, kind="lora", sha256=put["named"].sha256,
+                             path=put["named"].key, size_bytes=1))
+        session.add(Audit(tenant_id="acme", job=job, decision="pass", report_path=put["report"].key))
+        session.commit()
+    swept = sweep(store, sessions)
+    assert (swept.unreferenced, swept.partial) == (1, 1)
+    left = {name for name, p in put.items() if (store.root / p.key).is_file()}
+    assert left == {"named", "report", "fresh", "again"} and not partial.exists()
+    assert sweep(store, sessions) == swept.__class__(0, 0)

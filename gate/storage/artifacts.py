@@ -94,6 +94,7 @@ class ArtifactStore:
             key = self.key(tenant_id, sha256, suffix)
             final = self.root / key
             if final.is_file():
+                os.utime(final)  # named again: the sweep's grace period starts over (gate.storage.sweep)
                 log.debug("artifact %s already stored", key)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)

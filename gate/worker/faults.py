@@ -378,9 +378,12 @@ def kill_tally(cycles: list[dict]) -> dict:
 
 
 def kill_campaign(root: str | Path, cycles: int, stages: tuple[str, ...] = STAGES, lease_seconds: int = 8) -> dict:
-    """``cycles`` kill cycles per stage on one gate; per-stage tallies plus what the store and database hold."""
+    """``cycles`` kill cycles per stage on one gate; per-stage tallies plus what the store and database hold.
+
+    Two workers, as in a pool: the survivor's reaper hands the killed worker's job on and the survivor runs
+    it while the replacement starts, so a cycle does not wait for a worker to boot."""
     t0 = time.monotonic()
-    with GateSession(root, lease_seconds, profile=KILL_PROFILE) as gate:
+    with GateSession(root, lease_seconds, profile=KILL_PROFILE, workers=2) as gate:
         gate.wait_baseline()
         records = {stage: [kill_cycle(gate, stage, seed=i * len(KILL_POINTS) + KILL_POINTS.index(stage))
                            for i in range(cycles)] for stage in stages}

@@ -1,4 +1,5 @@
-"""The reaper: hands jobs and hardening runs whose lease expired back to the queues (``gate.pipeline.leases``).
+"""The reaper: hands jobs and hardening runs whose lease expired back to the queues (``gate.pipeline.leases``),
+and now and then sweeps the artifact store of files no row names (``gate.storage.sweep``).
 
 It runs as its own small process beside each worker (``ftgate worker`` starts one; ``ftgate reaper`` runs
 one alone), not as a thread in the worker: the prefork pool forks job processes from the worker's main
@@ -15,12 +16,14 @@ import time
 from gate.pipeline.leases import reap
 from gate.pipeline.runtime import Runtime
 from gate.settings import Settings
+from gate.storage.sweep import GRACE_S, sweep
 
 log = logging.getLogger(__name__)
 
 
 def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
-    """Reap every third of a lease until stopped; with ``parent_pid``, stop when that process is gone."""
+    """Reap every third of a lease, and sweep the artifact store once per sweep grace period, until stopped;
+    with ``parent_pid``, stop when that process is gone."""
     from .app import make_celery
     from .dispatch import CeleryDispatcher
 
@@ -35,9 +38,13 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
             dispatcher.alignment(row_id)
 
     log.info("reaper: checking leases every %.1f s", interval)
+    next_sweep = time.monotonic()
     while parent_pid is None or os.getppid() == parent_pid:
         try:
             reap(rt.sessions, requeue)
+            if time.monotonic() >= next_sweep:
+                sweep(rt.store, rt.sessions)
+                next_sweep = time.monotonic() + GRACE_S
         except Exception:  # the database or broker is briefly away: try again next round
             log.exception("reaper pass failed; retrying")
         time.sleep(interval)

@@ -1,0 +1,66 @@
+"""Sweeping the artifact store of files no row names.
+
+A process killed between storing a file and committing the row that names it (``kill -9`` of a worker
+just after its checkpoint or report landed in the store) leaves the file behind, and on a GPU the retried
+job's checkpoint differs, so nothing ever names it; a put killed mid-stream leaves its temporary file.
+The sweep removes both once they are older than a grace period far longer than any store-then-commit
+window (milliseconds): a file whose row is about to commit is never touched, and a put of bytes already
+stored refreshes the file's time for the same reason (``ArtifactStore.put``). Run by every reaper
+(``gate.worker.reaper``); several sweeping at once is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, union
+from sqlalchemy.orm import Session, sessionmaker
+
+from .artifacts import ArtifactStore
+from .models import Artifact, Audit, Dataset
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Swept:
+    unreferenced: int
+    partial: int
+
+
+def referenced_keys(session: Session) -> set[str]:
+    """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads."""
+    named = union(select(Artifact.path), select(Audit.report_path), select(Audit.html_path),
+                  select(Dataset.artifact_path))
+    return {key for key in session.scalars(named) if key}
+
+
+def sweep(store: ArtifactStore, sessions: sessionmaker[Session], grace_s: float = GRACE_S) -> Swept:
+    """Remove stored files no row names and temporary files, both older than ``grace_s`` seconds."""
+    cutoff = time.time() - grace_s  # taken before the keys: a file stored after the query is newer than it
+    with sessions() as session:
+        keys = referenced_keys(session)
+    tenants = store.root / "tenants"
+    unreferenced = partial = 0
+    for path in tenants.glob("*/sha256/*/*"):
+        if str(path.relative_to(store.root)) not in keys and _older(path, cutoff):
+            path.unlink(missing_ok=True)
+            unreferenced += 1
+            log.warning("swept %s: no row names it", path.relative_to(store.root))
+    for path in tenants.glob("*/tmp/*.partial"):
+        if _older(path, cutoff):
+            path.unlink(missing_ok=True)
+            partial += 1
+            log.warning("swept the temporary file %s of a put that never finished", path.relative_to(store.root))
+    return Swept(unreferenced, partial)
+
+
+def _older(path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:  # another sweeper got there first
+        return False
