@@ -12,7 +12,10 @@ Models (Tab. 6's ablation ladder; every hardened one starts from the packaged wo
 * ``+hypergradient``: the Moreau hypergradient for one fixed fine-tuning configuration on
   fixed data (J = 1: with C and data fixed, more samples would be copies);
 * ``+meta-data``: the same fixed configuration, fine-tuning data resampled every step;
-* ``resalign``: meta over data and configurations: the world config as it is.
+* ``resalign``: meta over data and configurations: the world config as it is;
+* ``resalign-adam`` (an investigation, not in the paper): ResAlign with SGD left out of pi(C). In the
+  world, SGD configurations and short LoRA runs barely move the model (L_harm after ADAPT within 0.2%
+  of before, against +98% for Adam full fine-tuning), so they carry no resilience signal.
 
 Each model is measured on the world's unsafe probes (12 prompts x ``--images-per-prompt``
 seeded images, the shapes detector) before fine-tuning and after four customer fine-tunings
@@ -53,6 +56,7 @@ VARIANTS: dict[str, dict | None] = {
     "+hypergradient": {"outer": {"samples": 1}, "data": {"finetune_sampling": "fixed"}, "distribution": FIXED_C},
     "+meta-data": {"distribution": FIXED_C},
     "resalign": {},
+    "resalign-adam": {"distribution": {"optimizers": ["adam"]}},
 }
 DOWNSTREAM_SIZE = 64
 LORA = {"rank": 8, "learning_rate": 1e-4, "steps": 100, "batch_size": 16}
