@@ -280,7 +280,7 @@ def test_the_sweep_removes_old_files_no_row_names_and_nothing_else(sessions, tmp
     import os
     import time
 
-    from gate.storage.sweep import GRACE_S, sweep
+    from gate.storage.sweep import GRACE_S, Swept, sweep
 
     store = ArtifactStore(tmp_path / "store")
     put = {name: store.put("acme", io.BytesIO(name.encode()), suffix=suffix)
@@ -302,4 +302,4 @@ def test_the_sweep_removes_old_files_no_row_names_and_nothing_else(sessions, tmp
     assert (swept.unreferenced, swept.partial) == (1, 1)
     left = {name for name, p in put.items() if (store.root / p.key).is_file()}
     assert left == {"named", "report", "fresh", "again"} and not partial.exists()
-    assert sweep(store, sessions) == swept.__class__(0, 0)
+    assert sweep(store, sessions) == Swept(0, 0)

@@ -45,22 +45,21 @@ def sweep(store: ArtifactStore, sessions: sessionmaker[Session], grace_s: float 
     with sessions() as session:
         keys = referenced_keys(session)
     tenants = store.root / "tenants"
-    unreferenced = partial = 0
-    for path in tenants.glob("*/sha256/*/*"):
-        if str(path.relative_to(store.root)) not in keys and _older(path, cutoff):
-            path.unlink(missing_ok=True)
-            unreferenced += 1
-            log.warning("swept %s: no row names it", path.relative_to(store.root))
-    for path in tenants.glob("*/tmp/*.partial"):
-        if _older(path, cutoff):
-            path.unlink(missing_ok=True)
-            partial += 1
-            log.warning("swept the temporary file %s of a put that never finished", path.relative_to(store.root))
-    return Swept(unreferenced, partial)
+    unreferenced = [path for path in tenants.glob("*/sha256/*/*") if str(path.relative_to(store.root)) not in keys]
+    return Swept(_remove_older(store, unreferenced, cutoff, "no row names it"),
+                 _remove_older(store, tenants.glob("*/tmp/*.partial"), cutoff, "a put that never finished"))
 
 
-def _older(path, cutoff: float) -> bool:
-    try:
-        return path.stat().st_mtime < cutoff
-    except FileNotFoundError:  # another sweeper got there first
-        return False
+def _remove_older(store: ArtifactStore, paths, cutoff: float, why: str) -> int:
+    """Remove the ``paths`` last touched before ``cutoff``; how many."""
+    removed = 0
+    for path in paths:
+        try:
+            if path.stat().st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:  # another sweeper got there first
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+        log.warning("swept %s: %s", path.relative_to(store.root), why)
+    return removed

@@ -13,7 +13,6 @@ token is made with the session and replaced at sign-in.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import secrets
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from urllib.parse import urlsplit
 from flask import Flask, abort, g, redirect, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 
-from gate.auth import Principal, require_role
+from gate.api.auth import principal_required
+from gate.auth import Principal
 from gate.storage.models import ApiKey
 
 from .secret import session_key
@@ -72,25 +72,16 @@ def signed_in_principal(db) -> Principal | None:
     return Principal(row.id, row.tenant_id, row.role)
 
 
+def _to_sign_in():
+    """Back here after signing in (a link from a ticket, say)."""
+    wanted = request.full_path.rstrip("?") if request.method == "GET" else None
+    return redirect(url_for("web.login", next=wanted), 303)
+
+
 def signed_in(*roles: str) -> Callable:
     """View decorator: sets ``g.principal`` from the session, or sends the browser to the sign-in form;
     ``gate.auth.Forbidden`` (403) when ``roles`` is given and not met."""
-
-    def decorator(view: Callable) -> Callable:
-        @functools.wraps(view)
-        def wrapped(*args, **kwargs):
-            principal = signed_in_principal(g.db)
-            if principal is None:  # back here after signing in (a link from a ticket, say)
-                wanted = request.full_path.rstrip("?") if request.method == "GET" else None
-                return redirect(url_for("web.login", next=wanted), 303)
-            if roles:
-                require_role(principal, *roles)
-            g.principal = principal
-            return view(*args, **kwargs)
-
-        return wrapped
-
-    return decorator
+    return principal_required(lambda: signed_in_principal(g.db), _to_sign_in, roles)
 
 
 def safe_next(value: str | None, prefix: str) -> str | None:
