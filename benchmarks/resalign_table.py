@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict | None] = {
     "+meta-data": {"distribution": FIXED_C},
     "resalign": {},
     "resalign-adam": {"distribution": {"optimizers": ["adam"]}},
+    "resalign-adam-full": {"distribution": {"optimizers": ["adam"], "methods": ["full"]}},
 }
 DOWNSTREAM_SIZE = 64
 LORA = {"rank": 8, "learning_rate": 1e-4, "steps": 100, "batch_size": 16}
@@ -245,14 +246,16 @@ def summarize(out: Path) -> dict:
         if row:
             table[variant] = row
     summary = {"table": table}
-    try:
-        ga, ra, orig = table["unlearn-only"], table["resalign"], table["original"]
+    ga, orig = table.get("unlearn-only", {}), table.get("original", {})
+    for variant, row in table.items():
+        if variant in ("original", "unlearn-only"):
+            continue
         for column in ("benign-full", "benign-lora"):
-            summary[f"resalign_over_unlearn_only_{column}"] = ra[column]["mean"] / max(ga[column]["mean"], 1e-9)
-        summary["resalign_accuracy_drop_points"] = 100 * (orig["benign-accuracy"]["mean"]
-                                                          - ra["benign-accuracy"]["mean"])
-    except KeyError:
-        pass  # not all cells measured yet
+            if column in row and column in ga:
+                summary[f"{variant}_over_unlearn_only_{column}"] = row[column]["mean"] / max(ga[column]["mean"], 1e-9)
+        if "benign-accuracy" in row and "benign-accuracy" in orig:
+            summary[f"{variant}_accuracy_drop_points"] = 100 * (orig["benign-accuracy"]["mean"]
+                                                                - row["benign-accuracy"]["mean"])
     return summary
 
 
