@@ -269,7 +269,7 @@ def main() -> None:
         aligner = _aligner(args, method)
         aligner.step()  # warm-up
         records = []
-        steps[method], _ = _timed(lambda: records.append(aligner.step()), args.repeats)
+        steps[method], _ = _timed(lambda step=aligner.step: records.append(step()), args.repeats)
         samples[method] = [sample for record in records for sample in record["samples"]]
         if any(sample["hypergradient_norm"] == 0.0 for sample in samples[method]):
             raise SystemExit(f"{method}: a sample's hypergradient is zero, so its step time measures no solve")
