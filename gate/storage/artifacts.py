@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +30,7 @@ from .models import TENANT_ID_PATTERN, check_tenant_id
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+TMP_DIR, PARTIAL_SUFFIX = "tmp", ".partial"  # tenants/<tenant_id>/tmp/put-*.partial while a put streams
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 SUFFIX_PATTERN = re.compile(r"(\.[a-z0-9]{1,16}){0,2}")
 KEY_PATTERN = re.compile(rf"tenants/({TENANT_ID_PATTERN.pattern})/sha256/([0-9a-f]{{2}})/(\2[0-9a-f]{{62}})"
@@ -71,13 +73,22 @@ class ArtifactStore:
         """Whether the file still hashes to the sha256 its key names (check before releasing it)."""
         return sha256_file(self.path(tenant_id, key)) == KEY_PATTERN.fullmatch(key).group(3)
 
+    def stored_files(self) -> Iterator[tuple[str, Path]]:
+        """Every stored file, every tenant's, with its key (what the sweep compares with the rows)."""
+        for path in (self.root / "tenants").glob("*/sha256/*/*"):
+            yield str(path.relative_to(self.root)), path
+
+    def partial_files(self) -> Iterator[Path]:
+        """The temporary files of puts in progress, or of puts killed before their cleanup ran."""
+        return (self.root / "tenants").glob(f"*/{TMP_DIR}/*{PARTIAL_SUFFIX}")
+
     def put(self, tenant_id: str, source: BinaryIO, *, suffix: str = "",
             max_bytes: int | None = None) -> StoredArtifact:
         """Stream ``source`` into the store; raises ``ArtifactTooLarge`` past ``max_bytes``."""
         _check_name(tenant_id, suffix)  # before touching the disk
-        tmp_dir = self.root / "tenants" / tenant_id / "tmp"
+        tmp_dir = self.root / "tenants" / tenant_id / TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=".partial")
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=PARTIAL_SUFFIX)
         tmp = Path(tmp_name)
         try:
             digest, size = hashlib.sha256(), 0

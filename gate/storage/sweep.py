@@ -44,10 +44,9 @@ def sweep(store: ArtifactStore, sessions: sessionmaker[Session], grace_s: float 
     cutoff = time.time() - grace_s  # taken before the keys: a file stored after the query is newer than it
     with sessions() as session:
         keys = referenced_keys(session)
-    tenants = store.root / "tenants"
-    unreferenced = [path for path in tenants.glob("*/sha256/*/*") if str(path.relative_to(store.root)) not in keys]
+    unreferenced = [path for key, path in store.stored_files() if key not in keys]
     return Swept(_remove_older(store, unreferenced, cutoff, "no row names it"),
-                 _remove_older(store, tenants.glob("*/tmp/*.partial"), cutoff, "a put that never finished"))
+                 _remove_older(store, store.partial_files(), cutoff, "a put that never finished"))
 
 
 def _remove_older(store: ArtifactStore, paths, cutoff: float, why: str) -> int:
