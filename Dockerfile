@@ -14,23 +14,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch first, from the index of the variant, pinned to the version pyproject.toml requires; the project
-# install then finds it satisfied.
+# torch first, from the index of the variant, pinned to the version pyproject.toml requires, without its
+# requirements; the project install then finds torch satisfied and takes everything else, torch's
+# requirements included, from PyPI at the versions constraints.txt pins (the set CI last passed with).
 FROM python AS torch-cpu
-RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 
 FROM python AS torch-gpu
 ARG CUDA=cu128
-RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/${CUDA}
+RUN pip install --no-deps "torch==2.13.0" --index-url https://download.pytorch.org/whl/${CUDA}
 
 FROM torch-${VARIANT} AS ftgate
 WORKDIR /opt/ftgate
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY alignment ./alignment
 COPY auditing ./auditing
 COPY gate ./gate
 # The deploy extra adds gunicorn, the API's server in deploy/start-api.sh.
-RUN pip install ".[deploy]"
+RUN pip install -c constraints.txt ".[deploy]"
 COPY deploy ./deploy
 
 # The state volume is mounted at /var/lib/ftgate; a new named volume takes this folder's owner.
