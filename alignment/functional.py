@@ -69,11 +69,10 @@ class Batch:
 class Denoiser:
     """Noise prediction ``f(params, x_t, t, c)``; parameters absent from ``params`` are the original's."""
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet):
         if getattr(unet.config, "addition_embed_type", None):
             raise ValueError("hardening supports SD 1.x / 2.x UNets; this UNet needs added conditioning (SDXL)")
         self.unet = unet.eval().requires_grad_(False)
-        self.scheduler = scheduler
 
     def __call__(self, params: Params, noisy: torch.Tensor, timesteps: torch.Tensor,
                  cond: torch.Tensor) -> torch.Tensor:

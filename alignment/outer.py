@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from auditing.files import atomic_write
+from auditing.models.denoising import training_scheduler
 from auditing.models.examples import encode_prompts
 
 from .adapt import FineTuneConfig, adapt
@@ -82,8 +83,8 @@ class Aligner:
     def __init__(self, pipe, data: AlignmentData, config: AlignConfig):
         self.config = config
         self.data = data
-        self.model = Denoiser(pipe.unet, pipe.scheduler)
-        self.scheduler = pipe.scheduler
+        self.model = Denoiser(pipe.unet)
+        self.scheduler = training_scheduler(pipe.scheduler.config)
         own = dict(pipe.unet.named_parameters())
         self.names = names_for_scope(pipe.unet, config.outer.scope)
         self.lora_names = attention_weight_names(pipe.unet)

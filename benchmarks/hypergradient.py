@@ -61,11 +61,12 @@ def _build(args):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     if args.model == "shapes-world":
+        from auditing.models.denoising import training_scheduler
         from auditing.models.loading import load_pipeline
         from auditing.shapes.cli import PRETRAINED_WORLD
 
         pipe = load_pipeline(PRETRAINED_WORLD)
-        unet, scheduler = pipe.unet, pipe.scheduler
+        unet, scheduler = pipe.unet, training_scheduler(pipe.scheduler.config)
         cond = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
         latent = unet.config.sample_size
     else:
@@ -241,7 +242,7 @@ def main() -> None:
         return
 
     unet, scheduler, cond, latent = _build(args)
-    model = Denoiser(unet, scheduler)
+    model = Denoiser(unet)
     data = _data(args, cond, latent)
     draw = Draw.sample(scheduler, data.finetune.batch.latents[:args.batch_size], torch.Generator().manual_seed(1))
     ft = FineTuneBatch(data.finetune.batch.take(torch.arange(args.batch_size)), draw)

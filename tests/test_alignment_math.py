@@ -174,7 +174,7 @@ def test_moreau_hypergradient_equals_unrolled_on_a_quadratic():
 @pytest.fixture(scope="module")
 def tiny():
     pipe = build_tiny_pipeline(TinySpec(sample_size=8), seed=0)
-    model = Denoiser(pipe.unet, pipe.scheduler)
+    model = Denoiser(pipe.unet)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 8, 8, generator=gen)
     cond = torch.randn(4, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, generator=gen)

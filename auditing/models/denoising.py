@@ -4,15 +4,31 @@ The regression target follows the scheduler's ``prediction_type``: the added noi
 for ``epsilon`` (SD 1.x), the velocity ``alpha_t * eps - sigma_t * x0`` for
 ``v_prediction`` (SD 2.x 768), the clean latent for ``sample``. Getting this wrong
 silently trains a model to predict the wrong quantity, so unknown types raise.
+
+Noise for training comes from ``training_scheduler``, never from a pipeline's inference scheduler:
+Euler and Euler-ancestral index sigmas by the timesteps of their last ``set_timesteps`` (empty until a
+render, then only those few), several inference schedulers have no ``get_velocity``, and sample renders
+during training reset the inference scheduler's state.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+_DDPM_FIELDS = frozenset(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+
+
+def training_scheduler(config) -> DDPMScheduler:
+    """A DDPM scheduler with the model's noise schedule (betas, ``num_train_timesteps``,
+    ``prediction_type``, ``timestep_spacing``, zero-SNR rescaling) from any scheduler's config,
+    as diffusers' training scripts build it; fields only inference schedulers have are dropped."""
+    return DDPMScheduler.from_config({k: v for k, v in dict(config).items() if k in _DDPM_FIELDS})
 
 
 def pixels_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -29,7 +45,7 @@ class NoisyBatch:
     target: torch.Tensor
 
 
-def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None,
+def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator | None = None,
               timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> NoisyBatch:
     """Sample timesteps and noise, and the matching target for the scheduler's parameterisation."""
     n = latents.shape[0]

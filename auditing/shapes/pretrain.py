@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import from_mapping
-from ..models.denoising import add_noise, denoising_loss, min_snr_weights, pixels_to_tensor
+from ..models.denoising import add_noise, denoising_loss, min_snr_weights, pixels_to_tensor, training_scheduler
 from ..models.hashing import weights_sha256
 from ..models.tiny import TinySpec, build_tiny_pipeline
 from ..models.tokenizer import write_tokenizer_files
@@ -149,6 +149,7 @@ def _train_denoiser(pipe, latents, stds, token_ids, config: WorldBuildConfig,
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config.unet_steps, 100))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    noise_scheduler = training_scheduler(pipe.scheduler.config)
     losses = []
     unet.train()
     text_encoder.train()
@@ -159,10 +160,10 @@ def _train_denoiser(pipe, latents, stds, token_ids, config: WorldBuildConfig,
         ids = token_ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < config.empty_caption_prob
         ids[drop] = empty_ids
-        batch = add_noise(pipe.scheduler, z, generator=gen)
+        batch = add_noise(noise_scheduler, z, generator=gen)
         hidden = text_encoder(ids)[0]
         pred = unet(batch.noisy, batch.timesteps, hidden).sample
-        weights = min_snr_weights(pipe.scheduler, batch.timesteps, config.snr_gamma)
+        weights = min_snr_weights(noise_scheduler, batch.timesteps, config.snr_gamma)
         loss = denoising_loss(pred, batch.target, weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

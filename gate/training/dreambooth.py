@@ -17,7 +17,7 @@ import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from PIL import Image
 
-from auditing.models.denoising import add_noise, denoising_loss
+from auditing.models.denoising import add_noise, denoising_loss, training_scheduler
 from auditing.models.examples import encode_images, encode_prompts
 from auditing.render import render_batch
 
@@ -70,6 +70,7 @@ def train_dreambooth(pipe, examples: list[tuple[Image.Image, str]], settings: Dr
             class_latents = encode_images(pipe, rendered, size=size)
             class_hidden = encode_prompts(pipe, [settings.class_prompt])
         pipe.unet.requires_grad_(True)
+        noise_scheduler = training_scheduler(pipe.scheduler.config)
 
         def step_loss(rng, gen):
             idx = batch_indices(rng, len(latents), settings.batch_size)
@@ -78,7 +79,7 @@ def train_dreambooth(pipe, examples: list[tuple[Image.Image, str]], settings: Dr
                 cidx = batch_indices(rng, len(class_latents), settings.batch_size)
                 x = torch.cat([x, class_latents[cidx]])
                 hidden = torch.cat([hidden, class_hidden.expand(len(cidx), -1, -1)])
-            batch = add_noise(pipe.scheduler, x, generator=gen)
+            batch = add_noise(noise_scheduler, x, generator=gen)
             losses = denoising_loss(pipe.unet(batch.noisy, batch.timesteps, hidden).sample, batch.target,
                                     reduction="none")
             loss = losses[:len(idx)].mean()

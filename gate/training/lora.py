@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
-from auditing.models.denoising import add_noise, denoising_loss
+from auditing.models.denoising import add_noise, denoising_loss, training_scheduler
 from auditing.models.examples import encode_images, encode_prompts, tokenize
 
 from .job import TrainingResult
@@ -66,9 +66,11 @@ def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSett
                 return hidden[idx]
         pipe.unet.add_adapter(_adapter(settings.rank, TARGET_MODULES))
 
+        noise_scheduler = training_scheduler(pipe.scheduler.config)
+
         def step_loss(rng, gen):
             idx = batch_indices(rng, len(examples), settings.batch_size)
-            batch = add_noise(pipe.scheduler, latents[idx], generator=gen)
+            batch = add_noise(noise_scheduler, latents[idx], generator=gen)
             return denoising_loss(pipe.unet(batch.noisy, batch.timesteps, condition(idx)).sample, batch.target)
 
         weights, samples, checkpoints = run_steps(
