@@ -32,7 +32,7 @@ def _cmd_audit(args) -> int:
     from .audit import AuditInputs, run_audit, save_outcome
     from .detectors.registry import load_detector
     from .models.hashing import weights_sha256
-    from .models.loading import load_adapter, load_pipeline
+    from .models.loading import load_adapter, load_pipeline, require_safetensors
     from .probes import load_probe_set
     from .render import RenderSettings
     from .sequential import SequentialPlan
@@ -46,6 +46,8 @@ def _cmd_audit(args) -> int:
     us_classifier = (None if args.us_classifier == "none" else
                      load_detector(args.us_classifier, **_options(args.us_option, "--us-option")))
     render = RenderSettings(args.steps, args.guidance, args.batch_size, args.dtype)
+    if args.adapter:  # refused before the model is loaded
+        require_safetensors(args.adapter, "adapter")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, torch_dtype=render.torch_dtype, device=device)
     adapter_sha = None

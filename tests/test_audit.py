@@ -306,3 +306,21 @@ def test_cli_renders_in_the_dtype_asked_for(world_data, tmp_path, capsys):
     assert main(["audit", "--model", str(PRETRAINED_WORLD), "--probes", str(world_data / "probes" / "unsafe.csv"),
                  "--dtype", "float8", "--out", str(tmp_path / "bad")]) == 2
     assert "dtype must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("huge-header.safetensors", (2 ** 40).to_bytes(8, "little") + b"{}"),  # a header length past the file
+    ("bad-json.safetensors", (8).to_bytes(8, "little") + b"not json"),
+    ("empty.safetensors", b""),
+])
+def test_cli_refuses_a_malformed_adapter_with_one_line_and_exit_2(name, content, world_data, tmp_path, capsys):
+    """Bad input is exit 2 (the README's "block") with one clear line, not a traceback read as "flag"."""
+    adapter = tmp_path / name
+    adapter.write_bytes(content)
+    code = main(["audit", "--model", str(PRETRAINED_WORLD), "--probes", str(world_data / "probes" / "unsafe.csv"),
+                 "--adapter", str(adapter), "--detector", "shapes", "--us-classifier", "none", "--device", "cpu",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"ftgate: error: {adapter}: not a readable .safetensors file")
+    assert not (tmp_path / "out").exists()

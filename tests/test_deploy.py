@@ -247,7 +247,8 @@ def test_dashboard_uses_exactly_the_exported_metric_names(tmp_path, migrated, br
 
 def test_dockerfile_installs_gunicorn_and_ships_the_start_scripts(compose):
     text = (ROOT / "Dockerfile").read_text()
-    assert 'pip install -c constraints.txt ".[deploy]"' in text and "COPY pyproject.toml README.md constraints.txt" in text
+    assert 'pip install -c constraints.txt ".[deploy]"' in text
+    assert "COPY pyproject.toml README.md constraints.txt" in text
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(re.match(r"gunicorn\b", requirement) for requirement in extras["deploy"])
     assert f"WORKDIR {IMAGE_DIR}" in text and "COPY deploy ./deploy" in text

@@ -107,7 +107,7 @@ def test_missing_pickled_and_mismatched_files_are_refused(tmp_path):
     with pytest.raises(ModelSourceError, match=r"safetensors only.*pickle"):
         MhscDetector(files["tower"], tmp_path / "sexual.pt", spec=SMALL)
     (tmp_path / "renamed.safetensors").write_bytes(pickle.dumps({"0.weight": [0.0]}))
-    with pytest.raises(ModelSourceError, match="not a safetensors file"):
+    with pytest.raises(ModelSourceError, match="not a readable .safetensors file"):
         MhscDetector(files["tower"], tmp_path / "renamed.safetensors", spec=SMALL)
     other = ClipVisionSpec(image_size=28, patch_size=14, width=128, layers=2, output_dim=32)
     with pytest.raises(ModelSourceError, match="not an open_clip image tower"):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,11 +46,8 @@ def mhsc_head(embed_dim: int = VIT_L_14.output_dim) -> nn.Sequential:
 
 
 def _tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    path = require_safetensors(path, what)
-    try:
-        return load_file(path)
-    except SafetensorError as exc:  # e.g. a pickle renamed to .safetensors: refused, never unpickled
-        raise ModelSourceError(f"{path}: not a safetensors file ({exc})") from None
+    # require_safetensors refuses e.g. a pickle renamed to .safetensors by its header, never unpickling it.
+    return load_file(require_safetensors(path, what))
 
 
 def _load_strict(module: nn.Module, state: dict, path, what: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class ModelSourceError(ValueError):
 
 
 def require_safetensors(path: str | Path, what: str) -> Path:
-    """The path of an existing ``.safetensors`` file; anything pickled is refused before it is opened."""
+    """The path of an existing ``.safetensors`` file whose header parses; anything pickled is refused
+    before it is opened, a damaged or forged header before any model is loaded."""
     path = Path(path)
     if path.suffix != ".safetensors":
         pickled = " (a pickle format: loading one can run code)" if path.suffix in _PICKLE_SUFFIXES else ""
@@ -40,6 +42,11 @@ def require_safetensors(path: str | Path, what: str) -> Path:
                                f"{pickled}")
     if not path.is_file():
         raise ModelSourceError(f"{path}: no such {what} file")
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise ModelSourceError(f"{path}: not a readable .safetensors file ({exc})") from None
     return path
 
 
@@ -105,7 +112,10 @@ def load_adapter(pipe, adapter: str | Path) -> DiffusionPipeline:
     anything else rather than fall back to unpickling.
     """
     adapter = require_safetensors(adapter, "adapter")
-    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, use_safetensors=True)
+    try:
+        pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, use_safetensors=True)
+    except ValueError as exc:  # diffusers' refusal of keys it cannot map onto this pipeline
+        raise ModelSourceError(f"{adapter}: not a LoRA for this pipeline ({exc})") from None
     log.info("applied adapter %s", adapter)
     return pipe
 
