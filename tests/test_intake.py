@@ -28,6 +28,7 @@ from auditing.models.hashing import sha256_file
 from auditing.shapes import datasets
 from auditing.shapes.scene import Concept
 from gate.intake import REASONS, IntakeError, IntakeLimits, ScanError, ingest
+from gate.intake.limits import printable
 
 skimage_data = pytest.importorskip("skimage.data")
 UNSAFE = Concept("red", "triangle")
@@ -301,11 +302,22 @@ def test_malformed_upload_is_refused_and_leaves_nothing(case, tmp_path):
         ingest(io.BytesIO(case.build()), IntakeLimits(**case.limits), out, RedScanner())
     e = caught.value
     assert (e.status, e.reason) == (case.status, case.reason), str(e)
-    assert any(case.file in f for f in e.files) and case.file in str(e)
+    assert any(case.file in f for f in e.files) and printable(case.file) in str(e)
     if case.limit:
         assert case.limit in str(e)
     assert e.as_dict()["status"] == case.status
     _assert_nothing_left(out)
+
+
+def test_file_names_cannot_forge_log_lines(tmp_path, caplog):
+    forged = "a.png\n2026-12-01 00:00:00 INFO gate.api.jobs: job 1 released\x1b[2K"
+    with caplog.at_level("INFO", logger="gate.intake"), pytest.raises(IntakeError) as caught:
+        ingest(io.BytesIO(make_zip([(forged, png())])), IntakeLimits(), tmp_path / "datasets" / "d", RedScanner())
+    assert caught.value.files == [forged]  # the JSON body keeps the real name; JSON escapes it
+    [record] = [r for r in caplog.records if r.name == "gate.intake.dataset"]
+    line = record.getMessage()
+    assert "\n" not in line and "\x1b" not in line
+    assert "a.png\\n2026-12-01" in line and "\\x1b[2K" in line
 
 
 # --- limits --------------------------------------------------------------------------------------------------

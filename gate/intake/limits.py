@@ -45,6 +45,12 @@ REASONS: dict[str, int] = {
 NAMED_IN_MESSAGE = 10
 
 
+def printable(name: str) -> str:
+    """A customer's file name as it may appear in a message or log line: control and other unprintable
+    characters escaped (``\\n``, ``\\x1b``), so a zip entry cannot forge log lines or terminal output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 class IntakeError(ValueError):
     """A rejected upload: ``status`` (HTTP), ``reason`` (a key of ``REASONS``), ``files`` (offenders)."""
 
@@ -55,7 +61,7 @@ class IntakeError(ValueError):
         self.status = REASONS[reason]
         self.message = message
         self.files = list(files)
-        named = ", ".join(self.files[:NAMED_IN_MESSAGE])
+        named = ", ".join(map(printable, self.files[:NAMED_IN_MESSAGE]))
         more = len(self.files) - NAMED_IN_MESSAGE
         if more > 0:
             named += f" and {more} more"
