@@ -56,19 +56,22 @@ def test_training_scheduler_keeps_the_models_noise_schedule(family, scheduler_cl
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_noise_does_not_depend_on_the_inference_schedulers_state(family):
     pipe = _pipe(family, EulerDiscreteScheduler)
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents, noise = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def draw():
         return add_noise(training_scheduler(pipe.scheduler.config), latents,
-                         generator=torch.Generator().manual_seed(1))
+                         generator=torch.Generator().manual_seed(1), noise=noise)
 
     before = draw()
     pipe.scheduler.set_timesteps(3)  # what a sample render does to the pipeline's scheduler
     after = draw()
     torch.testing.assert_close(before.noisy, after.noisy)
     torch.testing.assert_close(before.target, after.target)
-    if family == "sd2":  # v-prediction: the velocity, not the noise
-        assert not torch.allclose(after.target, after.noisy - latents)
+    ddpm = training_scheduler(pipe.scheduler.config)
+    # epsilon models regress the noise, v-prediction models the velocity of the same draw
+    expected = noise if family == "sd1" else ddpm.get_velocity(latents, noise, after.timesteps)
+    torch.testing.assert_close(after.target, expected, rtol=0, atol=0)
+    torch.testing.assert_close(after.noisy, ddpm.add_noise(latents, noise, after.timesteps), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scheduler_class", SCHEDULERS, ids=lambda c: c.__name__)
