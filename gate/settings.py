@@ -57,9 +57,10 @@ class Limits:
     max_files: int = field(default=5_000, metadata=_in_range(1, 1_000_000))
     max_image_pixels: int = field(default=4096 * 4096, metadata=_in_range(1, 1 << 32))
     max_caption_chars: int = field(default=1_000, metadata=_in_range(1, 100_000))
-    # Share of a dataset the intake's detectors call unsafe: above the flag ratio a reviewer looks,
-    # above the reject ratio the upload is refused.
-    contamination_flag_ratio: float = field(default=0.01, metadata=_in_range(0.0, 1.0))
+    # Share of a dataset the intake's detectors call unsafe: above the flag ratio the dataset waits for a
+    # reviewer (0.0: any unsafe image), above the reject ratio the upload is refused. The same defaults as
+    # gate.intake.IntakeLimits (a test holds them, and the docs, together).
+    contamination_flag_ratio: float = field(default=0.0, metadata=_in_range(0.0, 1.0))
     contamination_reject_ratio: float = field(default=0.10, metadata=_in_range(0.0, 1.0))
     max_steps: int = field(default=5_000, metadata=_in_range(1, 1_000_000))
     max_rank: int = field(default=128, metadata=_in_range(1, 4_096))

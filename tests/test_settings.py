@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from gate.intake import IntakeLimits
 from gate.settings import Limits, SettingsError, load_settings
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture
@@ -126,3 +131,20 @@ def test_summary_hides_passwords(tmp_path):
     summary = settings.summary()
     assert "s3cret" not in summary
     assert "postgresql+psycopg://gate:***@db/gate" in summary and "redis://:***@queue:6379/0" in summary
+
+
+@pytest.mark.parametrize("name", ["contamination_flag_ratio", "contamination_reject_ratio"])
+def test_contamination_defaults_agree_in_settings_intake_and_docs(name):
+    """One default per ratio: the service's settings, the intake's own limits, and every place the docs state
+    it (the intake's policy and limits table, the settings table) say the same number."""
+    stated = re.findall(rf"`{name}` \(default ([0-9.]+)", (DOCS / "intake.md").read_text())
+    stated += re.findall(rf"^\| `{name}` \| ([0-9.]+)", (DOCS / "intake.md").read_text(), re.M)
+    stated += re.findall(rf"^\| `\[limits\] {name}` \| `[A-Z_]+` \| ([0-9.]+)", (DOCS / "gate-storage.md").read_text(),
+                         re.M)
+    assert len(stated) == 3, stated
+    assert {float(v) for v in stated} == {getattr(Limits(), name)} == {getattr(IntakeLimits(), name)}
+
+
+def test_any_unsafe_image_flags_a_dataset_by_default():
+    """The default flag ratio is 0: a single image the scanner calls unsafe puts the dataset before a reviewer."""
+    assert Limits().contamination_flag_ratio == IntakeLimits().contamination_flag_ratio == 0.0
