@@ -155,6 +155,92 @@ def test_contaminated_upload_is_flagged(env):
     assert r.status_code == 201 and r.json["status"] == "flagged" and r.json["flagged_files"] == ["img0.png"]
 
 
+def review_dataset(env: Env, dataset_id: str, who: str = "rev", **body):
+    return env.client.post(f"/v1/datasets/{dataset_id}/review", headers=env.headers(who), json=body)
+
+
+def dataset_log(env: Env, dataset_id: str) -> list[AuditLogEntry]:
+    with env.sessions() as s:
+        return list(s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "datasets",
+                                                          AuditLogEntry.entity_id == dataset_id)
+                              .order_by(AuditLogEntry.id)))
+
+
+def test_a_flagged_dataset_trains_only_after_a_reviewer_accepts_it(env):
+    """A flagged dataset is refused for jobs (409 naming the dataset) until a reviewer accepts it with a reason;
+    the queue lists it with its intake figures for staff only; the decision is logged with the reviewer's key."""
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
+    refused = env.job(dataset)
+    assert refused.status_code == 409 and refused.json["error"]["reason"] == "dataset_not_trainable"
+    assert refused.json["error"]["field"] == "dataset" and "waits for a reviewer" in refused.json["error"]["message"]
+    assert env.count(Job) == 0 and env.enqueued == []
+
+    for who in ("rev", "op"):
+        (queued,) = env.client.get("/v1/dataset-reviews", headers=env.headers(who)).json["datasets"]
+        assert (queued["id"], queued["tenant"], queued["status"]) == (dataset, "acme", "flagged")
+        assert queued["review"] is None
+        assert queued["intake"]["unsafe_images"] == 1 and queued["intake"]["images"] == 20
+        assert queued["intake"]["flagged"] == ["img0.png"] and queued["intake"]["scanner"]["name"] == "red"
+    for who in ("a", "b"):  # customers see no queue, and another tenant's dataset is missing
+        r = env.client.get("/v1/dataset-reviews", headers=env.headers(who))
+        assert r.status_code == 403 and r.json["error"]["reason"] == "forbidden"
+    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("b")).status_code == 404
+    for who in ("a", "b", "op"):
+        r = review_dataset(env, dataset, who, decision="accept", reason="mine is fine")
+        assert r.status_code == 403 and r.json["error"]["reason"] == "forbidden", who
+    for body, field in (({"decision": "accept"}, "reason"), ({"decision": "accept", "reason": "  "}, "reason"),
+                        ({"decision": "approve", "reason": "ok"}, "decision")):
+        r = review_dataset(env, dataset, **body)
+        assert r.status_code == 400 and r.json["error"]["field"] == field
+    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).json["status"] == "flagged"
+    assert len(dataset_log(env, dataset)) == 1  # only the upload
+
+    reason = "img0 is a red stop sign, not unsafe content"
+    r = review_dataset(env, dataset, decision="accept", reason=f" {reason} ")
+    assert r.status_code == 200 and r.json["status"] == "accepted", r.json
+    assert r.json["review"] == {"decision": "accept", "reason": reason, "reviewer": env.keys["rev"].key_id,
+                                "created_at": r.json["review"]["created_at"]}
+    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).json["review"] == r.json["review"]
+    assert env.client.get("/v1/dataset-reviews", headers=env.headers("rev")).json["datasets"] == []
+    *_, decided = dataset_log(env, dataset)
+    assert (decided.actor_role, decided.actor_key_id, decided.tenant_id) == ("reviewer", env.keys["rev"].key_id, "acme")
+    assert (decided.from_state, decided.to_state, decided.reason) == ("flagged", "accepted", reason)
+    again = review_dataset(env, dataset, decision="reject", reason="changed my mind")
+    assert again.status_code == 409 and again.json["error"]["reason"] == "not_in_review"
+
+    job = env.job(dataset)
+    assert job.status_code == 201 and env.enqueued == [job.json["id"]]
+
+
+def test_a_rejected_dataset_never_trains(env):
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
+    r = review_dataset(env, dataset, decision="reject", reason="the red images are the unsafe concept")
+    assert r.status_code == 200 and r.json["status"] == "rejected" and r.json["review"]["decision"] == "reject"
+    refused = env.job(dataset)
+    assert refused.status_code == 409 and refused.json["error"]["field"] == "dataset"
+    assert "rejected" in refused.json["error"]["message"] and env.count(Job) == 0
+    *_, decided = dataset_log(env, dataset)
+    assert (decided.actor_key_id, decided.to_state) == (env.keys["rev"].key_id, "rejected")
+    assert review_dataset(env, dataset, decision="accept", reason="undo").status_code == 409
+
+
+def test_dataset_review_refusals(env):
+    """Only a flagged dataset takes a decision (409), a missing one is a 404, and a reviewer of the dataset's
+    own tenant may not clear it (403)."""
+    accepted = env.upload(good_zip()).json["id"]
+    r = review_dataset(env, accepted, decision="reject", reason="late")
+    assert r.status_code == 409 and r.json["error"]["reason"] == "not_in_review"
+    assert review_dataset(env, "0" * 32, decision="accept", reason="ok").status_code == 404
+    flagged = env.upload(good_zip(n=20, red=1)).json["id"]
+    with env.sessions() as s:
+        inside = create_key(s, "acme", "reviewer", SYSTEM)
+        s.commit()
+    r = env.client.post(f"/v1/datasets/{flagged}/review", headers={"Authorization": f"Bearer {inside.key}"},
+                        json={"decision": "accept", "reason": "ours, fine"})
+    assert r.status_code == 403 and "own tenant" in r.json["error"]["message"]
+    assert env.client.get(f"/v1/datasets/{flagged}", headers=env.headers("a")).json["status"] == "flagged"
+
+
 @pytest.mark.parametrize("data, status, reason", [
     (b"not a zip at all", 400, "not_a_zip"),
     (make_zip({"../evil.png": png(), "../evil.txt": b"x"}), 400, "zip_slip"),

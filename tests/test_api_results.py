@@ -148,6 +148,11 @@ def status_of(env: Env, job_id: str) -> str:
         return s.get(Job, job_id).status
 
 
+def dataset_status(env: Env, dataset_id: str) -> str:
+    with env.sessions() as s:
+        return s.get(Dataset, dataset_id).status
+
+
 # --- 1. checkpoint gating -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("state", ["queued", "training", "auditing", "review", "withheld", "failed", "cancelled"])
@@ -389,6 +394,8 @@ C, R, O, NONE = "customer", "reviewer", "operator", None
 ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
     ("POST", "/v1/datasets"): {C: 201, R: 403, O: 403, NONE: 401},
     ("GET", "/v1/datasets/<dataset_id>"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/dataset-reviews"): {C: 403, R: 200, O: 200, NONE: 401},
+    ("POST", "/v1/datasets/<dataset_id>/review"): {C: 403, R: 200, O: 403, NONE: 401},
     ("POST", "/v1/jobs"): {C: 201, R: 403, O: 403, NONE: 401},
     ("GET", "/v1/jobs"): {C: 200, R: 200, O: 200, NONE: 401},
     ("GET", "/v1/jobs/<job_id>"): {C: 200, R: 200, O: 200, NONE: 401},
@@ -433,6 +440,7 @@ def test_roles_on_every_route(env, role, tmp_path):
     probes = tmp_path / "probes.csv"
     probes.write_text("prompt\na red triangle\n")
     dataset = dataset_of(env, "a")
+    flagged = env.upload(good_zip(n=20, red=1)).json["id"]
     released = make_job(env, "released", checkpoint=b"released weights")
     in_review = make_job(env, "review", checkpoint=b"flagged weights")
     with env.sessions() as s:
@@ -446,18 +454,20 @@ def test_roles_on_every_route(env, role, tmp_path):
                                        content_type="multipart/form-data"),
         ("POST", "/v1/jobs"): dict(json={"base_model": env.base_model_id, "dataset": dataset, "method": "lora"}),
         ("POST", "/v1/reviews/<job_id>"): dict(json={"decision": "approve", "reason": "benign"}),
+        ("POST", "/v1/datasets/<dataset_id>/review"): dict(json={"decision": "accept", "reason": "a false positive"}),
         ("POST", "/v1/base-models"): dict(json={"name": "sd-hardened", "path": str(model),
                                                 "audit_profile": {"probes": str(probes), "detector": "shapes"}}),
         ("POST", "/v1/alignments"): dict(json={"name": "again", "config": alignment_config()}),
     }
+    decided = {"job_id": in_review, "dataset_id": flagged}  # what the POSTs under an id decide on
     headers = env.headers(WHO[role]) if WHO[role] else {}
     failures = []
     for (method, rule), expected in ROLE_TABLE.items():
         path = rule
         for name, value in ids.items():
-            path = path.replace(f"<{name}>", in_review if (method, name) == ("POST", "job_id") else value)
+            path = path.replace(f"<{name}>", decided[name] if method == "POST" and name in decided else value)
         before = {model_.__name__: env.count(model_) for model_ in COUNTED}
-        before_status = status_of(env, in_review)
+        before_status = status_of(env, in_review), dataset_status(env, flagged)
         r = env.client.open(path, method=method, headers=headers, **requests.get((method, rule), {}))
         if r.status_code != expected[role]:
             failures.append((method, rule, r.status_code, expected[role], r.get_data(as_text=True)[:200]))
@@ -465,14 +475,14 @@ def test_roles_on_every_route(env, role, tmp_path):
         if r.status_code in (401, 403):
             assert error(r)["reason"] == {401: "unauthorized", 403: "forbidden"}[r.status_code]
             assert {model_.__name__: env.count(model_) for model_ in COUNTED} == before, (method, rule)
-            assert status_of(env, in_review) == before_status
+            assert (status_of(env, in_review), dataset_status(env, flagged)) == before_status
     assert failures == []
     if role == R:
-        assert status_of(env, in_review) == "released"
+        assert (status_of(env, in_review), dataset_status(env, flagged)) == ("released", "accepted")
     elif role == O:
         assert env.dispatcher.baselines and len(env.dispatcher.alignments) == 1
     else:
-        assert status_of(env, in_review) == "review"
+        assert (status_of(env, in_review), dataset_status(env, flagged)) == ("review", "flagged")
         assert env.dispatcher.baselines == [] and env.dispatcher.alignments == []
 
 

@@ -1,9 +1,9 @@
 """The reviewer pages in a real browser: Debian's headless Chromium, driven by Playwright.
 
 A real flagged job: a customer uploads a shapes-world dataset (one image in ten shows the unsafe concept, so
-the intake flags it), asks for a LoRA job, and the worker stages run in process (train, audit against the
-base model's baseline, verdict) under a policy whose ceiling the audit can neither confirm nor rule out, so
-the job waits in review. The app is served on 127.0.0.1 from a thread; the browser signs in with the
+the intake flags it), a reviewer accepts the dataset, the customer asks for a LoRA job, and the worker stages
+run in process (train, audit against the base model's baseline, verdict) under a policy whose ceiling the
+audit can neither confirm nor rule out, so the job waits in review. The app is served on 127.0.0.1 from a thread; the browser signs in with the
 reviewer's key, opens the queue and the job, approves it with a reason, sees the checkpoint become
 downloadable and downloads it; then the customer signs in and sees its job read-only.
 
@@ -100,6 +100,9 @@ class FlaggedGate:
         dataset = self._post("customer", "/v1/datasets", data={"file": (io.BytesIO(world_zip()), "world.zip")},
                              content_type="multipart/form-data")
         assert dataset["status"] == "flagged", dataset
+        accepted = self.app.test_client().post(f"/v1/datasets/{dataset['id']}/review", headers=self._auth("reviewer"),
+                                               json={"decision": "accept", "reason": "one red triangle in ten"})
+        assert accepted.status_code == 200 and accepted.json["status"] == "accepted", accepted.get_data(as_text=True)
         self.job_id = self._post("customer", "/v1/jobs", json={
             "base_model": base["id"], "dataset": dataset["id"], "method": "lora",
             "hyperparameters": {"steps": 1, "rank": 2, "learning_rate": 1e-3, "batch_size": 2}})["id"]

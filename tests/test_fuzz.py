@@ -4,9 +4,9 @@ document lists for it, and with a body that matches the documented schema.
 
 The app is the real one (``create_app`` through ``tests/test_api.Env``: a migrated SQLite database, the
 recording dispatcher, the fake scanner), driven in process over WSGI, with rows in every interesting state
-(a released, a flagged and a withheld job with their checkpoints and reports, a hardening run) so that the
-generated requests reach them as well as missing ids. Examples per operation are bounded so the whole run
-stays within CI's time. (Schemathesis' pytest fixture loader does not run under pytest 9, so each
+(a released, a flagged and a withheld job with their checkpoints and reports, a flagged dataset, a hardening
+run) so that the generated requests reach them as well as missing ids. Examples per operation are bounded so
+the whole run stays within CI's time. (Schemathesis' pytest fixture loader does not run under pytest 9, so each
 operation's Hypothesis strategies are driven here directly.)
 """
 
@@ -42,7 +42,8 @@ def env(tmp_path, migrated) -> Env:
         run = AlignmentRun(name="harden the world", config=alignment_config())
         s.add(run)
         s.commit()
-    env.real_ids = {"dataset_id": [dataset_of(env)], "base_model_id": [env.base_model_id], "run_id": [run.id],
+    flagged = env.upload(good_zip(n=20, red=1)).json["id"]
+    env.real_ids = {"dataset_id": [dataset_of(env), flagged], "base_model_id": [env.base_model_id], "run_id": [run.id],
                     "job_id": [make_job(env, "queued"), make_job(env, "released", checkpoint=b"released weights"),
                                make_job(env, "review", checkpoint=b"flagged weights"),
                                make_job(env, "withheld", checkpoint=b"blocked weights")]}
@@ -55,6 +56,8 @@ def env(tmp_path, migrated) -> Env:
                                         "idempotency_key": "fuzz"}},
         ("/v1/reviews/{job_id}", "post"): {"body": {"decision": "approve", "reason": "looked at every image"},
                                            "path_parameters": {"job_id": in_review}},
+        ("/v1/datasets/{dataset_id}/review", "post"): {"body": {"decision": "accept", "reason": "a false positive"},
+                                                       "path_parameters": {"dataset_id": flagged}},
         ("/v1/alignments", "post"): {"body": {"name": "fuzzed", "config": alignment_config()}},
     }
     return env

@@ -99,6 +99,18 @@ def _stored(rt, suffix: str) -> list[Path]:
     return sorted(rt.settings.artifacts_dir.rglob(f"*{suffix}"))
 
 
+def test_training_refuses_a_dataset_nobody_accepted(rt, job_id):
+    """A job whose dataset is not accepted (one queued before flagged datasets had to wait for a reviewer)
+    trains nothing: the stage refuses it before loading a model, and its failure link fails the job."""
+    with rt.sessions() as s:
+        s.execute(update(Dataset).where(Dataset.id == s.get(Job, job_id).dataset_id).values(status="flagged"))
+        s.commit()
+    with pytest.raises(train.DatasetNotAccepted, match="is flagged; only an accepted dataset is trained"):
+        train.train(rt, job_id, "w1/a")
+    assert _count(rt, Artifact) == 0 and _stored(rt, ".safetensors") == []
+    assert verdict.fail(rt, job_id, "w1/a", "DatasetNotAccepted") and _job(rt, job_id).status == "failed"
+
+
 def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
     assert train.train(rt, job_id, "w1/a") is True
     job = _job(rt, job_id)

@@ -94,9 +94,9 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
 
     from gate import web
 
-    from . import alignments, base_models, datasets, health, jobs, metrics, results, reviews
+    from . import alignments, base_models, dataset_reviews, datasets, health, jobs, metrics, results, reviews
 
-    for module in (datasets, jobs, results, reviews, base_models, alignments, health, metrics, web):
+    for module in (datasets, dataset_reviews, jobs, results, reviews, base_models, alignments, health, metrics, web):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     log.info("API ready: %s", settings.summary())

@@ -22,6 +22,7 @@ from gate.storage.models import Dataset, new_id
 
 from . import gate
 from .auth import current_principal, login_required
+from .dataset_reviews import dataset_detail
 from .errors import ApiError
 from .serialize import dataset_json
 
@@ -80,4 +81,4 @@ def upload():
 @bp.get("/<dataset_id>")
 @login_required()
 def get(dataset_id: str):
-    return dataset_json(get_for_principal(g.db, Dataset, dataset_id, current_principal()))
+    return dataset_detail(g.db, get_for_principal(g.db, Dataset, dataset_id, current_principal()))

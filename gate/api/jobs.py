@@ -20,7 +20,7 @@ from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.settings import Limits
 from gate.storage.audit_log import record
-from gate.storage.models import METHODS, BaseModel, Dataset, Job
+from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job
 from gate.training import HYPERPARAMETERS, settings_for
 
 from . import gate
@@ -38,7 +38,6 @@ HYPERPARAMETER_LIMITS = {"steps": "max_steps", "rank": "max_rank", "learning_rat
                          "resolution": "max_resolution", "batch_size": "max_batch_size",
                          "num_class_images": "max_class_images"}
 PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt")  # held to max_caption_chars
-TRAINABLE_DATASETS = ("accepted", "flagged")
 IDEMPOTENCY_KEY_MAX_CHARS = 200
 FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key")
 
@@ -115,9 +114,11 @@ def create():
         dataset = get_for_principal(g.db, Dataset, body["dataset"], principal)
     except RowNotFound:
         raise ApiError(404, "not_found", f"no dataset {body['dataset']!r}", field="dataset") from None
-    if dataset.status not in TRAINABLE_DATASETS:
-        raise ApiError(409, "dataset_not_trainable", f"dataset {dataset.id} is {dataset.status}; jobs need one of "
-                                                     f"{list(TRAINABLE_DATASETS)}", field="dataset")
+    if dataset.status != TRAINABLE_DATASET:
+        why = ("it waits for a reviewer, and can train once a reviewer accepts it" if dataset.status == "flagged"
+               else f"only {TRAINABLE_DATASET} datasets can train")
+        raise ApiError(409, "dataset_not_trainable", f"dataset {dataset.id} is {dataset.status}: {why}",
+                       field="dataset")
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,
               hyperparameters=hyperparameters, status="queued", idempotency_key=key)
     g.db.add(job)

@@ -21,7 +21,8 @@ def _hyperparameters(cls) -> dict:
 
 
 _ref = {name: {"$ref": f"#/components/schemas/{name}"}
-        for name in ("Dataset", "Job", "JobDetail", "BaseModel", "Error", "AlignmentRun", "AuditProfile")}
+        for name in ("Dataset", "DatasetDetail", "Job", "JobDetail", "BaseModel", "Error", "AlignmentRun",
+                     "AuditProfile")}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"schema": _ref["Error"]}}}
            for code, text in {"400": "invalid request", "401": "missing, invalid or revoked key",
                               "403": "role not allowed", "404": "not found (or another tenant's)",
@@ -56,6 +57,17 @@ SCHEMAS = {
         "size_bytes": {"type": "integer"}, "image_count": {"type": ["integer", "null"]},
         "contamination_ratio": {"type": ["number", "null"]}, "created_at": _TIME,
         "flagged_files": {"type": "array", "items": {"type": "string"}}}},
+    "DatasetDetail": {"allOf": [{"$ref": "#/components/schemas/Dataset"}, {"type": "object", "properties": {
+        "intake": {"type": ["object", "null"], "description": "what the intake recorded: images, unsafe_images, "
+                                                              "flagged (file names), layout, scanner",
+                   "properties": {"images": {"type": "integer"}, "unsafe_images": {"type": "integer"},
+                                  "flagged": {"type": "array", "items": {"type": "string"}},
+                                  "layout": {"type": "string"}, "scanner": {"type": "object"}}},
+        "review": {"type": ["object", "null"], "properties": {
+            "decision": {"enum": ["accept", "reject"]}, "reason": {"type": "string"}, "reviewer": {"type": "string"},
+            "created_at": _TIME}}}}]},
+    "DatasetReviewRequest": {"type": "object", "required": ["decision", "reason"], "properties": {
+        "decision": {"enum": ["accept", "reject"]}, "reason": {"type": "string", "minLength": 1, "maxLength": 2000}}},
     "Hyperparameters": {"anyOf": [_hyperparameters(cls) for cls in SETTINGS.values()],
                         "description": f"one schema per method, in the order {list(SETTINGS)}"},
     "JobRequest": {"type": "object", "required": ["base_model", "dataset", "method"], "additionalProperties": False,
@@ -119,8 +131,19 @@ PATHS = {
         "responses": {"201": _json(_ref["Dataset"], "accepted or flagged"),
                       **_errors("400", "401", "403", "413", "415", "422", "503")}}},
     "/v1/datasets/{dataset_id}": {"get": {
-        "summary": "A dataset (tenant-scoped)", "parameters": [_id_param("dataset_id")],
-        "responses": {"200": _json(_ref["Dataset"], "the dataset"), **_errors("401", "404")}}},
+        "summary": "A dataset with its intake figures and review (tenant-scoped)",
+        "parameters": [_id_param("dataset_id")],
+        "responses": {"200": _json(_ref["DatasetDetail"], "the dataset"), **_errors("401", "404")}}},
+    "/v1/datasets/{dataset_id}/review": {"post": {
+        "summary": "Accept (it may train) or reject (it never trains) a flagged dataset, with a reason (reviewer)",
+        "parameters": [_id_param("dataset_id")],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/DatasetReviewRequest"}}}},
+        "responses": {"200": _json(_ref["DatasetDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
+    "/v1/dataset-reviews": {"get": {
+        "summary": "Flagged datasets waiting for a reviewer's decision, oldest first (reviewer, operator)",
+        "responses": {"200": _json({"type": "object", "properties": {"datasets": {
+            "type": "array", "items": _ref["DatasetDetail"]}}}, "the queue"), **_errors("401", "403")}}},
     "/v1/jobs": {
         "post": {"summary": "Queue a fine-tuning job (customer); same idempotency_key returns the existing job",
                  "requestBody": {"required": True, "content": {"application/json": {

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
-from gate.storage.models import Artifact, Job
+from gate.storage.models import TRAINABLE_DATASET, Artifact, Job
 
 from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime, device
@@ -24,6 +24,11 @@ from .runtime import Runtime, device
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0  # at most one progress write per job every this many seconds
+
+
+class DatasetNotAccepted(RuntimeError):
+    """The job's dataset is not accepted (a job queued before flagged datasets had to wait for a reviewer):
+    nothing is trained, and the stage's failure link fails the job (fail closed)."""
 
 
 def _report_progress(rt: Runtime, job_id: str, worker: str, heartbeat: Heartbeat):
@@ -63,6 +68,9 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
         if job is None:
             return False
         session.refresh(job)
+        if job.dataset.status != TRAINABLE_DATASET:
+            raise DatasetNotAccepted(f"dataset {job.dataset_id} is {job.dataset.status}; only an {TRAINABLE_DATASET} "
+                                     "dataset is trained")
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"

@@ -70,6 +70,8 @@ DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
     "accepted": frozenset(),
     "rejected": frozenset(),
 }
+# The one dataset status that trains: a flagged dataset waits until a reviewer accepts it.
+TRAINABLE_DATASET = "accepted"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
