@@ -19,7 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from auditing.layouts import load_examples
-from auditing.models.examples import encode_images, encode_prompts
+from auditing.models.conditioning import encode_text
+from auditing.models.examples import encode_images
 from auditing.models.hashing import tree_sha256
 from auditing.probes import load_probe_set
 from auditing.render import Renderer, RenderSettings
@@ -103,6 +104,6 @@ def load_data(pipe, model_sha256: str, config: DataConfig, render: RenderSetting
                                       config.max_examples, render, cache_dir)
         info["examples"] = len(images)
         log.info("data.%s: %d examples from %s", name, len(images), path)
-        sets[name] = EncodedSet(Batch(encode_images(pipe, images), encode_prompts(pipe, prompts)), tuple(prompts),
-                                info)
+        batch = Batch(encode_images(pipe, images), encode_text(pipe, prompts).hidden)
+        sets[name] = EncodedSet(batch, tuple(prompts), info)
     return AlignmentData(**sets)

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from auditing.files import atomic_write
 from auditing.models.denoising import training_scheduler
-from auditing.models.examples import encode_prompts
+from auditing.models.conditioning import encode_text
 
 from .adapt import FineTuneConfig, adapt
 from .config import AlignConfig
@@ -101,8 +101,8 @@ class Aligner:
                                            weight_decay=config.outer.weight_decay)
         obj = config.objective
         self.harm = HarmLoss(obj.harm, obj.harm_bound, obj.esd_eta,
-                             anchor=encode_prompts(pipe, [obj.anchor_prompt]) if obj.harm == "ablation" else None,
-                             empty=encode_prompts(pipe, [""]) if obj.harm == "esd" else None)
+                             anchor=encode_text(pipe, [obj.anchor_prompt]).hidden if obj.harm == "ablation" else None,
+                             empty=encode_text(pipe, [""]).hidden if obj.harm == "esd" else None)
         self.step_index = 0
 
     # -- parameters -------------------------------------------------------------------------

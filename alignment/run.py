@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from auditing.files import atomic_write
+from auditing.models.conditioning import is_sdxl
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import load_pipeline
 from auditing.shapes.cli import PRETRAINED_WORLD, world_record
@@ -111,6 +112,9 @@ def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int
     resolved = _resolve_data(config, base_dir, paths.work, model)
     torch.manual_seed(config.seed)
     pipe = load_pipeline(model)
+    if is_sdxl(pipe):
+        raise ValueError(f"model: {model} is an SDXL pipeline; hardening supports SD 1.x and 2.x UNets (SDXL's "
+                         "pooled-text and time-id conditioning is not implemented in alignment/)")
     model_sha = weights_sha256(model)
     data = load_data(pipe, model_sha, resolved.data, config.generation, cache_dir=paths.work / "renders")
     aligner = Aligner(pipe, data, config)

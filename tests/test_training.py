@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from auditing.models.examples import encode_prompts, tokenize
+from auditing.models.conditioning import encode_text, tokenize
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import ModelSourceError, load_pipeline, load_unet_weights
 from auditing.shapes.cli import PRETRAINED_WORLD
@@ -84,6 +84,16 @@ def dreambooth_job(tmp_path_factory):
     ("lora", {"train_text_encoder": 1}, "train_text_encoder"),
     ("lora", {"resolution": 30}, "resolution"),
     ("lora", {"seed": -1}, "seed"),
+    ("lora", {"mixed_precision": "fp8"}, "mixed_precision"),
+    ("lora", {"lr_scheduler": "piecewise_constant"}, "lr_scheduler"),
+    ("lora", {"lr_warmup_steps": -1}, "lr_warmup_steps"),
+    ("lora", {"max_grad_norm": 0}, "max_grad_norm"),
+    ("lora", {"crop": "left"}, "crop"),
+    ("lora", {"snr_gamma": -5}, "snr_gamma"),
+    ("lora", {"noise_offset": 2}, "noise_offset"),
+    ("lora", {"validation_prompt": ""}, "validation_prompt"),
+    ("lora", {"text_encoder_lr": 2}, "text_encoder_lr"),
+    ("dreambooth", {"instance_prompt": "a sks dog", "text_encoder_lr": 1e-4}, "text_encoder_lr"),
     ("textual_inversion", {}, "method"),
 ])
 def test_settings_for_names_the_bad_field(method, hyperparameters, field):
@@ -99,7 +109,19 @@ def test_settings_for_fills_defaults_per_method():
     assert dreambooth == DreamBoothSettings(instance_prompt="a sks square")
     assert (dreambooth.num_class_images, dreambooth.prior_loss_weight, dreambooth.learning_rate) == (8, 1.0, 5e-6)
     assert set(HYPERPARAMETERS["lora"]) ^ set(HYPERPARAMETERS["dreambooth"]) == {
-        "rank", "train_text_encoder", "instance_prompt", "class_prompt", "num_class_images", "prior_loss_weight"}
+        "rank", "train_text_encoder", "text_encoder_lr", "instance_prompt", "class_prompt", "num_class_images",
+        "prior_loss_weight"}
+
+
+def test_training_settings_name_diffusers_schedules_and_crops():
+    from diffusers.optimization import SchedulerType
+
+    from auditing.models.examples import CROPS
+    from gate.training.settings import CROPS as SETTINGS_CROPS
+    from gate.training.settings import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert SETTINGS_CROPS == CROPS
 
 
 def test_the_api_can_import_training_without_torch():
@@ -114,7 +136,7 @@ def test_lora_with_text_encoder_loads_with_plain_diffusers(lora_job):
     assert prefixes == {"unet", "text_encoder"}
     pipe = load_pipeline(PRETRAINED_WORLD)
     with torch.no_grad():
-        ids = tokenize(pipe, [CAPTION])
+        ids = tokenize(pipe, [CAPTION])[0]
         before = pipe.text_encoder(ids)[0]
         pipe.load_lora_weights(str(result.weights.parent))  # the customer's own one-liner
         after = pipe.text_encoder(ids)[0]
@@ -163,7 +185,7 @@ def test_dreambooth_weights_load_into_a_fresh_pipeline(dreambooth_job):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])
     with torch.no_grad():
-        hidden = encode_prompts(pipe, [DREAMBOOTH["instance_prompt"]])
+        hidden = encode_text(pipe, [DREAMBOOTH["instance_prompt"]]).hidden
         before = pipe.unet(x, t, hidden).sample
         load_unet_weights(pipe, result.weights)
         after = pipe.unet(x, t, hidden).sample

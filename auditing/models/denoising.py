@@ -46,13 +46,20 @@ class NoisyBatch:
 
 
 def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator | None = None,
-              timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> NoisyBatch:
-    """Sample timesteps and noise, and the matching target for the scheduler's parameterisation."""
+              timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+              noise_offset: float = 0.0) -> NoisyBatch:
+    """Sample timesteps and noise, and the matching target for the scheduler's parameterisation.
+
+    ``noise_offset`` adds a per-channel constant to the noise (scaled by it), which lets a model learn
+    very dark and very bright images (diffusers' ``--noise_offset``)."""
     n = latents.shape[0]
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    if noise_offset:
+        offset = torch.randn((n, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
+        noise = noise + noise_offset * offset.to(latents.device)
     timesteps = timesteps.to(latents.device).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
     kind = scheduler.config.prediction_type
@@ -67,12 +74,15 @@ def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.
     return NoisyBatch(noisy, timesteps, target)
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., 2023), expressed for the scheduler's target.
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma loss weights (Hang et al., 2023), expressed for the scheduler's target; None
+    (unweighted) when ``gamma`` is None.
 
     Clipping the signal-to-noise ratio at ``gamma`` stops the nearly noise-free timesteps
     from dominating the gradient, which speeds up convergence several-fold.
     """
+    if gamma is None:
+        return None
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas)
     clipped = snr.clamp(max=gamma)

@@ -1,34 +1,47 @@
 """The training loop LoRA and DreamBooth share, and the output folder it writes.
 
-A method supplies the loss of one step and how to save its weights; the loop owns the
-optimiser, progress, samples and checkpoints. Batches come from a ``random.Random`` and
-noise and timesteps from a ``torch.Generator``, both seeded from the settings, so a run is
-repeatable bit for bit on the same machine. Every ``max(steps // CHECKPOINTS_PER_RUN, 1)``
-steps the weights are written, in the final format, under ``checkpoints/step-N/`` (not for
-the last step: that is the final artifact) and a sample grid to ``samples/step-N.png``.
+A method supplies the loss of one step, its trainable modules (each with a learning rate) and how to save
+its weights; the loop owns precision, the optimiser and its schedule, gradient clipping, progress, samples,
+checkpoints and resumable state. Batches come from a ``random.Random`` and noise and timesteps from a
+``torch.Generator``, both seeded from the settings, so a run is repeatable bit for bit on the same machine,
+resumed or not. Every ``max(steps // CHECKPOINTS_PER_RUN, 1)`` steps the weights are written, in the
+final format, under ``checkpoints/step-N/`` (not for the last step: that is the final artifact), a sample
+grid to ``samples/step-N.png``, and, given a state folder, the state a re-delivered job resumes from.
+
+Mixed precision follows diffusers' training scripts: frozen weights in fp16/bf16, trainable ones kept in
+fp32 and the forward pass under autocast (with a gradient scaler for fp16); the VAE stays fp32 (SDXL's
+overflows in fp16).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
+from PIL import Image
 from tqdm.auto import tqdm
 
+from auditing.models.conditioning import text_encoders
 from auditing.render import render_batch
 
 from .settings import TrainingSettings
+from .state import load_state, save_state
 
 CHECKPOINTS_PER_RUN = 4
 PROGRESS_UPDATES = 100  # at most one progress report per 1% of the steps
 SAMPLE_IMAGES = 2
 SAMPLE_INFERENCE_STEPS = 10
 GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default, for samples and class images alike
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Progress = Callable[[float, str], None]
 StepLoss = Callable[[random.Random, torch.Generator], torch.Tensor]
@@ -51,14 +64,40 @@ def staged_output(out: Path) -> Iterator[Path]:
     tmp.rename(out)
 
 
-def begin(pipe, settings: TrainingSettings) -> int:
-    """Freeze every component and seed torch (adapter initialisation draws from it);
-    return the side length training images are resized to."""
+def begin(pipe, settings: TrainingSettings, full_unet: bool = False) -> int:
+    """Freeze every component in its training precision (the UNet in fp32 when every weight of it
+    trains), seed torch (adapter initialisation draws from it); return the training image side."""
     torch.manual_seed(settings.seed)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    if pipe.unet.device.type == "cuda":  # TF32 matmuls on Ampere and later, as diffusers' --allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    frozen = PRECISIONS[settings.mixed_precision]
+    dtypes = [(pipe.vae, torch.float32), *((e, frozen) for e in text_encoders(pipe)),
+              (pipe.unet, torch.float32 if full_unet else frozen)]
+    for module, dtype in dtypes:
         module.requires_grad_(False)
+        if module.dtype != dtype:  # diffusers warns on every cast, needed or not
+            module.to(dtype)
+    if settings.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     pipe.set_progress_bar_config(disable=True)
     return settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def autocast(pipe, settings: TrainingSettings) -> AbstractContextManager:
+    """The forward passes' precision: autocast to fp16/bf16, or nothing for fp32 training."""
+    if settings.mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(pipe.unet.device.type, dtype=PRECISIONS[settings.mixed_precision])
+
+
+def run_fingerprint(settings: TrainingSettings, examples: list[tuple[Image.Image, str]]) -> str:
+    """Identifies a run's settings and data, so that only its own saved state is resumed."""
+    digest = hashlib.sha256(json.dumps([type(settings).__name__, asdict(settings)], sort_keys=True).encode())
+    for image, caption in examples:
+        digest.update(f"{image.mode} {image.size} {caption}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def batch_indices(rng: random.Random, n: int, batch_size: int) -> torch.Tensor:
@@ -67,44 +106,72 @@ def batch_indices(rng: random.Random, n: int, batch_size: int) -> torch.Tensor:
 
 
 def render_grid(pipe, prompt: str, seed: int, count: int, inference_steps: int, size: int):
-    """``count`` images of one prompt side by side, image i from seed ``seed + i``."""
-    images = render_batch(pipe, [prompt] * count, [seed + i for i in range(count)], GUIDANCE_SCALE,
-                          inference_steps, width=size, height=size)
+    """``count`` images of one prompt side by side, image i from seed ``seed + i``, rendered with a
+    fresh copy of the pipeline's inference scheduler, whose state the pipeline keeps untouched."""
+    own = pipe.scheduler
+    pipe.scheduler = type(own).from_config(own.config)
+    try:
+        images = render_batch(pipe, [prompt] * count, [seed + i for i in range(count)], GUIDANCE_SCALE,
+                              inference_steps, width=size, height=size)
+    finally:
+        pipe.scheduler = own
     return make_image_grid(images, rows=1, cols=count)
 
 
-def run_steps(pipe, settings: TrainingSettings, modules: list[torch.nn.Module], step_loss: StepLoss, save: Save,
-              sample_prompt: str, size: int, work: Path, progress: Progress | None,
-              desc: str) -> tuple[Path, list[Path], list[Path]]:
-    """Optimise the trainable parameters of ``modules`` with AdamW; return the final weights,
-    sample and checkpoint files, relative to ``work``."""
+def run_steps(pipe, settings: TrainingSettings, groups: list[tuple[torch.nn.Module, float]], step_loss: StepLoss,
+              save: Save, sample_prompt: str, size: int, work: Path, progress: Progress | None, desc: str,
+              state: tuple[Path, str] | None = None) -> tuple[Path, list[Path], list[Path], int]:
+    """Optimise the trainable parameters of each (module, learning rate) with AdamW; return the final
+    weights, sample and checkpoint files (relative to ``work``) and the step resumed from.
+
+    ``state`` is (folder, fingerprint): where resumable state is kept, and which run it must belong to."""
     report = progress or (lambda fraction, stage: None)
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.learning_rate)
+    named = {f"{i}.{name}": p for i, (m, _) in enumerate(groups) for name, p in m.named_parameters()
+             if p.requires_grad}
+    for p in named.values():  # master weights in fp32 whatever the frozen weights are in
+        p.data = p.data.float()
+    opt = torch.optim.AdamW([{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
+                             for m, lr in groups])
+    scaler = torch.amp.GradScaler(pipe.unet.device.type, enabled=settings.mixed_precision == "fp16")
     rng = random.Random(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
+    state_dir, fingerprint = state or (None, "")
+    start = load_state(state_dir, fingerprint, named, opt, scaler, rng, gen)
+    schedule = get_scheduler(settings.lr_scheduler, opt, num_warmup_steps=settings.lr_warmup_steps,
+                             num_training_steps=settings.steps, last_epoch=start - 1)
     every = max(settings.steps // CHECKPOINTS_PER_RUN, 1)
     report_every = max(settings.steps // PROGRESS_UPDATES, 1)
     samples, checkpoints = [], []
-    report(0.0, "training")
+    modules = [m for m, _ in groups]
+    report(start / settings.steps, "training")
     for m in modules:
         m.train()
-    for step in (bar := tqdm(range(1, settings.steps + 1), desc=desc, unit="step")):
-        loss = step_loss(rng, gen)
+    steps = range(start + 1, settings.steps + 1)
+    for step in (bar := tqdm(steps, desc=desc, unit="step", initial=start, total=settings.steps)):
+        with autocast(pipe, settings):
+            loss = step_loss(rng, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        if settings.max_grad_norm is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        schedule.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % every == 0 or step == settings.steps:
             for m in modules:
                 m.eval()
             sample = Path("samples") / f"step-{step}.png"
             (work / sample).parent.mkdir(exist_ok=True)
-            render_grid(pipe, sample_prompt, settings.seed, SAMPLE_IMAGES, SAMPLE_INFERENCE_STEPS,
-                        size).save(work / sample)
+            with autocast(pipe, settings):
+                grid = render_grid(pipe, sample_prompt, settings.seed, SAMPLE_IMAGES, SAMPLE_INFERENCE_STEPS, size)
+            grid.save(work / sample)
             samples.append(sample)
             if step < settings.steps:
                 checkpoints.append(save(work / "checkpoints" / f"step-{step}").relative_to(work))
+                if state_dir is not None:
+                    save_state(state_dir, step, fingerprint, named, opt, scaler, rng, gen)
             for m in modules:
                 m.train()
         if step % report_every == 0 and step < settings.steps:
@@ -112,4 +179,4 @@ def run_steps(pipe, settings: TrainingSettings, modules: list[torch.nn.Module], 
     for m in modules:
         m.eval()
     report(1.0, "saving")
-    return save(work).relative_to(work), samples, checkpoints
+    return save(work).relative_to(work), samples, checkpoints, start

@@ -21,10 +21,21 @@ def _rule(test, text: str) -> dict:
 
 
 _POSITIVE = _rule(lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0")
 _LEARNING_RATE = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
 _SEED = _rule(lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]")
 _RESOLUTION = _rule(lambda v: v >= RESOLUTION_MULTIPLE and v % RESOLUTION_MULTIPLE == 0,
                     f"a multiple of {RESOLUTION_MULTIPLE}, >= {RESOLUTION_MULTIPLE}")
+
+
+def _one_of(choices: tuple[str, ...]) -> dict:
+    return _rule(lambda v: v in choices, f"one of {list(choices)}")
+
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # accelerate's names, as diffusers' scripts take them
+# diffusers.optimization.get_scheduler's schedules that need no extra rule string
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+CROPS = ("center", "random")  # auditing.models.examples.CROPS, kept free of torch here
 
 
 def _type_ok(kind: str, value) -> bool:
@@ -41,12 +52,23 @@ def _type_ok(kind: str, value) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingSettings:
-    """Fields both methods take. ``resolution`` None means the pipeline's native size."""
+    """Fields both methods take, named as diffusers' training scripts name them (docs/training.md).
+    ``resolution`` None means the pipeline's native size."""
 
     steps: int = field(default=500, metadata=_POSITIVE)
     learning_rate: float = field(default=1e-4, metadata=_LEARNING_RATE)
+    lr_scheduler: str = field(default="constant", metadata=_one_of(LR_SCHEDULERS))
+    lr_warmup_steps: int = field(default=0, metadata=_NON_NEGATIVE)
+    max_grad_norm: float | None = field(default=1.0, metadata=_rule(lambda v: v > 0, "> 0"))
     batch_size: int = field(default=4, metadata=_POSITIVE)
     resolution: int | None = field(default=None, metadata=_RESOLUTION)
+    crop: str = field(default="center", metadata=_one_of(CROPS))
+    random_flip: bool = False
+    mixed_precision: str = field(default="no", metadata=_one_of(MIXED_PRECISIONS))
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = field(default=None, metadata=_rule(lambda v: v > 0, "> 0"))
+    noise_offset: float = field(default=0.0, metadata=_rule(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    validation_prompt: str | None = None  # the sample renders' prompt; default the first caption
     seed: int = field(default=0, metadata=_SEED)
 
     def __post_init__(self):
@@ -68,7 +90,8 @@ class LoraSettings(TrainingSettings):
     """A peft LoRA of ``rank`` on the UNet's attention, and on the text encoder's if asked."""
 
     rank: int = field(default=4, metadata=_POSITIVE)
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # SDXL: both text encoders
+    text_encoder_lr: float | None = field(default=None, metadata=_LEARNING_RATE)  # None: learning_rate
 
 
 @dataclass(frozen=True, kw_only=True)
