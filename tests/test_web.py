@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select, update
-from test_api import Env
+from test_api import Env, good_zip
 from test_api_results import CSP as REPORT_CSP
 from test_api_results import MISSING_ID, make_job, move, status_of
 from werkzeug.http import parse_options_header
@@ -358,6 +358,64 @@ def test_the_artifact_route_refuses_a_corrupt_checkpoint(env):
     assert r.status_code == 503 and b"tampered" not in r.data and b"released weights" not in r.data
 
 
+# --- flagged datasets ------------------------------------------------------------------------------------------
+
+DATASET_FORM = 'action="/review/datasets/{}/decision"'
+
+
+def test_flagged_datasets_wait_in_their_own_queue_for_a_reviewer(env):
+    """Staff see every tenant's flagged datasets; only a reviewer of another tenant gets the decision form; a
+    decision needs a reason (the API's rules), is logged with the reviewer's key, and takes the dataset off the
+    queue; customers see their own dataset read-only, and another tenant's is missing."""
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
+    page_path, queue_path = f"/review/datasets/{dataset}", "/review/datasets"
+    reviewer, owner, other, operator = (sign_in(env, who) for who in ("rev", "a", "b", "op"))
+    for client in (reviewer, operator):
+        listed = client.get(queue_path)
+        assert listed.status_code == 200 and f'href="{page_path}"' in text(listed)
+        assert 'href="/review/datasets">Dataset queue<' in text(client.get("/review/jobs"))
+    assert owner.get(queue_path).status_code == 403 and "Dataset queue" not in text(owner.get("/review/jobs"))
+    missing, hidden = other.get(f"/review/datasets/{MISSING_ID}"), other.get(page_path)
+    assert hidden.status_code == 404 and hidden.data == missing.data.replace(MISSING_ID.encode(), dataset.encode())
+    for client in (owner, operator):
+        page = text(client.get(page_path))
+        assert 'id="dataset-status">flagged<' in page and DATASET_FORM.format(dataset) not in page
+        assert "(1 of 20 images unsafe)" in page and "img0.png" in page
+    assert post(owner, f"{page_path}/decision", decision="accept", reason="mine").status_code == 403
+
+    page = text(reviewer.get(page_path))
+    assert DATASET_FORM.format(dataset) in page and "Accept for training" in page
+    refused = post(reviewer, f"{page_path}/decision", decision="accept", reason="  ")
+    assert refused.status_code == 400 and "reason must be" in text(refused)
+    reason = "img0 is a stop sign: <b>a false positive</b>"
+    r = post(reviewer, f"{page_path}/decision", decision="accept", reason=reason)
+    assert r.status_code == 303 and r.headers["Location"] == page_path
+    page = text(owner.get(page_path))
+    assert 'id="dataset-status">accepted<' in page and "a stop sign: &lt;b&gt;a false positive&lt;/b&gt;" in page
+    assert f'href="{page_path}"' not in text(reviewer.get(queue_path))
+    with env.sessions() as s:
+        entry = s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == dataset)
+                          .order_by(AuditLogEntry.id.desc())).first()
+    assert (entry.actor_key_id, entry.from_state, entry.to_state, entry.reason) == \
+        (env.keys["rev"].key_id, "flagged", "accepted", reason)
+    again = post(reviewer, f"{page_path}/decision", decision="reject", reason="changed my mind")
+    assert again.status_code == 409 and "only flagged datasets take a decision" in text(again)
+    assert env.job(dataset).status_code == 201
+
+
+def test_a_reviewer_may_not_clear_its_own_tenants_dataset(env):
+    with env.sessions() as s:
+        env.keys["inside"] = create_key(s, "acme", "reviewer", SYSTEM)
+        s.commit()
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
+    client = sign_in(env, "inside")
+    page = text(client.get(f"/review/datasets/{dataset}"))
+    assert DATASET_FORM.format(dataset) not in page and "may not decide on a dataset of its own tenant" in page
+    r = post(client, f"/review/datasets/{dataset}/decision", decision="accept", reason="ours, fine")
+    assert r.status_code == 403 and "own tenant" in text(r)
+    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).json["status"] == "flagged"
+
+
 # --- the job page's content --------------------------------------------------------------------------------------
 
 def noise(seed: int) -> Image.Image:
@@ -432,9 +490,11 @@ def test_job_page_shows_intake_training_settings_and_log(env):
 
 def test_pages_send_a_strict_csp_and_carry_no_inline_code(env):
     job_id = make_job(env, "review", checkpoint=b"w")
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
     anonymous, client = env.app.test_client(), sign_in(env, "rev")
     pages = [anonymous.get("/review/login"), client.get("/review/queue"), client.get("/review/jobs"),
-             client.get(f"/review/jobs/{job_id}"), client.get(f"/review/jobs/{MISSING_ID}")]
+             client.get(f"/review/jobs/{job_id}"), client.get(f"/review/jobs/{MISSING_ID}"),
+             client.get("/review/datasets"), client.get(f"/review/datasets/{dataset}")]
     for r in pages:
         assert r.headers["Content-Security-Policy"] == PAGE_CSP and r.headers["X-Frame-Options"] == "DENY"
         assert r.headers["Cache-Control"] == "no-store" and r.headers["X-Content-Type-Options"] == "nosniff"

@@ -32,6 +32,8 @@ bp = Blueprint("dataset_reviews", __name__, url_prefix="/v1")
 WAITING = "flagged"
 DATASET_OUTCOME = {"accept": "accepted", "reject": "rejected"}
 DATASET_DECISIONS = tuple(DATASET_OUTCOME)
+# The queue: every tenant's flagged datasets, longest-waiting first (the API's and the reviewer pages').
+WAITING_DATASETS = select(Dataset).where(Dataset.status == WAITING).order_by(Dataset.created_at, Dataset.id)
 
 
 def _log_entry(session: Session, dataset: Dataset, *conditions) -> AuditLogEntry | None:
@@ -106,9 +108,7 @@ def decide_dataset(session: Session, principal: Principal, dataset_id: str, body
 @login_required(REVIEWER, "operator")
 def queue():
     """Flagged datasets waiting for a decision, oldest first (every tenant's)."""
-    rows = g.db.scalars(select(Dataset).where(Dataset.status == WAITING)
-                        .order_by(Dataset.created_at, Dataset.id)).all()
-    return {"datasets": [dataset_detail(g.db, row) for row in rows]}
+    return {"datasets": [dataset_detail(g.db, row) for row in g.db.scalars(WAITING_DATASETS).all()]}
 
 
 @bp.post("/datasets/<dataset_id>/review")

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from gate.auth import get_for_principal
 from gate.pipeline.audit import finished_audit
-from gate.storage.models import Artifact, AuditLogEntry, Job, Review, Verdict
+from gate.storage.models import Artifact, AuditLogEntry, Dataset, Job, Review, Verdict
 
 from . import gate
 from .auth import current_principal, login_required
@@ -96,10 +96,10 @@ def artifact(job_id: str):
     return send_artifact(_job(job_id))
 
 
-def log_entries(job: Job) -> list[dict]:
-    """The job's audit-log entries, oldest first."""
-    entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "jobs",
-                                                       AuditLogEntry.entity_id == job.id)
+def log_entries(row: Job | Dataset) -> list[dict]:
+    """The audit-log entries of a job or dataset, oldest first."""
+    entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == row.__tablename__,
+                                                       AuditLogEntry.entity_id == row.id)
                            .order_by(AuditLogEntry.id)).all()
     return [{"at": e.at.isoformat(), "actor_role": e.actor_role, "actor_key_id": e.actor_key_id, "action": e.action,
              "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "detail": e.detail}

@@ -1,9 +1,10 @@
-"""The reviewer pages: sign-in, the review queue, job lists and job pages, decisions and downloads.
+"""The reviewer pages: sign-in, the review queues (jobs, flagged datasets), job lists, job and dataset pages,
+decisions and downloads.
 
 Server-rendered HTML under ``/review``, for people with a browser rather than a script. The pages add no
-rules of their own: what a caller may see is ``gate.auth``'s tenancy (a customer sees its own jobs,
-read-only; another tenant's job is a 404 like a missing one), a decision is ``gate.api.reviews
-.take_decision``, a download is ``gate.api.results.send_artifact`` (released and hash-checked), and the audit
+rules of their own: what a caller may see is ``gate.auth``'s tenancy (a customer sees its own jobs and
+datasets, read-only; another tenant's is a 404 like a missing one), a decision is ``gate.api.reviews
+.take_decision`` or ``gate.api.dataset_reviews.decide_dataset``, a download is ``gate.api.results.send_artifact`` (released and hash-checked), and the audit
 report is the page the auditor wrote (``auditing.report``, flagged images already redacted), served as
 stored inside a sandboxed frame. The pages run no scripts; the CSP allows only the stylesheet, the
 same-origin report frame and same-origin form posts.
@@ -22,11 +23,18 @@ from werkzeug.exceptions import HTTPException
 
 from gate.api import gate
 from gate.api.errors import ApiError
+from gate.api.dataset_reviews import (
+    WAITING_DATASETS,
+    dataset_refusal,
+    dataset_review,
+    decide_dataset,
+    intake_record,
+)
 from gate.api.results import REPORT_CSP, job_detail, log_entries, report_file, send_artifact
 from gate.api.reviews import REASON_MAX_CHARS, REVIEWER, refusal, take_decision
-from gate.auth import CUSTOMER, Forbidden, NotFound, authenticate, get_for_principal, scoped
+from gate.auth import Forbidden, NotFound, authenticate, get_for_principal, scoped
 from gate.pipeline.audit import finished_audit
-from gate.storage.models import METHODS, REVIEW_DECISIONS, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
+from gate.storage.models import METHODS, BaseModel, Dataset, Job, Verdict, utcnow
 
 from .filters import JobFilter
 from .sessions import CSRF_FIELD, check_csrf, configure, csrf_token, safe_next, sign_in, sign_out, signed_in
@@ -94,7 +102,7 @@ def _error_page(status: int, message: str):
 
 @bp.errorhandler(NotFound)
 def _not_found(exc: NotFound):
-    return _error_page(404, "No such job (or not yours to see).")
+    return _error_page(404, "Not found (or not yours to see).")
 
 
 @bp.errorhandler(Forbidden)
@@ -186,26 +194,37 @@ def jobs():
                            statuses=list(Job.TRANSITIONS), **_filter_choices())
 
 
+# --- deciding -----------------------------------------------------------------------------------------------------
+
+def _decision(refused: ApiError | None, waiting: bool) -> dict:
+    """The decision form's state on a job or dataset page: whether the signed-in reviewer may decide (``refused``
+    is the shared rules' refusal, None for a reviewer who may), or why not while the row still waits."""
+    reviewer = g.principal.role == REVIEWER
+    return {"can_decide": reviewer and refused is None,
+            "refused": refused.message if reviewer and refused is not None and waiting else None}
+
+
+def _decided(decide, page, row_id: str, endpoint: str):
+    """Take a decision posted from a page (``decide``: the API's shared rules); on a refusal show ``page`` again
+    with why, keeping what the reviewer wrote; else back to the page (``endpoint``), now decided."""
+    try:
+        decide(g.db, g.principal, row_id, request.form)
+    except ApiError as exc:
+        if exc.status == 404:
+            raise
+        return page(row_id, error=exc.message, reason=request.form.get("reason", ""), status=exc.status)
+    return redirect(url_for(endpoint, **request.view_args), 303)
+
+
 # --- one job ----------------------------------------------------------------------------------------------------
-
-def _intake(dataset: Dataset) -> dict | None:
-    """What the intake recorded about the dataset when it was accepted (images, unsafe images, scanner)."""
-    entry = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == "datasets",
-                                                     AuditLogEntry.entity_id == dataset.id,
-                                                     AuditLogEntry.action == "created")).first()
-    return entry.detail if entry is not None else None
-
 
 def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
     job = get_for_principal(g.db, Job, job_id, g.principal)
     refused = refusal(g.principal, job) if g.principal.role == REVIEWER else None
     page = render_template(
-        "web/job.html", job=job, detail=job_detail(job), dataset=job.dataset, intake=_intake(job.dataset),
+        "web/job.html", job=job, detail=job_detail(job), dataset=job.dataset, intake=intake_record(g.db, job.dataset),
         limits=gate().settings.limits, has_report=finished_audit(g.db, job.id) is not None, log=log_entries(job),
-        can_decide=g.principal.role == REVIEWER and refused is None,
-        refused=refused.message if refused is not None and job.status == "review" else None,
-        decisions=REVIEW_DECISIONS, reason_max=REASON_MAX_CHARS, error=error, reason=reason,
-        customer=g.principal.role == CUSTOMER)
+        reason_max=REASON_MAX_CHARS, error=error, reason=reason, **_decision(refused, job.status == "review"))
     return page, status
 
 
@@ -228,14 +247,7 @@ def report_frame(job_id: str):
 @bp.post("/jobs/<job_id>/decision")
 @signed_in(REVIEWER)
 def decide(job_id: str):
-    try:
-        take_decision(g.db, g.principal, job_id, request.form)
-    except ApiError as exc:
-        if exc.status == 404:
-            raise
-        # Show the job again with why it was refused, keeping what the reviewer wrote.
-        return _job_page(job_id, error=exc.message, reason=request.form.get("reason", ""), status=exc.status)
-    return redirect(url_for(".job", job_id=job_id), 303)
+    return _decided(take_decision, _job_page, job_id, ".job")
 
 
 @bp.get("/jobs/<job_id>/artifact")
@@ -243,3 +255,35 @@ def decide(job_id: str):
 def artifact(job_id: str):
     """The released checkpoint, for the signed-in browser; the same checks as ``GET /v1/jobs/<id>/artifact``."""
     return send_artifact(get_for_principal(g.db, Job, job_id, g.principal))
+
+
+# --- flagged datasets -------------------------------------------------------------------------------------------
+
+@bp.get("/datasets")
+@signed_in(*STAFF)
+def dataset_queue():
+    """Every tenant's flagged datasets, longest-waiting first: they train nothing until a reviewer accepts them."""
+    rows = g.db.scalars(WAITING_DATASETS.limit(LIST_LIMIT)).all()
+    return render_template("web/datasets.html", rows=rows, limit=LIST_LIMIT)
+
+
+def _dataset_page(dataset_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
+    dataset = get_for_principal(g.db, Dataset, dataset_id, g.principal)
+    refused = dataset_refusal(g.principal, dataset) if g.principal.role == REVIEWER else None
+    page = render_template(
+        "web/dataset.html", dataset=dataset, intake=intake_record(g.db, dataset), review=dataset_review(g.db, dataset),
+        limits=gate().settings.limits, log=log_entries(dataset), reason_max=REASON_MAX_CHARS, error=error,
+        reason=reason, **_decision(refused, dataset.status == "flagged"))
+    return page, status
+
+
+@bp.get("/datasets/<dataset_id>")
+@signed_in()
+def dataset(dataset_id: str):
+    return _dataset_page(dataset_id)
+
+
+@bp.post("/datasets/<dataset_id>/decision")
+@signed_in(REVIEWER)
+def decide_on_dataset(dataset_id: str):
+    return _decided(decide_dataset, _dataset_page, dataset_id, ".dataset")
