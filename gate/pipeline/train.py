@@ -3,12 +3,14 @@
 The checkpoint's file goes into the tenant's content-addressed store first; its row and the job's move to
 ``auditing`` then commit together, on condition that this worker still holds the lease. A worker that
 lost its lease (presumed dead, job handed on) commits nothing, and removes the file it stored unless the
-job's one artifact row names it.
+job's one artifact row names it. Every attempt keeps its resumable training state in the job's
+``training-state/`` folder, so the attempt after a dead worker continues from the last checkpoint step.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 from sqlalchemy import select, update
@@ -23,7 +25,8 @@ from .runtime import Runtime, device
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 2.0  # at most one progress write per job every this many seconds
+PROGRESS_EVERY_S = 2.0
+TRAINING_STATE = "training-state"  # at most one progress write per job every this many seconds
 
 
 class DatasetNotAccepted(RuntimeError):
@@ -74,11 +77,12 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
+    state_dir = rt.settings.jobs_dir / job_id / TRAINING_STATE  # shared by attempts: a retry resumes
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
         result = train_job(method, load_pipeline(base_path, device=device()), examples, hyperparameters, out / "train",
-                           progress=progress)
+                           progress=progress, state_dir=state_dir)
         heartbeat.check()
         with open(result.weights, "rb") as weights:
             stored = rt.store.put(tenant, weights, suffix=".safetensors")
@@ -89,12 +93,14 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                                      path=stored.key, size_bytes=stored.size_bytes))
                 transition(session, job, "auditing", SYSTEM, where=still_held(Job, job_id, worker),
                            detail={"worker": worker, "artifact_sha256": stored.sha256, "kind": result.kind,
-                                   "training_seconds": round(result.seconds, 1)},
+                                   "training_seconds": round(result.seconds, 1),
+                                   "resumed_from_step": result.resumed_from_step},
                            changes={"worker": None, "lease_expires_at": None, "stage": "waiting for audit",
                                     "progress": 0.0})
                 session.commit()
         except (StaleState, IllegalTransition, IntegrityError) as exc:
             _discard_unless_referenced(rt, tenant, stored.key)
             raise LeaseLost(f"job {job_id} moved on while this worker trained it") from exc
+    shutil.rmtree(state_dir, ignore_errors=True)  # the artifact is stored: nothing left to resume
     log.info("job %s trained by %s in %.0f s: %s", job_id, worker, result.seconds, stored.key)
     return True
