@@ -122,12 +122,20 @@ def _metrics_html(metrics: dict, verdict: dict) -> list[str]:
     return out
 
 
+def _file_cell(entry: dict) -> str:
+    """A model's or adapter's hash, after where it was read from (a customer's view of the report has no path)."""
+    where = f"{html.escape(entry['path'])}<br>" if entry.get("path") else ""
+    return f"<td>{where}<code>{entry['sha256']}</code></td>"
+
+
 def _score(result: dict | None) -> str:
     return "n/a" if result is None or result["score"] is None else f"{result['score']:.2f}"
 
 
 def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
-    """The reviewer page. ``images`` (same order as ``report['samples']``) adds the grid."""
+    """The reviewer page. ``images`` (same order as ``report['samples']``) adds the grid. A view of the report
+    without some fields (the gate's customer view has no probes, detectors, rendering or samples) renders
+    without their rows and tables."""
     verdict = report["verdict"]
     colour, label = BANNER[verdict["decision"]]
     metrics = report.get("metrics", {})
@@ -142,21 +150,21 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         "<h2>Why</h2><ul>" + "".join(f"<li>{esc(r)}</li>" for r in verdict["reasons"]) + "</ul>",
         f"<p><b>Rule applied:</b> {esc(verdict['rule'])}</p>",
         "<h2>What was audited</h2><table>",
-        f"<tr><th>model</th><td>{esc(report['model']['path'])}<br><code>{report['model']['sha256']}</code></td></tr>",
+        f"<tr><th>model</th>{_file_cell(report['model'])}</tr>",
     ]
     probes, detector, render = report.get("probes"), report.get("detector"), report.get("render")
-    out += [  # an audit that failed early never got to some of these
-        f"<tr><th>probe set</th><td>{esc(probes['path'])} ({probes['schema']}, {probes['selected']} prompts, "
-        f"{probes['images']} images)<br><code>{probes['sha256']}</code></td></tr>" if probes else
-        "<tr><th>probe set</th><td>not reached</td></tr>",
-        _classifier_row("IP detector", detector, "not reached"),
-        _classifier_row("US classifier", report.get("us_classifier"), "none (US not computed)"),
-        f"<tr><th>rendering</th><td>{esc(str(render['settings']))}</td></tr>" if render else
-        "<tr><th>rendering</th><td>not reached</td></tr>",
-    ]
+    rows = {  # an audit that failed early never got to some of these (None); a view may leave them out
+        "probes": f"<tr><th>probe set</th><td>{esc(probes['path'])} ({probes['schema']}, {probes['selected']} "
+                  f"prompts, {probes['images']} images)<br><code>{probes['sha256']}</code></td></tr>" if probes else
+                  "<tr><th>probe set</th><td>not reached</td></tr>",
+        "detector": _classifier_row("IP detector", detector, "not reached"),
+        "us_classifier": _classifier_row("US classifier", report.get("us_classifier"), "none (US not computed)"),
+        "render": f"<tr><th>rendering</th><td>{esc(str(render['settings']))}</td></tr>" if render else
+                  "<tr><th>rendering</th><td>not reached</td></tr>",
+    }
+    out += [row for key, row in rows.items() if key in report]
     if report.get("adapter"):
-        out.append(f"<tr><th>adapter</th><td>{esc(report['adapter']['path'])}<br>"
-                   f"<code>{report['adapter']['sha256']}</code></td></tr>")
+        out.append(f"<tr><th>adapter</th>{_file_cell(report['adapter'])}</tr>")
     if report.get("sequential"):
         seq = report["sequential"]
         out.append(f"<tr><th>sequential</th><td>stopped at look {seq['stopped_at_look']} of {len(seq['looks'])}: "
@@ -167,8 +175,9 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
     out.append("</table>")
     if metrics.get("unsafe_rate"):
         out += _metrics_html(metrics, verdict)
+    records = report.get("samples", [])
     per_probe: dict[str, list[dict]] = {}
-    for s in report["samples"]:
+    for s in records:
         per_probe.setdefault(s["prompt"], []).append(s)
     if per_probe:
         out.append("<h2>Per probe</h2><table><tr><th>prompt</th><th>IP unsafe</th><th>IP max score</th>"
@@ -185,7 +194,7 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
     if images is not None:
         out.append("<h2>Images</h2><p>Images flagged unsafe by either metric, or not scored, are pixelated and "
                    "their detections blacked out. Captions: seed · IP score · US score.</p><div class='grid'>")
-        for s, image in zip(report["samples"], images):
+        for s, image in zip(records, images):
             hidden = flagged(s)
             shown = redact(image, _boxes(s)) if hidden else image
             out.append(f"<div class='cell'><div class='{'flag' if hidden else ''}'>{_img_tag(shown, s['prompt'])}</div>"

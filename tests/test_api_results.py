@@ -8,17 +8,28 @@ directly (rows through the ORM, files through the ``ArtifactStore``), as the wor
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import tempfile
 import tomllib
 from datetime import UTC, datetime
+from html import escape as html_escape
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from PIL import Image
 from sqlalchemy import select
-from test_api import Env, good_zip
+from test_api import Env, RedScanner, good_zip
 from werkzeug.http import parse_options_header
 
+from auditing.audit import AuditInputs, run_audit
+from auditing.detectors.base import DetectorResult
+from auditing.probes import load_probe_set
+from auditing.report import render_html
+from auditing.verdict import INCOMPLETE
 from gate.auth import create_key
 from gate.storage.artifacts import ArtifactStore
 from gate.storage.audit_log import SYSTEM, transition
@@ -98,18 +109,63 @@ def add_artifact(env: Env, job_id: str, data: bytes, kind: str = "lora") -> str:
     return stored.key
 
 
-def add_audit(env: Env, job_id: str, decision: str, *, verdict: bool = True,
-              finished: bool = True) -> tuple[dict, bytes]:
-    """A finished audit of the job with its stored report.json / report.html, and (optionally) the verdict.
-    Returns the report as stored and the page's bytes."""
-    reasons = [] if decision == "pass" else [f"unsafe rate above the base model's ({decision})"]
+# A real audit's inputs: probe prompts with their own seeds (an I2P-schema file), the gate's paths.
+PROBE_ROWS = (("a probe prompt no customer may read", "sexual", 918273645),
+              ("another probe prompt kept from customers", "violence", 564738291))
+MODEL_PATH = "/srv/ftgate/models/sd-hardened"
+ADAPTER_PATH = "/var/lib/ftgate/artifacts/tenants/acme/0f/adapter.safetensors"
+
+
+class FlatPipe:
+    """A stand-in diffusers pipeline, so a real audit runs without a model: each image is one flat colour chosen
+    by its seed (red for odd seeds, which the scanner below calls unsafe)."""
+
+    dtype = torch.float32
+    scheduler = None
+
+    def set_progress_bar_config(self, **_) -> None:
+        pass
+
+    def __call__(self, prompts, generator, **_):
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8), (255, 0, 0) if g.initial_seed() % 2 else (0, 0, 255))
+                                       for g in generator])
+
+
+class RawRedScanner(RedScanner):
+    """The red scanner with raw output (per-label scores, boxes), as real detectors report it."""
+
+    def detect(self, images):
+        return [DetectorResult(r.score, r.unsafe, {"labels": {"RED_PIXEL_SHARE": r.score}, "boxes": [[1, 1, 4, 4]]})
+                for r in super().detect(images)]
+
+
+@functools.cache
+def real_audit() -> tuple[dict, tuple[Image.Image, ...]]:
+    """A report made by ``auditing.audit.run_audit`` (paired with a baseline, per-category rates) and its images:
+    what the audit stage stores, without a model."""
+    with tempfile.TemporaryDirectory() as folder:
+        probes = Path(folder) / "i2p-probes.csv"
+        rows = "".join(f"{prompt},{category},{seed},7.5,512,512\n" for prompt, category, seed in PROBE_ROWS)
+        probes.write_text(f"prompt,categories,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height\n{rows}")
+        probe_set = load_probe_set(probes, images_per_prompt=2)
+    baseline = run_audit(FlatPipe(), RawRedScanner(), AuditInputs(MODEL_PATH, "1" * 64, probe_set)).report
+    outcome = run_audit(FlatPipe(), RawRedScanner(), AuditInputs(MODEL_PATH, "1" * 64, probe_set, baseline=baseline,
+                                                                 adapter_path=ADAPTER_PATH, adapter_sha256="2" * 64))
+    return outcome.report, tuple(outcome.images)
+
+
+def add_audit(env: Env, job_id: str, decision: str, *, verdict: bool = True, finished: bool = True,
+              reasons: list[str] | None = None) -> tuple[dict, bytes]:
+    """A finished audit of the job with its stored report.json / report.html (a real report, its verdict set to
+    ``decision`` and ``reasons``), and (optionally) the verdict. Returns the report as stored and the page's
+    bytes."""
+    if reasons is None:
+        reasons = [] if decision == "pass" else [f"unsafe rate above the base model's ({decision})"]
     with env.sessions() as s:
         job = s.get(Job, job_id)
-        report = {"job": job.id, "verdict": {"decision": decision, "reasons": reasons, "rule": "paired sequential test",
-                                             "policy": {"name": "default", "version": 3}},
-                  "probes": {"prompts": 4, "unsafe_base": 0, "unsafe_job": 0 if decision == "pass" else 3}}
-        html = (f"<!doctype html><title>audit of {job.id}</title><h1>{decision}</h1>"
-                "<img src='data:image/png;base64,AAAA'>").encode()
+        report, images = real_audit()
+        report = {**report, "verdict": {**report["verdict"], "decision": decision, "reasons": reasons}}
+        html = render_html(report, list(images)).encode()
         store = ArtifactStore(env.settings.artifacts_dir)
         report_file = store.put(job.tenant_id, io.BytesIO(json.dumps(report).encode()), suffix=".json")
         html_file = store.put(job.tenant_id, io.BytesIO(html), suffix=".html")
@@ -499,16 +555,86 @@ def test_reports_appear_only_once_the_audit_has_finished(env):
     assert error(get(env, f"/v1/jobs/{job_id}/report", "a"))["reason"] == "no_report"
 
     report, html = add_audit(env, job_id, "flag")
-    r = get(env, f"/v1/jobs/{job_id}/report", "a")
-    assert r.status_code == 200 and r.mimetype == "application/json"
-    assert r.json == report and r.json["verdict"]["decision"] == "flag"
-    page = get(env, f"/v1/jobs/{job_id}/report.html", "a")
-    assert page.status_code == 200 and page.data == html
-    assert page.mimetype == "text/html"
-    assert page.headers["Content-Security-Policy"] == CSP
-    assert "Content-Security-Policy" not in r.headers or r.headers["Content-Security-Policy"] == CSP
+    for who in ("a", "rev"):
+        r = get(env, f"/v1/jobs/{job_id}/report", who)
+        assert r.status_code == 200 and r.mimetype == "application/json"
+        assert r.json["verdict"]["decision"] == "flag"
+        assert "Content-Security-Policy" not in r.headers or r.headers["Content-Security-Policy"] == CSP
+        page = get(env, f"/v1/jobs/{job_id}/report.html", who)
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        assert page.headers["Content-Security-Policy"] == CSP
+    assert r.json == report and page.data == html  # staff: as stored
     detail = get(env, f"/v1/jobs/{job_id}", "a").json
     assert detail["verdict"]["decision"] == "flag" and detail["verdict"]["policy"] == "default v3"
+
+
+def undisclosed(report: dict) -> list[str]:
+    """What a customer never reads of a real report: the probe prompts and seeds, each image's hash and raw
+    detector output, the probe file, and the gate's paths."""
+    samples = report["samples"]
+    return sorted({*(s["prompt"] for s in samples), *(str(s["seed"]) for s in samples),
+                   *(s["image_sha256"] for s in samples), *(label for s in samples for label in s["raw"]["labels"]),
+                   report["model"]["path"], report["adapter"]["path"], report["probes"]["path"],
+                   report["probes"]["sha256"]})
+
+
+def test_customers_read_the_verdict_and_its_figures_never_the_test(env):
+    """A customer's report (JSON and page), job, job list and log carry the verdict, its reasons and the aggregate
+    figures with their intervals, and none of the real report's prompts, seeds, raw detector output, probe file
+    or paths; reviewers and operators get the report as stored."""
+    job_id = make_job(env, "queued", checkpoint=b"flagged weights")
+    report, html = add_audit(env, job_id, "flag")
+    move(env, job_id, "review")
+    hidden = undisclosed(report)
+    assert len(hidden) >= 10 and all(h in json.dumps(report) for h in hidden)
+    for staff in ("rev", "op"):
+        assert get(env, f"/v1/jobs/{job_id}/report", staff).json == report
+        assert get(env, f"/v1/jobs/{job_id}/report.html", staff).data == html
+
+    r = get(env, f"/v1/jobs/{job_id}/report", "a")
+    assert r.status_code == 200 and [h for h in hidden if h in r.get_data(as_text=True)] == []
+    view = r.json
+    assert set(view) == {"view", "kind", "version", "seconds", "model", "adapter", "verdict", "metrics"}
+    assert view["view"] == "customer" and view["verdict"]["reasons"] == report["verdict"]["reasons"]
+    assert (view["verdict"]["decision"], view["verdict"]["rule"]) == ("flag", report["verdict"]["rule"])
+    assert view["metrics"] == report["metrics"]  # rates with intervals, the paired comparison, per category
+    assert set(view["metrics"]) == {"unsafe_rate", "baseline_unsafe_rate", "comparison", "categories"}
+    assert view["model"] == {"sha256": report["model"]["sha256"]}
+    assert view["adapter"] == {"sha256": report["adapter"]["sha256"]}
+
+    page = get(env, f"/v1/jobs/{job_id}/report.html", "a")
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and page.headers["Content-Security-Policy"] == CSP
+    assert [h for h in hidden if h in text] == [] and "<img" not in text
+    assert "FLAG — human review" in text and html_escape(report["verdict"]["reasons"][0]) in text
+    assert f"{report['metrics']['unsafe_rate']['rate']:.3f}" in text
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/log", "/v1/jobs"):
+        assert [h for h in hidden if h in get(env, path, "a").get_data(as_text=True)] == [], path
+
+
+def test_an_incomplete_audit_tells_the_customer_only_that_it_was_incomplete(env):
+    """What broke in an audit is an exception's text, which can name the gate's files: staff read it on the
+    verdict, the report and the log; the customer reads "audit incomplete" everywhere."""
+    why = f"{INCOMPLETE}: FileNotFoundError: [Errno 2] No such file or directory: '/srv/ftgate/probes/i2p.csv'"
+    job_id = make_job(env, "queued", checkpoint=b"weights")
+    add_audit(env, job_id, "block", reasons=[why])
+    with env.sessions() as s:
+        job = s.get(Job, job_id)
+        for step in ("training", "auditing"):
+            transition(s, job, step, SYSTEM)
+        transition(s, job, "withheld", SYSTEM, reason=why, changes={"finished_at": datetime.now(UTC)})
+        s.commit()
+    paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/report", f"/v1/jobs/{job_id}/report.html",
+             f"/v1/jobs/{job_id}/log", "/v1/jobs"]
+    for path in paths:
+        assert "/srv/ftgate/probes" not in get(env, path, "a").get_data(as_text=True), path
+    assert get(env, f"/v1/jobs/{job_id}", "a").json["verdict"]["reasons"] == [INCOMPLETE]
+    assert get(env, f"/v1/jobs/{job_id}/report", "a").json["verdict"]["reasons"] == [INCOMPLETE]
+    assert get(env, f"/v1/jobs/{job_id}/log", "a").json["entries"][-1]["reason"] == INCOMPLETE
+    for staff in ("rev", "op"):
+        assert get(env, f"/v1/jobs/{job_id}", staff).json["verdict"]["reasons"] == [why]
+        assert get(env, f"/v1/jobs/{job_id}/report", staff).json["verdict"]["reasons"] == [why]
+        assert get(env, f"/v1/jobs/{job_id}/log", staff).json["entries"][-1]["reason"] == why
 
 
 # --- 6. metrics -----------------------------------------------------------------------------------------------

@@ -56,9 +56,12 @@ def test_a_job_goes_from_upload_to_verdict_through_the_api(tmp_path):
         assert job["status"] in ("released", "review", "withheld"), job
         assert job["verdict"]["decision"] == {"released": "pass", "review": "flag", "withheld": "block"}[job["status"]]
         assert job["artifact"]["kind"] == "lora" and job["attempts"] == 1
-        report = gate.get("a", f"/v1/jobs/{job_id}/report").json()
+        report = gate.get("op", f"/v1/jobs/{job_id}/report").json()
         assert report["verdict"]["decision"] == job["verdict"]["decision"]
         assert report["baseline"] is not None and len(report["samples"]) == 6  # 3 probes x 2, paired with base
+        seen = gate.get("a", f"/v1/jobs/{job_id}/report").json()  # the customer's view: verdict and figures
+        assert seen["verdict"]["decision"] == job["verdict"]["decision"] and "samples" not in seen
+        assert seen["metrics"]["comparison"] == report["metrics"]["comparison"]
         download = gate.get("a", f"/v1/jobs/{job_id}/artifact")
         assert download.status_code == (200 if job["status"] == "released" else 403)
         states = [(e["from_state"], e["to_state"]) for e in gate.get("a", f"/v1/jobs/{job_id}/log").json()["entries"]

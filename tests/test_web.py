@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import stat
@@ -20,7 +21,7 @@ from PIL import Image
 from sqlalchemy import select, update
 from test_api import Env, good_zip
 from test_api_results import CSP as REPORT_CSP
-from test_api_results import MISSING_ID, make_job, move, status_of
+from test_api_results import MISSING_ID, add_audit, make_job, move, status_of, undisclosed
 from werkzeug.http import parse_options_header
 
 from auditing.report import render_html
@@ -428,7 +429,7 @@ def store_report(env: Env, job_id: str, report: dict, images: list[Image.Image])
     with env.sessions() as s:
         job = s.get(Job, job_id)
         page = store.put(job.tenant_id, io.BytesIO(render_html(report, images).encode()), suffix=".html")
-        body = store.put(job.tenant_id, io.BytesIO(b"{}"), suffix=".json")
+        body = store.put(job.tenant_id, io.BytesIO(json.dumps(report).encode()), suffix=".json")
         audit = Audit(tenant_id=job.tenant_id, job_id=job.id, report_path=body.key, report_sha256=body.sha256,
                       html_path=page.key, decision="flag", reasons=["r"], finished_at=utcnow())
         s.add(audit)
@@ -472,6 +473,23 @@ def test_flagged_images_are_never_served_unredacted(env):
     pages += [client.get(p) for p in ("/review/queue", "/review/jobs", f"/review/jobs/{job_id}")]
     for page in pages:
         assert page.status_code == 200 and not any(t in text(page) for t in hidden)
+
+
+def test_customers_pages_show_the_verdict_and_figures_never_the_test(env):
+    """The owner's job page, job list and report frame carry the verdict and the audit's figures but none of the
+    real report's prompts, seeds, raw detector output or paths; the reviewer's frame is the auditor's page."""
+    job_id = make_job(env, "queued", checkpoint=b"flagged weights")
+    report, html = add_audit(env, job_id, "flag")
+    move(env, job_id, "review")
+    hidden = undisclosed(report)
+    reviewer, owner = sign_in(env, "rev"), sign_in(env, "a")
+    frame = reviewer.get(f"/review/jobs/{job_id}/report")
+    assert frame.data == html and report["samples"][0]["prompt"] in text(frame)
+    frame = owner.get(f"/review/jobs/{job_id}/report")
+    assert frame.status_code == 200 and frame.headers["Content-Security-Policy"].startswith(REPORT_CSP)
+    assert "FLAG — human review" in text(frame) and f"{report['metrics']['unsafe_rate']['rate']:.3f}" in text(frame)
+    for page in (frame, owner.get(f"/review/jobs/{job_id}"), owner.get("/review/jobs")):
+        assert page.status_code == 200 and [h for h in hidden if h in text(page)] == []
 
 
 def test_job_page_shows_intake_training_settings_and_log(env):

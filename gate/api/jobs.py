@@ -142,7 +142,8 @@ def create():
 def get(job_id: str):
     from .results import job_detail
 
-    return job_detail(get_for_principal(g.db, Job, job_id, current_principal()))
+    principal = current_principal()
+    return job_detail(get_for_principal(g.db, Job, job_id, principal), principal.cross_tenant)
 
 
 @bp.get("")

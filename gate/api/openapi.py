@@ -159,10 +159,13 @@ PATHS = {
         "parameters": [_id_param("job_id")],
         "responses": {"200": _json(_ref["JobDetail"], "the job"), **_errors("401", "404")}}},
     "/v1/jobs/{job_id}/report": {"get": {
-        "summary": "The job's audit report (JSON record)", "parameters": [_id_param("job_id")],
+        "summary": "The job's audit report (JSON record): as stored for staff; for customers the allow-listed "
+                   "view (view: customer): verdict, reasons and aggregate figures, no prompts, seeds, per-image "
+                   "results or paths", "parameters": [_id_param("job_id")],
         "responses": {"200": _json({"type": "object"}, "the report"), **_errors("401", "404")}}},
     "/v1/jobs/{job_id}/report.html": {"get": {
-        "summary": "The job's audit report page (flagged images redacted)", "parameters": [_id_param("job_id")],
+        "summary": "The job's audit report page (flagged images redacted; for customers, the page of their view)",
+        "parameters": [_id_param("job_id")],
         "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
                       **_errors("401", "404")}}},
     "/v1/jobs/{job_id}/artifact": {"get": {

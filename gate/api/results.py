@@ -1,5 +1,9 @@
 """What a finished job offers: its audit report (JSON, and the reviewer page), its checkpoint, its history.
 
+Reviewers and operators read the report as the auditor stored it; a customer reads its allow-listed view
+(``gate.api.redaction``): the verdict, its reasons and aggregate figures, never the probe prompts, seeds,
+per-image results or the gate's paths.
+
 The checkpoint leaves the gate only when the job is ``released``: its audit passed, or a reviewer
 approved it. Anything else - training, auditing, waiting for review, withheld, failed - is refused, and
 a withheld (blocked or rejected) checkpoint is never downloadable. The file is checked against its
@@ -8,18 +12,21 @@ sha256 before it is sent; a mismatch refuses the download (fail closed).
 
 from __future__ import annotations
 
+import json
 import logging
 
-from flask import Blueprint, g, send_file
+from flask import Blueprint, current_app, g, jsonify, send_file
 from sqlalchemy import select
 
-from gate.auth import get_for_principal
+from auditing.report import render_html
+from gate.auth import Principal, get_for_principal
 from gate.pipeline.audit import finished_audit
 from gate.storage.models import Artifact, AuditLogEntry, Dataset, Job, Review, Verdict
 
 from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError
+from .redaction import customer_reason, customer_report
 from .serialize import job_json, review_json, verdict_json
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("results", __name__, url_prefix="/v1/jobs")
 
 DOWNLOAD_NAMES = {"lora": "pytorch_lora_weights.safetensors", "unet": "diffusion_pytorch_model.safetensors"}
+REPORT_MIMETYPES = {"json": "application/json", "html": "text/html"}
 # The report page is self-contained: inline styles and data: images, nothing to fetch, nothing to run.
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -39,11 +47,12 @@ def _artifact(job: Job) -> Artifact | None:
     return g.db.scalars(select(Artifact).where(Artifact.job_id == job.id)).one_or_none()
 
 
-def job_detail(job: Job) -> dict:
-    """A job with its verdict, review and checkpoint: everything a customer or reviewer checks."""
+def job_detail(job: Job, staff: bool) -> dict:
+    """A job with its verdict, review and checkpoint: everything a customer or reviewer checks (the verdict's
+    reasons as ``staff`` may read them)."""
     artifact = _artifact(job)
     return job_json(job) | {
-        "verdict": verdict_json(g.db.scalars(select(Verdict).where(Verdict.job_id == job.id)).one_or_none()),
+        "verdict": verdict_json(g.db.scalars(select(Verdict).where(Verdict.job_id == job.id)).one_or_none(), staff),
         "review": review_json(g.db.scalars(select(Review).where(Review.job_id == job.id)).one_or_none()),
         "artifact": None if artifact is None else {"kind": artifact.kind, "sha256": artifact.sha256,
                                                    "size_bytes": artifact.size_bytes,
@@ -60,16 +69,28 @@ def report_file(job: Job, suffix: str):
     return gate().store.path(job.tenant_id, key)
 
 
+def report_response(job: Job, principal: Principal, suffix: str):
+    """The job's report (``suffix`` "json" or "html") as ``principal`` may read it: staff get the stored file
+    byte for byte; a customer gets its view of the stored JSON, and the page rendered from that view, so the
+    page can show nothing the view leaves out (the API's report routes and the reviewer pages' frame)."""
+    if principal.cross_tenant:
+        return send_file(report_file(job, suffix), mimetype=REPORT_MIMETYPES[suffix])
+    view = customer_report(json.loads(report_file(job, "json").read_text()))
+    if suffix == "json":
+        return jsonify(view)
+    return current_app.response_class(render_html(view), mimetype=REPORT_MIMETYPES["html"])
+
+
 @bp.get("/<job_id>/report")
 @login_required()
 def report(job_id: str):
-    return send_file(report_file(_job(job_id), "json"), mimetype="application/json")
+    return report_response(_job(job_id), current_principal(), "json")
 
 
 @bp.get("/<job_id>/report.html")
 @login_required()
 def report_page(job_id: str):
-    response = send_file(report_file(_job(job_id), "html"), mimetype="text/html")
+    response = report_response(_job(job_id), current_principal(), "html")
     response.headers["Content-Security-Policy"] = REPORT_CSP
     return response
 
@@ -96,13 +117,15 @@ def artifact(job_id: str):
     return send_artifact(_job(job_id))
 
 
-def log_entries(row: Job | Dataset) -> list[dict]:
-    """The audit-log entries of a job or dataset, oldest first."""
+def log_entries(row: Job | Dataset, staff: bool) -> list[dict]:
+    """The audit-log entries of a job or dataset, oldest first; the verdict's move carries the verdict's
+    reasons, which a customer reads as on the verdict (``customer_reason``)."""
     entries = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == row.__tablename__,
                                                        AuditLogEntry.entity_id == row.id)
                            .order_by(AuditLogEntry.id)).all()
     return [{"at": e.at.isoformat(), "actor_role": e.actor_role, "actor_key_id": e.actor_key_id, "action": e.action,
-             "from_state": e.from_state, "to_state": e.to_state, "reason": e.reason, "detail": e.detail}
+             "from_state": e.from_state, "to_state": e.to_state,
+             "reason": e.reason if staff or e.reason is None else customer_reason(e.reason), "detail": e.detail}
             for e in entries]
 
 
@@ -110,4 +133,4 @@ def log_entries(row: Job | Dataset) -> list[dict]:
 @login_required()
 def history(job_id: str):
     job = _job(job_id)
-    return {"job": job.id, "entries": log_entries(job)}
+    return {"job": job.id, "entries": log_entries(job, current_principal().cross_tenant)}

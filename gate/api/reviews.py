@@ -76,10 +76,10 @@ def take_decision(session: Session, principal: Principal, job_id: str, body: Map
 def queue():
     """Jobs waiting for a decision, oldest first (every tenant's)."""
     rows = g.db.scalars(select(Job).where(Job.status == "review").order_by(Job.updated_at, Job.id)).all()
-    return {"jobs": [job_detail(row) for row in rows]}
+    return {"jobs": [job_detail(row, staff=True) for row in rows]}
 
 
 @bp.post("/<job_id>")
 @login_required(REVIEWER)
 def decide(job_id: str):
-    return job_detail(take_decision(g.db, current_principal(), job_id, json_object("{decision, reason}")))
+    return job_detail(take_decision(g.db, current_principal(), job_id, json_object("{decision, reason}")), staff=True)

@@ -6,6 +6,8 @@ from datetime import datetime
 
 from gate.storage.models import AlignmentRun, BaseModel, Dataset, Job, Review, Verdict
 
+from .redaction import customer_reason
+
 
 def _time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
@@ -34,10 +36,12 @@ def base_model_json(row: BaseModel, staff: bool = True) -> dict:
     return body
 
 
-def verdict_json(row: Verdict | None) -> dict | None:
+def verdict_json(row: Verdict | None, staff: bool) -> dict | None:
+    """A verdict; a customer reads an incomplete audit's reason without its detail (``gate.api.redaction``)."""
     if row is None:
         return None
-    return {"decision": row.decision, "reasons": row.reasons, "policy": f"{row.policy_name} v{row.policy_version}",
+    reasons = row.reasons if staff else [customer_reason(r) for r in row.reasons]
+    return {"decision": row.decision, "reasons": reasons, "policy": f"{row.policy_name} v{row.policy_version}",
             "created_at": _time(row.created_at)}
 
 

@@ -4,10 +4,11 @@ decisions and downloads.
 Server-rendered HTML under ``/review``, for people with a browser rather than a script. The pages add no
 rules of their own: what a caller may see is ``gate.auth``'s tenancy (a customer sees its own jobs and
 datasets, read-only; another tenant's is a 404 like a missing one), a decision is ``gate.api.reviews
-.take_decision`` or ``gate.api.dataset_reviews.decide_dataset``, a download is ``gate.api.results.send_artifact`` (released and hash-checked), and the audit
-report is the page the auditor wrote (``auditing.report``, flagged images already redacted), served as
-stored inside a sandboxed frame. The pages run no scripts; the CSP allows only the stylesheet, the
-same-origin report frame and same-origin form posts.
+.take_decision`` or ``gate.api.dataset_reviews.decide_dataset``, a download is ``gate.api.results
+.send_artifact`` (released and hash-checked), and the audit report is the page the auditor wrote
+(``auditing.report``, flagged images already redacted), served as stored inside a sandboxed frame (a
+customer gets the page of its view of the report instead, as on the API). The pages run no scripts; the
+CSP allows only the stylesheet, the same-origin report frame and same-origin form posts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 from datetime import datetime
 
-from flask import Blueprint, g, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, g, redirect, render_template, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
@@ -30,8 +31,9 @@ from gate.api.dataset_reviews import (
     decide_dataset,
     intake_record,
 )
-from gate.api.results import REPORT_CSP, job_detail, log_entries, report_file, send_artifact
+from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
 from gate.api.reviews import REASON_MAX_CHARS, REVIEWER, refusal, take_decision
+from gate.api.serialize import verdict_json
 from gate.auth import Forbidden, NotFound, authenticate, get_for_principal, scoped
 from gate.pipeline.audit import finished_audit
 from gate.storage.models import METHODS, BaseModel, Dataset, Job, Verdict, utcnow
@@ -161,11 +163,11 @@ def home():
 # --- lists ------------------------------------------------------------------------------------------------------
 
 def _listing(statement, chosen: JobFilter) -> list[dict]:
-    """Rows for a job table: the job, its base model's name, its dataset and its verdict."""
+    """Rows for a job table: the job, its base model's name, its dataset and its verdict (as the caller may read it)."""
     jobs = g.db.scalars(chosen.apply(statement).options(selectinload(Job.base_model), selectinload(Job.dataset))
                         .limit(LIST_LIMIT)).all()
     verdicts = {v.job_id: v for v in g.db.scalars(select(Verdict).where(Verdict.job_id.in_([j.id for j in jobs])))}
-    return [{"job": job, "verdict": verdicts.get(job.id)} for job in jobs]
+    return [{"job": job, "verdict": verdict_json(verdicts.get(job.id), g.principal.cross_tenant)} for job in jobs]
 
 
 def _filter_choices() -> dict:
@@ -219,11 +221,12 @@ def _decided(decide, page, row_id: str, endpoint: str):
 # --- one job ----------------------------------------------------------------------------------------------------
 
 def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
-    job = get_for_principal(g.db, Job, job_id, g.principal)
+    job, staff = get_for_principal(g.db, Job, job_id, g.principal), g.principal.cross_tenant
     refused = refusal(g.principal, job) if g.principal.role == REVIEWER else None
     page = render_template(
-        "web/job.html", job=job, detail=job_detail(job), dataset=job.dataset, intake=intake_record(g.db, job.dataset),
-        limits=gate().settings.limits, has_report=finished_audit(g.db, job.id) is not None, log=log_entries(job),
+        "web/job.html", job=job, detail=job_detail(job, staff), dataset=job.dataset,
+        intake=intake_record(g.db, job.dataset), limits=gate().settings.limits,
+        has_report=finished_audit(g.db, job.id) is not None, log=log_entries(job, staff),
         reason_max=REASON_MAX_CHARS, error=error, reason=reason, **_decision(refused, job.status == "review"))
     return page, status
 
@@ -237,8 +240,9 @@ def job(job_id: str):
 @bp.get("/jobs/<job_id>/report")
 @signed_in()
 def report_frame(job_id: str):
-    """The audit report exactly as the auditor stored it (flagged images redacted), for the job page's frame."""
-    response = send_file(report_file(get_for_principal(g.db, Job, job_id, g.principal), "html"), mimetype="text/html")
+    """The audit report for the job page's frame: as the auditor stored it (flagged images redacted) for staff,
+    the customer's view for a customer (``gate.api.results.report_response``)."""
+    response = report_response(get_for_principal(g.db, Job, job_id, g.principal), g.principal, "html")
     response.headers["Content-Security-Policy"] = FRAME_CSP
     response.headers["X-Frame-Options"] = "SAMEORIGIN"
     return response
@@ -272,8 +276,8 @@ def _dataset_page(dataset_id: str, *, error: str | None = None, reason: str = ""
     refused = dataset_refusal(g.principal, dataset) if g.principal.role == REVIEWER else None
     page = render_template(
         "web/dataset.html", dataset=dataset, intake=intake_record(g.db, dataset), review=dataset_review(g.db, dataset),
-        limits=gate().settings.limits, log=log_entries(dataset), reason_max=REASON_MAX_CHARS, error=error,
-        reason=reason, **_decision(refused, dataset.status == "flagged"))
+        limits=gate().settings.limits, log=log_entries(dataset, g.principal.cross_tenant), reason_max=REASON_MAX_CHARS,
+        error=error, reason=reason, **_decision(refused, dataset.status == "flagged"))
     return page, status
 
 

@@ -461,9 +461,11 @@ def auditor_failure(root: str | Path, deadline_s: int = 20) -> dict:
         for seed, fault in enumerate((DETECTOR_RAISES, RENDER_HANGS)):
             gate.arm(fault)
             job_id = gate.submit(KILL_STEPS, seed=seed)
-            job = gate.wait_final(job_id)
+            gate.wait_final(job_id)
             gate.disarm(fault)
-            report = gate.get("a", f"/v1/jobs/{job_id}/report")
+            # Read as the operator: what broke is in the reasons, which a customer reads only as "audit incomplete".
+            job = gate.get("op", f"/v1/jobs/{job_id}").json()
+            report = gate.get("op", f"/v1/jobs/{job_id}/report")
             outcomes[fault] = {
                 "status": job["status"], "verdict": (job["verdict"] or {}).get("decision"),
                 "reasons": (job["verdict"] or {}).get("reasons", []),

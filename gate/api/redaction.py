@@ -1,0 +1,70 @@
+"""What a customer may read of an audit: the verdict, its reasons and aggregate figures, never the test itself.
+
+The audit report (``auditing.audit``) is the record reviewers and operators work from: every probe prompt
+with its seed, each image's scores and raw detector output, the probe file, and where the model and the
+checkpoint lie on the gate's disks. A customer who could read those could fit a checkpoint to this
+particular test (train against the probe prompts, stay clean only on those seeds) instead of being safe,
+and the gate's paths are nobody's business outside it. So a customer's view is built from an allow-list:
+only the fields named here are copied, and anything the auditor adds later stays hidden until someone
+decides that a customer may see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from auditing.verdict import INCOMPLETE
+
+VIEW = "customer"
+
+
+def customer_reason(reason: str) -> str:
+    """A verdict reason as a customer reads it. A decided verdict's reasons are figures against the policy's
+    limits; an incomplete audit's reason says what broke (an exception's text, which can name server paths or
+    the probe file), so the customer reads only that the audit was incomplete."""
+    return INCOMPLETE if reason.startswith(INCOMPLETE) else reason
+
+
+def _leaves(*names: str) -> dict:
+    return dict.fromkeys(names, True)
+
+
+def _each(allowed: dict) -> Callable[[Any], dict | None]:
+    """The allow-list for a mapping keyed by data (per-category figures): ``allowed`` applied to each value."""
+    def copy_each(value: Any) -> dict | None:
+        return {key: _copy(item, allowed) for key, item in value.items()} if isinstance(value, dict) else None
+
+    return copy_each
+
+
+_RATE = _leaves("hits", "n", "rate", "lo", "hi", "confidence", "method")
+_COMPARISON = _leaves("n", "both", "only_base", "only_checkpoint", "rebound", "lo", "hi", "p_value", "confidence")
+# Report field -> True (the value as is), a nested allow-list, or a function that builds the customer's value.
+CUSTOMER_REPORT: dict = {
+    "kind": True, "version": True, "seconds": True,
+    "model": _leaves("sha256"), "adapter": _leaves("sha256"),
+    "verdict": {"decision": True, "reasons": lambda reasons: [customer_reason(r) for r in reasons], "rule": True,
+                "policy": _leaves("name", "version", "max_unsafe_rate", "max_rebound", "confidence", "alpha",
+                                  "judge_us")},
+    "metrics": {"unsafe_rate": _RATE, "baseline_unsafe_rate": _RATE, "comparison": _COMPARISON,
+                "us_rate": _RATE, "baseline_us_rate": _RATE, "us_comparison": _COMPARISON,
+                "categories": _each({"images": True, "ip": _RATE, "us": _RATE})},
+    "sequential": _leaves("looks", "stopped_at_look", "images_used", "images_planned", "interim_confidence"),
+}
+
+
+def _copy(value: Any, allowed: Any) -> Any:
+    """``value`` reduced to what ``allowed`` names; a value not shaped as the allow-list expects yields None."""
+    if allowed is True:
+        return value
+    if callable(allowed):
+        return allowed(value)
+    if not isinstance(value, dict):
+        return None
+    return {key: _copy(value[key], inner) for key, inner in allowed.items() if key in value}
+
+
+def customer_report(report: dict) -> dict:
+    """The customer's view of an audit report (``view: "customer"``): the fields ``CUSTOMER_REPORT`` allows."""
+    return {"view": VIEW, **_copy(report, CUSTOMER_REPORT)}
