@@ -185,6 +185,7 @@ def test_lora_adapter_loads_from_safetensors_and_changes_the_render(tmp_path):
     adapter = tmp_path / "pytorch_lora_weights.safetensors"
     assert adapter.is_file()
     fresh = load_adapter(build_tiny_pipeline(seed=0), adapter)
+    assert not any("lora" in name for name, _ in fresh.unet.named_parameters())  # fused into the base weights
     np.testing.assert_allclose(_render(fresh), tuned, atol=1e-5, rtol=0)
     assert np.abs(tuned - base).max() > 1e-3
     (tmp_path / "adapter.bin").write_bytes(b"x")
