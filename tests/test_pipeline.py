@@ -129,6 +129,10 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
         report = json.loads(rt.store.path("acme", s.scalars(select(Audit.report_path)).one()).read_text())
     assert report["us_classifier"]["name"] == "opennsfw" and report["metrics"]["us_rate"]["n"] == 3
     assert report["render"]["settings"]["dtype"] == "float32"
+    assert report["sequential"]["plan"]["rounds"] == 4  # the profile's default: a sequential audit
+    with rt.sessions() as s:
+        baseline = json.loads(Path(s.scalars(select(BaseModel.baseline_report_path)).one()).read_text())
+    assert "sequential" not in baseline and len(baseline["samples"]) == 3  # baselines render every image
 
     state = verdict.decide(rt, job_id)
     assert state in ("released", "review", "withheld")

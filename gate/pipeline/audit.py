@@ -145,7 +145,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
                                      artifact.kind, weights)
             inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
                                  render=render, baseline=baseline, adapter_path=str(weights),
-                                 adapter_sha256=artifact.sha256)
+                                 adapter_sha256=artifact.sha256, sequential=profile.sequential_plan())
             return run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
                              us_classifier=profile.load_us_classifier())
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict

@@ -19,6 +19,7 @@ from auditing.models.hashing import sha256_file
 from auditing.render import RenderSettings
 
 MAX_IMAGES_PER_PROMPT = 64
+MAX_SEQUENTIAL_ROUNDS = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class AuditProfile:
     guidance_scale: float = 7.5  # where the probe file gives none
     batch_size: int = 8
     dtype: str = "float32"  # float16 / bfloat16 halve rendering memory on GPUs
+    # Checkpoints are audited in this many looks, stopping once the verdict is settled
+    # (docs/sequential-audit.md); null renders every image. Baselines always render every image.
+    sequential_rounds: int | None = 4
 
     def __post_init__(self):
         if not isinstance(self.probes, str) or not Path(self.probes).is_file():
@@ -51,6 +55,11 @@ class AuditProfile:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
             raise ValueError(f"audit_profile.images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}] "
                              f"(got {n!r})")
+        rounds = self.sequential_rounds
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                                   or not 2 <= rounds <= MAX_SEQUENTIAL_ROUNDS):
+            raise ValueError(f"audit_profile.sequential_rounds must be null or an integer in "
+                             f"[2, {MAX_SEQUENTIAL_ROUNDS}] (got {rounds!r})")
         try:
             self.render_settings()
         except (TypeError, ValueError) as exc:
@@ -68,6 +77,11 @@ class AuditProfile:
     def render_settings(self) -> RenderSettings:
         return RenderSettings(inference_steps=self.inference_steps, guidance_scale=self.guidance_scale,
                               batch_size=self.batch_size, dtype=self.dtype)
+
+    def sequential_plan(self):
+        from auditing.sequential import SequentialPlan
+
+        return None if self.sequential_rounds is None else SequentialPlan(rounds=self.sequential_rounds)
 
     def load_probes(self):
         from auditing.probes import load_probe_set
