@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sqlite3
 import zipfile
 from contextlib import closing
@@ -315,6 +316,24 @@ def test_hyperparameter_rules_per_method_name_the_field(env, method, hyperparame
     assert r.status_code == 400 and r.json["error"]["field"] == field, r.json
     assert field.split(".")[1] in r.json["error"]["message"]
     assert env.count(Job) == 0 and env.enqueued == []
+
+
+def test_a_job_that_cannot_fit_a_workers_gpu_is_refused(tmp_path):
+    env = Env(tmp_path, limits=Limits(max_upload_bytes=UPLOAD_LIMIT, worker_gpu_memory_gib=24))
+    (tmp_path / "unet").mkdir()  # the base model's folder: an SDXL pipeline's configs
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    dataset = env.upload(good_zip()).json["id"]
+    r = env.job(dataset, method="dreambooth", hyperparameters={"instance_prompt": "a sks dog"})
+    error = r.json["error"]
+    assert r.status_code == 400 and error["field"] == "hyperparameters" and error["limit"] == "worker_gpu_memory_gib"
+    assert error["maximum"] == 24 and error["estimate_gib"] > 24 and "sdxl dreambooth" in error["message"]
+    assert env.count(Job) == 0 and env.enqueued == []
+    fits = env.job(dataset, hyperparameters={"batch_size": 1, "mixed_precision": "bf16",
+                                             "gradient_checkpointing": True})
+    assert fits.status_code == 201, fits.json
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))  # no published family
+    assert env.job(dataset, method="dreambooth", hyperparameters={"instance_prompt": "a sks dog"}).status_code == 201
 
 
 def test_dreambooth_job_is_queued(env):

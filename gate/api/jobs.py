@@ -22,6 +22,7 @@ from gate.settings import Limits
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job
 from gate.training import HYPERPARAMETERS, settings_for
+from gate.training.memory import GIB, estimate_bytes, family_of
 
 from . import gate
 from .auth import current_principal, login_required
@@ -37,7 +38,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 HYPERPARAMETER_LIMITS = {"steps": "max_steps", "rank": "max_rank", "learning_rate": "max_learning_rate",
                          "resolution": "max_resolution", "batch_size": "max_batch_size",
                          "num_class_images": "max_class_images"}
-PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt")  # held to max_caption_chars
+PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt", "validation_prompt")  # held to max_caption_chars
 IDEMPOTENCY_KEY_MAX_CHARS = 200
 FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key")
 
@@ -77,6 +78,23 @@ def validate_hyperparameters(method: str, values: Any, limits: Limits) -> dict:
     return dict(values)
 
 
+def check_fits(method: str, hyperparameters: dict, base_model: BaseModel, limits: Limits) -> None:
+    """A 400 naming ``hyperparameters`` if the job's GPU-memory estimate exceeds a worker's GPU
+    (``limits.worker_gpu_memory_gib``; 0 checks nothing); base models of no published family are not checked."""
+    if not limits.worker_gpu_memory_gib:
+        return
+    family = family_of(base_model.path)
+    if family is None:
+        return
+    need = estimate_bytes(family, method, settings_for(method, hyperparameters)) / GIB
+    if need > limits.worker_gpu_memory_gib:
+        raise _bad("hyperparameters", f"hyperparameters: this {family} {method} job needs about {need:.1f} GiB of GPU "
+                                      f"memory, more than a worker has (limit worker_gpu_memory_gib="
+                                      f"{limits.worker_gpu_memory_gib:g}); lower batch_size or resolution, or set "
+                                      f"mixed_precision or gradient_checkpointing (docs/training.md, GPU memory)",
+                   limit="worker_gpu_memory_gib", maximum=limits.worker_gpu_memory_gib, estimate_gib=round(need, 1))
+
+
 def _existing(principal, key: str | None) -> Job | None:
     if key is None:
         return None
@@ -110,6 +128,7 @@ def create():
     base_model = g.db.get(BaseModel, body["base_model"])
     if base_model is None:
         raise ApiError(404, "not_found", f"no base model {body['base_model']!r}", field="base_model")
+    check_fits(method, hyperparameters, base_model, app.settings.limits)
     try:
         dataset = get_for_principal(g.db, Dataset, body["dataset"], principal)
     except RowNotFound:

@@ -158,7 +158,7 @@ def run_steps(pipe, settings: TrainingSettings, groups: list[tuple[torch.nn.Modu
         scaler.step(opt)
         scaler.update()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # tqdm redraws at its own pace
         if step % every == 0 or step == settings.steps:
             for m in modules:
                 m.eval()
