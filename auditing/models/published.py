@@ -3,8 +3,8 @@
 Weights cannot be downloaded here, but shapes can be written down: these are the component configs the
 released ``model_index.json`` folders carry (UNet, CLIP text encoders, VAE). Built on the ``meta``
 device they cost nothing and give exact parameter counts and activation sizes (the training memory
-estimate, ``benchmarks.training_memory``); built on a real device with random weights they are
-SD-shaped models for speed benchmarks.
+estimate, ``benchmarks.training_memory``); built on a real device with random weights
+(``build_published_pipeline``) they are SD-shaped pipelines for speed benchmarks (``benchmarks.gpu_check``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import build_tokenizer
 
 _SD_BLOCKS = {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
               "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -79,3 +89,26 @@ def build_published(family: str, device: str | torch.device = "meta", seed: int 
             for config, projection in TEXT_ENCODERS[family]]
         vae = AutoencoderKL(**VAE, sample_size=UNETS[family]["sample_size"] * 8)
     return PublishedModel(family, unet, encoders, vae)
+
+
+# Inference schedulers as SD folders ship them (SD 1.5: PNDM; SDXL: Euler; 768-pixel SD 2.x: v-prediction).
+_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "steps_offset": 1}
+SCHEDULERS = {"sd1": (PNDMScheduler, {"skip_prk_steps": True}),
+              "sd2": (DDIMScheduler, {"prediction_type": "v_prediction", "clip_sample": False,
+                                      "set_alpha_to_one": False}),
+              "sdxl": (EulerDiscreteScheduler, {})}
+
+
+def build_published_pipeline(family: str, device: str | torch.device = "cpu", seed: int = 0):
+    """An SD-shaped pipeline with random weights and an offline tokenizer, for benchmarks on real shapes."""
+    model = build_published(family, device, seed)
+    cls, extra = SCHEDULERS[family]
+    scheduler = cls(**_SCHEDULE, **extra)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
+                                         text_encoder_2=model.text_encoders[1], tokenizer=build_tokenizer(TOKENS),
+                                         tokenizer_2=build_tokenizer(TOKENS), unet=model.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=build_tokenizer(TOKENS),
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
