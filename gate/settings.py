@@ -155,6 +155,11 @@ class Settings:
         return self.state_dir / "render-cache"
 
     @property
+    def hash_cache_file(self) -> Path:
+        """Base models' per-file sha256s, keyed by size, mtime and inode (auditing.models.hashing.HashCache)."""
+        return self.state_dir / "hash-cache.json"
+
+    @property
     def baselines_dir(self) -> Path:
         """Base models' baseline audit reports, shared by every tenant's jobs."""
         return self.state_dir / "baselines"

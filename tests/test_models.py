@@ -62,6 +62,9 @@ def test_hash_tracks_weights_not_location(tmp_path):
     pipe.save_pretrained(tmp_path / "a")
     pipe.save_pretrained(tmp_path / "b")
     (tmp_path / "b" / "notes.json").write_text("{}")  # records beside the model are not weights
+    save_file({"w": torch.zeros(2)}, tmp_path / "b" / "v1-5-pruned.safetensors")  # a checkpoint it never loads
+    (tmp_path / "b" / "logs").mkdir()
+    save_file({"w": torch.zeros(2)}, tmp_path / "b" / "logs" / "ema.safetensors")  # no component of the pipeline
     assert weights_sha256(tmp_path / "a") == weights_sha256(tmp_path / "b")
     weights = tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
@@ -70,6 +73,31 @@ def test_hash_tracks_weights_not_location(tmp_path):
     save_file(state, weights)
     assert weights_sha256(tmp_path / "a") != weights_sha256(tmp_path / "b")
     assert len(weights_sha256(weights)) == 64
+
+
+def test_hash_cache_reads_a_file_once_per_change(tmp_path, monkeypatch):
+    import auditing.models.hashing as hashing
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "m")
+    reads = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: reads.append(p) or real(p))
+    cache = hashing.HashCache(tmp_path / "cache.json")
+    first = weights_sha256(tmp_path / "m", cache)
+    n = len(reads)
+    assert first == weights_sha256(tmp_path / "m") and n > 0
+    reads.clear()
+    assert weights_sha256(tmp_path / "m", hashing.HashCache(tmp_path / "cache.json")) == first and reads == []
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = next(iter(state))
+    state[key] = state[key] + 1e-3  # same size, new content and mtime
+    save_file(state, weights)
+    changed = weights_sha256(tmp_path / "m", cache)
+    assert changed != first and reads == [weights]
+    reads.clear()
+    stale = hashing.HashCache(tmp_path / "cache.json", max_age_s=0)  # past its age every entry is read again
+    assert weights_sha256(tmp_path / "m", stale) == changed and len(reads) == n
 
 
 def test_loader_refuses_pickles_and_missing_configs(tmp_path):

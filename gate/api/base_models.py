@@ -14,7 +14,7 @@ from pathlib import Path
 from flask import Blueprint, g
 from sqlalchemy import select
 
-from auditing.models.hashing import weights_sha256
+from auditing.models.hashing import HashCache, weights_sha256
 from gate.pipeline.profile import AuditProfile
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import BaseModel
@@ -46,7 +46,7 @@ def register():
     if g.db.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
         raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
     try:
-        digest = weights_sha256(path)
+        digest = weights_sha256(path, HashCache(gate().settings.hash_cache_file))
     except (FileNotFoundError, ValueError) as exc:
         raise ApiError(400, "invalid_request", str(exc), field="path") from None
     row = BaseModel(name=name, path=str(Path(path).absolute()), weights_sha256=digest,

@@ -73,10 +73,12 @@ def _profile(base: BaseModel) -> AuditProfile:
     return AuditProfile.from_dict(base.audit_profile)
 
 
-def _check_base_files(base: BaseModel) -> None:
-    from auditing.models.hashing import weights_sha256
+def _check_base_files(rt: Runtime, base: BaseModel) -> None:
+    """The base folder still holds the weights registered; files unchanged since they were last read
+    (size, mtime, inode, within a day) are not read again."""
+    from auditing.models.hashing import HashCache, weights_sha256
 
-    if weights_sha256(base.path) != base.weights_sha256:
+    if weights_sha256(base.path, HashCache(rt.settings.hash_cache_file)) != base.weights_sha256:
         raise BaselineError(f"base model {base.name} at {base.path} no longer matches the weights registered "
                             f"({base.weights_sha256[:12]}...)")
 
@@ -97,7 +99,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
             if base.baseline_report_sha256 in (None, report_sha256(report)):
                 return report
             log.warning("baseline %s does not match the recorded hash; auditing it again", path)
-        _check_base_files(base)
+        _check_base_files(rt, base)
         render = profile.render_settings()
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
                              policy=rt.settings.verdict_policy, render=render)
@@ -136,7 +138,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
     try:
         profile = _profile(base)
         baseline = ensure_baseline(rt, base.id)
-        _check_base_files(base)
+        _check_base_files(rt, base)
         if not rt.store.verify(artifact.tenant_id, artifact.path):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
         with deadline(rt.settings.audit_deadline_seconds):
