@@ -30,7 +30,7 @@ from .probes import ProbeSet
 from .render import Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
 from .stats import rate
-from .verdict import INCOMPLETE, Verdict, VerdictPolicy, combine, incomplete
+from .verdict import DECISIONS, INCOMPLETE, Verdict, VerdictPolicy, combine, incomplete
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class AuditInputs:
     baseline: dict | None = None  # a previous report of the base model on the same probes
     adapter_path: str | None = None  # already applied to the pipeline; recorded here
     adapter_sha256: str | None = None
+    adapter_scale: float = 1.0  # the LoRA scale it was fused at
     sequential: SequentialPlan | None = None  # render in rounds, stop once settled
 
 
@@ -119,7 +120,7 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
     report = {
         "kind": REPORT_KIND, "version": REPORT_VERSION,
         "model": {"path": inputs.model_path, "sha256": inputs.model_sha256},
-        "adapter": ({"path": inputs.adapter_path, "sha256": inputs.adapter_sha256}
+        "adapter": ({"path": inputs.adapter_path, "sha256": inputs.adapter_sha256, "scale": inputs.adapter_scale}
                     if inputs.adapter_path else None),
         "probes": inputs.probes.summary(), "detector": detector.info(),
         "us_classifier": us_classifier.info() if us_classifier else None, "render": None,
@@ -128,8 +129,10 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
     verdict: Verdict
     images: list = []
     try:
-        renderer = Renderer(pipe, inputs.model_sha256, inputs.adapter_sha256, settings=inputs.render,
-                            cache_dir=cache_dir)
+        adapter = inputs.adapter_sha256  # the cache keys an adapter by what was applied: file and scale
+        if adapter is not None and inputs.adapter_scale != 1.0:
+            adapter = f"{adapter}@{inputs.adapter_scale:g}"
+        renderer = Renderer(pipe, inputs.model_sha256, adapter, settings=inputs.render, cache_dir=cache_dir)
         report["render"] = renderer.info()
         probes = list(inputs.probes.images)
         plan = inputs.sequential
@@ -225,6 +228,21 @@ def unfinished_audit(model_path: str, model_sha256: str, policy: VerdictPolicy, 
         "verdict": incomplete(policy, why).as_dict(), "seconds": 0.0,
     }
     return AuditOutcome(report)
+
+
+def strictest_scale(outcomes: list[tuple[float, AuditOutcome]]) -> AuditOutcome:
+    """Audits of one LoRA at several scales as one: the report and images of the scale whose verdict is
+    strictest (the lowest such scale), its reasons naming that scale, and under ``lora_scales`` every
+    scale's verdict and figures."""
+    scale, chosen = max(outcomes, key=lambda so: (DECISIONS.index(so[1].report["verdict"]["decision"]), -so[0]))
+    report = dict(chosen.report)
+    if len(outcomes) > 1:
+        verdict = report["verdict"]
+        report["verdict"] = {**verdict, "reasons": [f"at LoRA scale {scale:g}: {r}" for r in verdict["reasons"]]}
+        report["lora_scales"] = [{"scale": s, "verdict": o.report["verdict"], "metrics": o.report["metrics"],
+                                  "images": len(o.report["samples"])} for s, o in outcomes]
+        report["seconds"] = round(sum(o.report["seconds"] for _, o in outcomes), 2)
+    return AuditOutcome(report, chosen.images)
 
 
 def save_outcome(outcome: AuditOutcome, out: str | Path) -> tuple[Path, Path]:

@@ -68,6 +68,9 @@ class Limits:
     max_resolution: int = field(default=1_024, metadata=_in_range(8, 8_192))
     max_batch_size: int = field(default=16, metadata=_in_range(1, 4_096))
     max_class_images: int = field(default=200, metadata=_in_range(1, 100_000))  # DreamBooth prior preservation
+    # The largest LoRA scale customers may load an adapter with: the audit renders a LoRA at scale 1 and at this
+    # one, and the stricter verdict stands (1: scale 1 only).
+    max_lora_scale: float = field(default=2.0, metadata=_in_range(1.0, 16.0))
     # Each training worker's GPU memory: a job whose estimate (gate.training.memory) exceeds it is refused.
     # 0: not checked (CPU workers, or an operator who sizes jobs by hand).
     worker_gpu_memory_gib: float = field(default=0.0, metadata=_in_range(0.0, 100_000.0))

@@ -600,7 +600,7 @@ def test_customers_read_the_verdict_and_its_figures_never_the_test(env):
     assert view["metrics"] == report["metrics"]  # rates with intervals, the paired comparison, per category
     assert set(view["metrics"]) == {"unsafe_rate", "baseline_unsafe_rate", "comparison", "categories"}
     assert view["model"] == {"sha256": report["model"]["sha256"]}
-    assert view["adapter"] == {"sha256": report["adapter"]["sha256"]}
+    assert view["adapter"] == {"sha256": report["adapter"]["sha256"], "scale": 1.0}
 
     page = get(env, f"/v1/jobs/{job_id}/report.html", "a")
     text = page.get_data(as_text=True)
@@ -610,6 +610,19 @@ def test_customers_read_the_verdict_and_its_figures_never_the_test(env):
     assert f"{report['metrics']['unsafe_rate']['rate']:.3f}" in text
     for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/log", "/v1/jobs"):
         assert [h for h in hidden if h in get(env, path, "a").get_data(as_text=True)] == [], path
+
+
+def test_customers_read_each_lora_scales_verdict_and_figures_only():
+    from gate.api.redaction import customer_report
+
+    at_two = {"scale": 2.0, "images": 3, "samples": [{"prompt": "a secret probe", "seed": 7}],
+              "verdict": {"decision": "block", "reasons": ["unsafe rate 0.6"], "rule": "r",
+                          "policy": {"name": "default", "probe_file": "/srv/probes.csv"}},
+              "metrics": {"unsafe_rate": {"hits": 2, "n": 3, "rate": 0.6, "lo": 0.2, "hi": 0.9}}}
+    view = customer_report({"lora_scales": [at_two]})
+    assert view["lora_scales"] == [{"scale": 2.0, "images": 3, "metrics": at_two["metrics"],
+                                    "verdict": {"decision": "block", "reasons": ["unsafe rate 0.6"], "rule": "r",
+                                                "policy": {"name": "default"}}}]
 
 
 def test_an_incomplete_audit_tells_the_customer_only_that_it_was_incomplete(env):

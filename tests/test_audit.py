@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from auditing.audit import AuditInputs, run_audit
+from auditing.audit import AuditInputs, AuditOutcome, run_audit, strictest_scale
 from auditing.detectors.base import Detector, DetectorResult
 from auditing.detectors.registry import load_detector
 from auditing.models.hashing import weights_sha256
@@ -324,3 +324,22 @@ def test_cli_refuses_a_malformed_adapter_with_one_line_and_exit_2(name, content,
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"ftgate: error: {adapter}: not a readable .safetensors file")
     assert not (tmp_path / "out").exists()
+
+
+def _scaled(decision: str, scale: float) -> tuple[float, AuditOutcome]:
+    report = {"verdict": {"decision": decision, "reasons": [f"{decision} reason"], "rule": "r", "policy": {}},
+              "metrics": {"unsafe_rate": {"rate": 0.1}}, "samples": [{}] * 3, "seconds": 1.5}
+    return scale, AuditOutcome(report, [f"{decision}@{scale:g}"])
+
+
+def test_a_lora_audited_at_several_scales_keeps_the_strictest_verdict():
+    merged = strictest_scale([_scaled("pass", 1.0), _scaled("block", 2.0)])
+    assert merged.report["verdict"]["decision"] == "block" and merged.images == ["block@2"]
+    assert merged.report["verdict"]["reasons"] == ["at LoRA scale 2: block reason"]
+    assert [(e["scale"], e["verdict"]["decision"], e["images"]) for e in merged.report["lora_scales"]] == \
+        [(1.0, "pass", 3), (2.0, "block", 3)]
+    assert merged.report["seconds"] == 3.0
+    tie = strictest_scale([_scaled("flag", 1.0), _scaled("flag", 2.0)])
+    assert tie.images == ["flag@1"] and tie.report["verdict"]["reasons"] == ["at LoRA scale 1: flag reason"]
+    single = strictest_scale([_scaled("pass", 1.0)])
+    assert "lora_scales" not in single.report and single.report["verdict"]["reasons"] == ["pass reason"]

@@ -130,6 +130,8 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
     assert report["us_classifier"]["name"] == "opennsfw" and report["metrics"]["us_rate"]["n"] == 3
     assert report["render"]["settings"]["dtype"] == "float32"
     assert report["sequential"]["plan"]["rounds"] == 4  # the profile's default: a sequential audit
+    assert [e["scale"] for e in report["lora_scales"]] == [1.0, 2.0]  # the LoRA at 1 and at max_lora_scale
+    assert report["adapter"]["scale"] in (1.0, 2.0)
     with rt.sessions() as s:
         baseline = json.loads(Path(s.scalars(select(BaseModel.baseline_report_path)).one()).read_text())
     assert "sequential" not in baseline and len(baseline["samples"]) == 3  # baselines render every image

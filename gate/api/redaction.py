@@ -38,19 +38,29 @@ def _each(allowed: dict) -> Callable[[Any], dict | None]:
     return copy_each
 
 
+def _every(allowed: dict) -> Callable[[Any], list | None]:
+    """The allow-list for a list of records (a LoRA's audit at each scale): ``allowed`` applied to each."""
+    def copy_every(value: Any) -> list | None:
+        return [_copy(item, allowed) for item in value] if isinstance(value, list) else None
+
+    return copy_every
+
+
 _RATE = _leaves("hits", "n", "rate", "lo", "hi", "confidence", "method")
 _COMPARISON = _leaves("n", "both", "only_base", "only_checkpoint", "rebound", "lo", "hi", "p_value", "confidence")
+_VERDICT = {"decision": True, "reasons": lambda reasons: [customer_reason(r) for r in reasons], "rule": True,
+            "policy": _leaves("name", "version", "max_unsafe_rate", "max_rebound", "confidence", "alpha", "judge_us")}
+_METRICS = {"unsafe_rate": _RATE, "baseline_unsafe_rate": _RATE, "comparison": _COMPARISON,
+            "us_rate": _RATE, "baseline_us_rate": _RATE, "us_comparison": _COMPARISON,
+            "categories": _each({"images": True, "ip": _RATE, "us": _RATE})}
 # Report field -> True (the value as is), a nested allow-list, or a function that builds the customer's value.
 CUSTOMER_REPORT: dict = {
     "kind": True, "version": True, "seconds": True,
-    "model": _leaves("sha256"), "adapter": _leaves("sha256"),
-    "verdict": {"decision": True, "reasons": lambda reasons: [customer_reason(r) for r in reasons], "rule": True,
-                "policy": _leaves("name", "version", "max_unsafe_rate", "max_rebound", "confidence", "alpha",
-                                  "judge_us")},
-    "metrics": {"unsafe_rate": _RATE, "baseline_unsafe_rate": _RATE, "comparison": _COMPARISON,
-                "us_rate": _RATE, "baseline_us_rate": _RATE, "us_comparison": _COMPARISON,
-                "categories": _each({"images": True, "ip": _RATE, "us": _RATE})},
+    "model": _leaves("sha256"), "adapter": _leaves("sha256", "scale"),
+    "verdict": _VERDICT,
+    "metrics": _METRICS,
     "sequential": _leaves("looks", "stopped_at_look", "images_used", "images_planned", "interim_confidence"),
+    "lora_scales": _every({"scale": True, "images": True, "verdict": _VERDICT, "metrics": _METRICS}),
 }
 
 
