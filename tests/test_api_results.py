@@ -227,22 +227,47 @@ def test_artifact_is_withheld_unless_released(env, state):
     assert detail["artifact"]["downloadable"] is False and detail["artifact"]["kind"] == "lora"
 
 
-@pytest.mark.parametrize("method, kind, filename", [
-    ("lora", "lora", "pytorch_lora_weights.safetensors"),
-    ("dreambooth", "unet", "diffusion_pytorch_model.safetensors"),
-])
-def test_released_artifact_downloads_exact_bytes_under_its_diffusers_name(env, method, kind, filename):
-    """A released job's checkpoint is served byte for byte, as an attachment named as diffusers expects."""
-    data = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + method.encode() * 1000
-    job_id = make_job(env, "released", method=method, checkpoint=data)
+def test_released_lora_downloads_exact_bytes_under_its_diffusers_name(env):
+    """A released LoRA is served byte for byte, as the attachment ``pipe.load_lora_weights`` looks for."""
+    data = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"lora" * 1000
+    job_id = make_job(env, "released", checkpoint=data)
     detail = get(env, f"/v1/jobs/{job_id}", "a").json
-    assert detail["artifact"] == {"kind": kind, "sha256": detail["artifact"]["sha256"], "size_bytes": len(data),
+    assert detail["artifact"] == {"kind": "lora", "sha256": detail["artifact"]["sha256"], "size_bytes": len(data),
                                   "downloadable": True}
     r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
     assert r.status_code == 200 and r.data == data
     disposition, options = parse_options_header(r.headers["Content-Disposition"])
-    assert disposition == "attachment" and options["filename"] == filename
+    assert disposition == "attachment" and options["filename"] == "pytorch_lora_weights.safetensors"
     assert r.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_released_dreambooth_downloads_as_a_unet_folder_plain_diffusers_loads(env, tmp_path):
+    """A released DreamBooth UNet comes as ``unet.zip``: the base model's UNet config beside the weights, a
+    folder ``UNet2DConditionModel.from_pretrained`` loads."""
+    import zipfile
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save
+
+    from auditing.models.tiny import build_tiny_pipeline
+
+    unet = build_tiny_pipeline(seed=4).unet
+    with env.sessions() as s:
+        base = Path(s.get(BaseModel, env.base_model_id).path)
+    unet.save_config(base / "unet")  # the base model's unet/config.json
+    data = save({k: v.contiguous() for k, v in unet.state_dict().items()})
+    job_id = make_job(env, "released", method="dreambooth", checkpoint=data)
+    r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
+    assert r.status_code == 200 and r.mimetype == "application/zip"
+    assert parse_options_header(r.headers["Content-Disposition"])[1]["filename"] == "unet.zip"
+    assert get(env, f"/v1/jobs/{job_id}/artifact", "a").data == r.data  # the same bytes every time
+    with zipfile.ZipFile(io.BytesIO(r.data)) as zf:
+        assert sorted(zf.namelist()) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+        assert zf.read("unet/diffusion_pytorch_model.safetensors") == data
+        zf.extractall(tmp_path / "download")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "download" / "unet", local_files_only=True)
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_released_job_without_checkpoint_row_is_withheld(env):
@@ -493,6 +518,7 @@ def test_roles_on_every_route(env, role, tmp_path):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     probes = tmp_path / "probes.csv"
     probes.write_text("prompt\na red triangle\n")
     dataset = dataset_of(env, "a")

@@ -7,15 +7,22 @@ per-image results or the gate's paths.
 The checkpoint leaves the gate only when the job is ``released``: its audit passed, or a reviewer
 approved it. Anything else - training, auditing, waiting for review, withheld, failed - is refused, and
 a withheld (blocked or rejected) checkpoint is never downloadable. The file is checked against its
-sha256 before it is sent; a mismatch refuses the download (fail closed).
+sha256 before it is sent; a mismatch refuses the download (fail closed). A LoRA is sent as the
+``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; a DreamBooth UNet as
+``unet.zip``, the ``unet/`` folder (the base model's UNet config beside the weights) that
+``UNet2DConditionModel.from_pretrained`` loads, streamed without a temporary copy.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
 
-from flask import Blueprint, current_app, g, jsonify, send_file
+from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
 from sqlalchemy import select
 
 from auditing.report import render_html
@@ -33,7 +40,10 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("results", __name__, url_prefix="/v1/jobs")
 
-DOWNLOAD_NAMES = {"lora": "pytorch_lora_weights.safetensors", "unet": "diffusion_pytorch_model.safetensors"}
+DOWNLOAD_NAMES = {"lora": "pytorch_lora_weights.safetensors", "unet": "unet.zip"}
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name, inside unet.zip
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same checkpoint always streams the same bytes
+CHUNK_BYTES = 1 << 20
 REPORT_MIMETYPES = {"json": "application/json", "html": "text/html"}
 # The report page is self-contained: inline styles and data: images, nothing to fetch, nothing to run.
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -107,8 +117,47 @@ def send_artifact(job: Job):
         log.error("artifact %s of job %s fails its sha256 check; refusing to serve it", row.path, job.id)
         raise ApiError(503, "artifact_corrupt", "the stored checkpoint does not match its hash; an operator "
                                                 "has been alerted")
-    return send_file(store.path(job.tenant_id, row.path), mimetype="application/octet-stream", as_attachment=True,
+    weights = store.path(job.tenant_id, row.path)
+    if row.kind == "unet":
+        config = (Path(job.base_model.path) / "unet" / "config.json").read_bytes()
+        return Response(stream_with_context(unet_folder_zip(config, weights)), mimetype="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{DOWNLOAD_NAMES["unet"]}"',
+                                 "ETag": f'"{row.sha256}"'})
+    return send_file(weights, mimetype="application/octet-stream", as_attachment=True,
                      download_name=DOWNLOAD_NAMES[row.kind], etag=row.sha256)
+
+
+class _Sink(io.RawIOBase):
+    """An unseekable stream that the zip writer fills and the response drains (zipfile then writes data
+    descriptors instead of seeking back)."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def drain(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+def unet_folder_zip(config: bytes, weights: Path) -> Iterator[bytes]:
+    """``unet/config.json`` and ``unet/diffusion_pytorch_model.safetensors`` as an uncompressed zip, in chunks."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(zipfile.ZipInfo("unet/config.json", ZIP_DATE), config)
+        with zf.open(zipfile.ZipInfo(f"unet/{UNET_WEIGHTS}", ZIP_DATE), "w", force_zip64=True) as out, \
+                open(weights, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                out.write(chunk)
+                yield sink.drain()
+    yield sink.drain()
 
 
 @bp.get("/<job_id>/artifact")
