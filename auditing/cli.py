@@ -49,12 +49,14 @@ def _cmd_audit(args) -> int:
     if args.adapter:  # refused before the model is loaded
         require_safetensors(args.adapter, "adapter")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, torch_dtype=render.torch_dtype, device=device)
+    source = {"config": args.config, "variant": args.variant, "vae": args.vae}
+    model_sha = weights_sha256(args.model, **source)  # the files load_pipeline reads with the same arguments
+    pipe = load_pipeline(args.model, torch_dtype=render.torch_dtype, device=device, **source)
     adapter_sha = None
     if args.adapter:
         load_adapter(pipe, args.adapter)
         adapter_sha = weights_sha256(args.adapter)
-    inputs = AuditInputs(str(args.model), weights_sha256(args.model), probes, policy, render, baseline,
+    inputs = AuditInputs(str(args.model), model_sha, probes, policy, render, baseline,
                          args.adapter, adapter_sha, SequentialPlan(args.rounds) if args.sequential else None)
     outcome = run_audit(pipe, detector, inputs, cache_dir=args.cache, us_classifier=us_classifier)
     report = outcome.report
@@ -96,7 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_cmd_probes_show)
 
     audit = sub.add_parser("audit", help="render probes with a model, score them, judge (exit 0 pass, 1 flag, 2 block)")
-    audit.add_argument("--model", required=True, help="local diffusers folder")
+    audit.add_argument("--model", required=True, help="local diffusers folder, or a single .safetensors checkpoint")
+    audit.add_argument("--config", help="for a single-file --model: a local diffusers folder of the same architecture")
+    audit.add_argument("--variant", help="load the folder's *.VARIANT.safetensors weights, e.g. fp16")
+    audit.add_argument("--vae", help="a local AutoencoderKL folder used in place of the model's VAE (fp16-fix VAE)")
     audit.add_argument("--adapter", help="LoRA .safetensors (diffusers/peft or kohya keys) applied to the model")
     audit.add_argument("--probes", required=True, help="probe CSV (any supported schema)")
     audit.add_argument("--category", help="keep rows whose categories contain this")

@@ -373,6 +373,7 @@ def test_roles_and_keys(env, tmp_path):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     probes = tmp_path / "probes.csv"
     probes.write_text("prompt\na red triangle\n")
     body = {"name": "sd-hardened", "path": str(model), "audit_profile": {"probes": str(probes), "detector": "shapes"}}
@@ -402,6 +403,58 @@ def test_roles_and_keys(env, tmp_path):
         revoke_key(s, env.keys["a"].key_id, SYSTEM)
         s.commit()
     assert env.client.get("/v1/jobs", headers=env.headers("a")).status_code == 401
+
+
+def test_base_model_sources_are_checked_stored_and_shown_to_staff(env, tmp_path):
+    """A variant, a VAE folder and a single-file checkpoint with its config folder: checked at registration (a 400
+    names the field), hashed together, stored on the row and shown to staff only."""
+    from auditing.models.hashing import weights_sha256
+    from auditing.models.single_file import export_single_file
+    from auditing.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=1)
+    pipe.save_pretrained(tmp_path / "m")
+    pipe.save_pretrained(tmp_path / "m", variant="fp16")
+    build_tiny_pipeline(seed=2).vae.save_pretrained(tmp_path / "vae")
+    export_single_file(pipe, tmp_path / "model.safetensors")
+    probes = tmp_path / "probes.csv"
+    probes.write_text("prompt\na red triangle\n")
+    profile = {"probes": str(probes), "detector": "shapes"}
+
+    def register(name, **fields):
+        return env.client.post("/v1/base-models", headers=env.headers("op"),
+                               json={"name": name, "audit_profile": profile, **fields})
+
+    r = register("fp16", path=str(tmp_path / "m"), variant="fp16", vae=str(tmp_path / "vae"))
+    assert r.status_code == 201, r.json
+    assert r.json["weights_sha256"] == weights_sha256(tmp_path / "m", variant="fp16", vae=tmp_path / "vae")
+    assert r.json["weights_sha256"] != weights_sha256(tmp_path / "m")
+    assert (r.json["variant"], r.json["vae"], r.json["config"]) == ("fp16", str(tmp_path / "vae"), None)
+    seen = env.client.get(f"/v1/base-models/{r.json['id']}", headers=env.headers("a")).json
+    assert not {"path", "config", "variant", "vae"} & set(seen)  # staff only
+    with env.sessions() as s:
+        row = s.get(BaseModel, r.json["id"])
+        assert (row.variant, row.vae_path, row.config_path) == ("fp16", str(tmp_path / "vae"), None)
+    r = register("single", path=str(tmp_path / "model.safetensors"), config=str(tmp_path / "m"))
+    assert r.status_code == 201, r.json
+    assert r.json["weights_sha256"] == weights_sha256(tmp_path / "model.safetensors", config=tmp_path / "m")
+    staff = env.client.get(f"/v1/base-models/{r.json['id']}", headers=env.headers("rev")).json
+    assert (staff["path"], staff["config"], staff["variant"]) == (str(tmp_path / "model.safetensors"),
+                                                                   str(tmp_path / "m"), None)
+    refused = [({"path": str(tmp_path / "model.safetensors")}, "config", "needs config"),
+               ({"path": str(tmp_path / "model.safetensors"), "config": str(tmp_path)}, "config", "model_index"),
+               ({"path": str(tmp_path / "m"), "config": str(tmp_path / "m")}, "config", "single-file"),
+               ({"path": str(tmp_path / "m"), "variant": "bf16"}, "variant", "bf16"),
+               ({"path": str(tmp_path / "m"), "variant": "fp16/.."}, "variant", "letters"),
+               ({"path": str(tmp_path / "m"), "variant": 16}, "variant", "string"),
+               ({"path": str(tmp_path / "m"), "vae": str(tmp_path / "nope")}, "vae", str(tmp_path / "nope")),
+               ({"path": str(tmp_path / "m"), "vae": str(tmp_path / "m" / "unet")}, "vae", "not an AutoencoderKL"),
+               ({"path": str(tmp_path / "probes.csv")}, "path", "expected a .safetensors")]
+    for fields, field, message in refused:
+        bad = register("bad", **fields)
+        assert bad.status_code == 400 and bad.json["error"]["field"] == field, (fields, bad.json)
+        assert message in bad.json["error"]["message"], (fields, bad.json)
+    assert len(env.dispatcher.baselines) == 2  # the refused registrations queued nothing
 
 
 def test_unknown_route_and_method_are_json(env):

@@ -85,7 +85,7 @@ def test_a_render_that_hangs_is_cut_off_by_the_deadline_and_blocks_the_job(rt, j
         hung.append(time.monotonic())
         time.sleep(HANG_S)
 
-    monkeypatch.setattr(audit, "_apply_checkpoint", lambda pipe, kind, weights: pipe)
+    monkeypatch.setattr(audit, "_apply_checkpoint", lambda pipe, kind, weights, scale=1.0: pipe)
     monkeypatch.setattr(auditing.render, "render_batch", hangs)
     strict = Runtime(replace(rt.settings, audit_deadline_seconds=DEADLINE_S), rt.engine, rt.sessions, rt.store)
     t0 = time.monotonic()
@@ -145,6 +145,7 @@ def test_a_base_model_stays_registered_when_its_baseline_cannot_be_queued(tmp_pa
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     probes = tmp_path / "probes.csv"
     probes.write_text("prompt\na red triangle\n")
     r = env.client.post("/v1/base-models", headers=env.headers("op"), json={

@@ -216,6 +216,10 @@ def test_lora_adapter_loads_from_safetensors_and_changes_the_render(tmp_path):
     assert not any("lora" in name for name, _ in fresh.unet.named_parameters())  # fused into the base weights
     np.testing.assert_allclose(_render(fresh), tuned, atol=1e-5, rtol=0)
     assert np.abs(tuned - base).max() > 1e-3
+    np.testing.assert_allclose(_render(load_adapter(build_tiny_pipeline(seed=0), adapter, scale=0.0)), base,
+                               atol=1e-5, rtol=0)  # the scale reaches the fused weights
+    doubled = _render(load_adapter(build_tiny_pipeline(seed=0), adapter, scale=2.0))
+    assert np.abs(doubled - tuned).max() > 1e-3
     (tmp_path / "adapter.bin").write_bytes(b"x")
     with pytest.raises(ModelSourceError, match=".safetensors only"):
         load_adapter(build_tiny_pipeline(), tmp_path / "adapter.bin")

@@ -22,6 +22,7 @@ from gate.storage.db import (
     head_revision,
     make_engine,
     require_current,
+    session_factory,
     upgrade,
 )
 from gate.storage.models import Artifact, Audit, AuditLogEntry, Base, BaseModel, Dataset, Job, Tenant, Verdict
@@ -55,7 +56,7 @@ def _job(session, tenant="acme", **fields) -> Job:
 
 def test_migrations_create_every_table_and_reach_head(engine):
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     with engine.connect() as connection:  # the migration and the models describe the same schema
         assert compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
                                 Base.metadata) == []
@@ -82,6 +83,30 @@ def test_migration_downgrades_to_empty_and_up_again(engine):
         require_current(engine)
     upgrade(engine)
     require_current(engine)
+
+
+def test_migration_0003_keeps_base_models_as_plain_folders(database_url):
+    """A base model registered before 0003 keeps its row, with no config, variant or VAE: a plain folder, loaded
+    and hashed as before; the new columns take a registration's values."""
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0002")
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO base_models (id, name, path, weights_sha256, created_at) "
+                                    "VALUES ('b1', 'old', '/m', :sha, CURRENT_TIMESTAMP)"), {"sha": "a" * 64})
+        assert upgrade(engine) == "0003"
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT name, config_path, variant, vae_path FROM base_models")).one()
+        assert tuple(row) == ("old", None, None, None)
+        with session_factory(engine)() as session:
+            session.add(BaseModel(name="fp16", path="/m2", variant="fp16", vae_path="/vae", weights_sha256="b" * 64))
+            session.commit()
+            assert session.scalars(select(BaseModel.variant).order_by(BaseModel.name)).all() == ["fp16", None]
+        with engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0002")
+        assert "variant" not in {c["name"] for c in inspect(engine).get_columns("base_models")}
+    finally:
+        engine.dispose()
 
 
 def test_one_verdict_and_one_artifact_per_job(sessions):

@@ -1,13 +1,15 @@
 """Content hashes of weights, for provenance records.
 
 A model is identified by what its weights are, not by where they live: the hash of a
-diffusers folder covers every ``.safetensors`` file (by relative path and content),
-the components' JSON configs and ``model_index.json`` (not records such as a
-training log kept beside them), so renaming the folder keeps the hash and
-changing one weight or one scheduler setting changes it. Only the component sub-folders
-``model_index.json`` names are covered: a single-file checkpoint kept at a folder's top
-level (as published SD repositories keep several) is not loaded by the pipeline and not
-hashed.
+diffusers folder covers ``model_index.json`` and, for the components it names, their
+JSON configs and the ``.safetensors`` weights the pipeline loads (by relative path and
+content), not records such as a training log kept beside them, so renaming the folder
+keeps the hash and changing one weight or one scheduler setting changes it. Which files
+those are comes from ``auditing.models.sources.pipeline_files``: the plain weights, or a
+variant's (``*.fp16.safetensors``) when one is asked for; a separate VAE folder in place
+of the pipeline's ``vae/``; a single-file checkpoint with its config folder's configs. A
+single-file checkpoint kept at a folder's top level (as published SD repositories keep
+several) is not loaded with the folder and not hashed with it.
 
 A ``HashCache`` keeps each file's sha256 under its size, mtime and inode, so a service
 that checks a multi-gigabyte base model before every audit reads it once per change;
@@ -21,9 +23,11 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from auditing.files import atomic_write
+
+from .sources import pipeline_files
 
 _CHUNK = 1 << 20
 DAY_S = 86_400
@@ -64,31 +68,30 @@ class HashCache:
         return digest
 
 
-def _model_files(folder: Path) -> Callable[[Path], bool]:
-    """model_index.json, and the weights and JSON configs of the components it names."""
-    index = folder / "model_index.json"
-    components = set(json.loads(index.read_text())) if index.is_file() else None
-
-    def include(rel: Path) -> bool:
-        if rel.as_posix() == "model_index.json":
-            return True
-        if rel.suffix not in (".safetensors", ".json") or len(rel.parts) < 2:
-            return False
-        return components is None or rel.parts[0] in components
-    return include
+def _sha256(file: Path, cache: HashCache | None) -> str:
+    return cache.sha256(file) if cache else sha256_file(file)
 
 
-def weights_sha256(path: str | Path, cache: HashCache | None = None) -> str:
-    """sha256 of one ``.safetensors`` file, or of a folder's weights and configs."""
+def weights_sha256(path: str | Path, cache: HashCache | None = None, *, config: str | Path | None = None,
+                   variant: str | None = None, vae: str | Path | None = None) -> str:
+    """sha256 of one ``.safetensors`` file, or of the files a pipeline loaded with these arguments reads
+    (``auditing.models.sources.pipeline_files``): a variant's weights rather than the plain ones, a VAE
+    folder in place of the pipeline's, a single-file checkpoint with its config folder's configs."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and config is None and variant is None and vae is None:
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: only .safetensors weights are hashed (got {path.suffix!r})")
-        return cache.sha256(path) if cache else sha256_file(path)
-    include = _model_files(path)
-    if not any(p.is_file() and include(p.relative_to(path)) for p in path.rglob("*.safetensors")):
-        raise FileNotFoundError(f"{path}: no .safetensors weights found")
-    return tree_sha256(path, include, cache)
+        return _sha256(path, cache)
+    return _files_sha256(pipeline_files(path, config, variant, vae), cache)
+
+
+def _files_sha256(files: dict[PurePosixPath, Path], cache: HashCache | None) -> str:
+    """sha256 over files keyed by their relative path, so the hash ignores where they live."""
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.as_posix().encode() + b"\0")
+        digest.update(_sha256(files[rel], cache).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def tree_sha256(folder: str | Path, include: Callable[[Path], bool] = lambda rel: True,
@@ -96,9 +99,5 @@ def tree_sha256(folder: str | Path, include: Callable[[Path], bool] = lambda rel
     """sha256 over the files of a folder that ``include`` accepts (by relative path),
     each keyed by its relative path, so the hash ignores where the folder lives."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and include(p.relative_to(folder)))
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(p.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update((cache.sha256(p) if cache else sha256_file(p)).encode() + b"\n")
-    return digest.hexdigest()
+    files = (p for p in folder.rglob("*") if p.is_file() and include(p.relative_to(folder)))
+    return _files_sha256({p.relative_to(folder): p for p in files}, cache)

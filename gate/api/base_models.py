@@ -1,5 +1,9 @@
 """``/v1/base-models``: operators register the (hardened) base models customers may fine-tune.
 
+A base model is a local diffusers folder (``variant`` picks its ``*.fp16.safetensors``-style weights) or a
+single ``.safetensors`` checkpoint with ``config``, a diffusers folder of the same architecture; ``vae``
+replaces its VAE with another folder's. All are checked, and hashed together, at registration.
+
 A base model comes with its audit profile (probes, detector, rendering); registering it dispatches its
 baseline audit, the figures every job on it is compared with. If the broker cannot take that message the
 registration still stands: the first job audited on the model audits its baseline first
@@ -15,6 +19,7 @@ from flask import Blueprint, g
 from sqlalchemy import select
 
 from auditing.models.hashing import HashCache, weights_sha256
+from auditing.models.sources import ModelSourceError, pipeline_files
 from gate.pipeline.profile import AuditProfile
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import BaseModel
@@ -29,16 +34,29 @@ log = logging.getLogger(__name__)
 bp = Blueprint("base_models", __name__, url_prefix="/v1/base-models")
 OPERATOR = "operator"
 NAME_MAX_CHARS = 200
+PATH_MAX_CHARS = 4_096
+SOURCE_FIELDS = ("config", "variant", "vae")  # how the model at ``path`` is loaded (gate.pipeline.base_model)
+_FIELDS = {"source": "path"}  # ModelSourceError's field -> the request's
+
+
+def _optional_text(body: dict, field: str) -> str | None:
+    return None if body.get(field) is None else bounded_text(body, field, PATH_MAX_CHARS)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Stored absolute: workers need not share the API's working directory."""
+    return None if path is None else str(Path(path).absolute())
 
 
 @bp.post("")
 @login_required(OPERATOR)
 def register():
-    body = json_object("{name, path, audit_profile}")
+    body = json_object("{name, path, audit_profile, config?, variant?, vae?}")
     name, path = bounded_text(body, "name", NAME_MAX_CHARS), body.get("path")
-    if not isinstance(path, str) or not Path(path).is_dir():
-        raise ApiError(400, "invalid_request", f"path must be an existing local diffusers folder (got {path!r})",
-                       field="path")
+    if not isinstance(path, str) or not Path(path).exists():
+        raise ApiError(400, "invalid_request", "path must be an existing local diffusers folder or .safetensors "
+                       f"checkpoint (got {path!r})", field="path")
+    source = {field: _optional_text(body, field) for field in SOURCE_FIELDS}
     try:
         profile = AuditProfile.from_dict(body.get("audit_profile"))
     except (TypeError, ValueError) as exc:
@@ -46,14 +64,19 @@ def register():
     if g.db.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
         raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
     try:
-        digest = weights_sha256(path, HashCache(gate().settings.hash_cache_file))
+        pipeline_files(path, **source)  # a lone .safetensors file hashes as one, but loads only with config
+        digest = weights_sha256(path, HashCache(gate().settings.hash_cache_file), **source)
+    except ModelSourceError as exc:
+        raise ApiError(400, "invalid_request", str(exc), field=_FIELDS.get(exc.field, exc.field)) from None
     except (FileNotFoundError, ValueError) as exc:
         raise ApiError(400, "invalid_request", str(exc), field="path") from None
-    row = BaseModel(name=name, path=str(Path(path).absolute()), weights_sha256=digest,
+    row = BaseModel(name=name, path=_absolute(path), config_path=_absolute(source["config"]),
+                    variant=source["variant"], vae_path=_absolute(source["vae"]), weights_sha256=digest,
                     audit_profile=profile.as_dict())
     g.db.add(row)
-    record(g.db, current_principal(), row, "created", detail={"path": row.path, "weights_sha256": digest,
-                                                              "audit_profile": row.audit_profile})
+    record(g.db, current_principal(), row, "created",
+           detail={"path": row.path, "config": row.config_path, "variant": row.variant, "vae": row.vae_path,
+                   "weights_sha256": digest, "audit_profile": row.audit_profile})
     g.db.commit()
     log.info("base model %s (%s) registered: %s", row.id, name, digest)
     try:

@@ -104,11 +104,20 @@ SCHEMAS = {
         "dtype": {"enum": ["float32", "float16", "bfloat16"]},
         "sequential_rounds": {"type": ["integer", "null"], "minimum": 2, "maximum": 64,
                               "description": "audit checkpoints in this many looks (null: every image)"}}},
-    "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"],
-                         "properties": {"name": {"type": "string"}, "path": {"type": "string"},
-                                        "audit_profile": {"$ref": "#/components/schemas/AuditProfile"}}},
+    "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"], "properties": {
+        "name": {"type": "string"},
+        "path": {"type": "string", "description": "a local diffusers folder, or a single .safetensors checkpoint"},
+        "config": {"type": ["string", "null"],
+                   "description": "for a single-file path: a local diffusers folder of the same architecture"},
+        "variant": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_]{1,32}$",
+                    "description": "load the folder's *.<variant>.safetensors weights, e.g. fp16"},
+        "vae": {"type": ["string", "null"], "description": "a local AutoencoderKL folder used in place of the "
+                                                           "model's VAE (e.g. an fp16-fix VAE)"},
+        "audit_profile": {"$ref": "#/components/schemas/AuditProfile"}}},
     "BaseModel": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "path": {"type": "string"},
+        "config": {"type": ["string", "null"]}, "variant": {"type": ["string", "null"]},
+        "vae": {"type": ["string", "null"]},
         "weights_sha256": {"type": "string"}, "audit_profile": {"type": ["object", "null"]},
         "baseline_ready": {"type": "boolean"}, "created_at": _TIME}},
     "ReviewRequest": {"type": "object", "required": ["decision", "reason"], "properties": {
@@ -195,7 +204,8 @@ PATHS = {
             "schema": {"$ref": "#/components/schemas/ReviewRequest"}}}},
         "responses": {"200": _json(_ref["JobDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/base-models": {
-        "post": {"summary": "Register a local diffusers folder as a base model and audit its baseline (operator)",
+        "post": {"summary": "Register a local diffusers folder or single-file checkpoint as a base model and "
+                           "audit its baseline (operator)",
                  "requestBody": {"required": True, "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/BaseModelRequest"}}}},
                  "responses": {"201": _json(_ref["BaseModel"], "registered"), **_errors("400", "401", "403", "409")}},

@@ -28,11 +28,13 @@ def job_json(row: Job) -> dict:
 
 
 def base_model_json(row: BaseModel, staff: bool = True) -> dict:
-    """Customers see what identifies a base model; where it lives on the gate's disks is for staff."""
+    """Customers see what identifies a base model; where it lives on the gate's disks, and how it is loaded
+    from there, is for staff."""
     body = {"id": row.id, "name": row.name, "weights_sha256": row.weights_sha256,
             "baseline_ready": row.baseline_report_path is not None, "created_at": _time(row.created_at)}
     if staff:
-        body |= {"path": row.path, "audit_profile": row.audit_profile}
+        body |= {"path": row.path, "config": row.config_path, "variant": row.variant, "vae": row.vae_path,
+                 "audit_profile": row.audit_profile}
     return body
 
 

@@ -19,12 +19,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import select, update
 
-from auditing.audit import AuditInputs, report_sha256, run_audit, save_outcome, unfinished_audit
+from auditing.audit import AuditInputs, report_sha256, run_audit, save_outcome, strictest_scale, unfinished_audit
 from auditing.verdict import INCOMPLETE
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
 
+from .base_model import base_sha256, load_base
 from .leases import Heartbeat, LeaseLost, expiry, still_held, take
 from .profile import AuditProfile
 from .runtime import Runtime, device
@@ -74,19 +75,17 @@ def _profile(base: BaseModel) -> AuditProfile:
 
 
 def _check_base_files(rt: Runtime, base: BaseModel) -> None:
-    """The base folder still holds the weights registered; files unchanged since they were last read
-    (size, mtime, inode, within a day) are not read again."""
-    from auditing.models.hashing import HashCache, weights_sha256
+    """The base model's files (its variant, VAE and config folder included) still hold the weights registered;
+    files unchanged since they were last read (size, mtime, inode, within a day) are not read again."""
+    from auditing.models.hashing import HashCache
 
-    if weights_sha256(base.path, HashCache(rt.settings.hash_cache_file)) != base.weights_sha256:
+    if base_sha256(base, HashCache(rt.settings.hash_cache_file)) != base.weights_sha256:
         raise BaselineError(f"base model {base.name} at {base.path} no longer matches the weights registered "
                             f"({base.weights_sha256[:12]}...)")
 
 
 def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
     """The base model's baseline report for its current audit profile, audited now if missing."""
-    from auditing.models.loading import load_pipeline
-
     with rt.sessions() as session:
         base = session.get(BaseModel, base_model_id)
         if base is None:
@@ -103,7 +102,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         render = profile.render_settings()
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
                              policy=rt.settings.verdict_policy, render=render)
-        outcome = run_audit(load_pipeline(base.path, torch_dtype=render.torch_dtype, device=device()),
+        outcome = run_audit(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                             profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
                             us_classifier=profile.load_us_classifier())
         metrics.audit_images("baseline", len(outcome.report["samples"]))
@@ -121,18 +120,22 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         return outcome.report
 
 
-def _apply_checkpoint(pipe, kind: str, weights):
+def _apply_checkpoint(pipe, kind: str, weights, scale: float = 1.0):
     from auditing.models.loading import load_adapter, load_unet_weights
 
-    return load_adapter(pipe, weights) if kind == "lora" else load_unet_weights(pipe, weights)
+    return load_adapter(pipe, weights, scale) if kind == "lora" else load_unet_weights(pipe, weights)
+
+
+def audit_scales(kind: str, limits) -> list[float]:
+    """The scales a checkpoint is audited at: a LoRA at 1 and at the largest scale customers may load it
+    with (``limits.max_lora_scale``), since a LoRA clean at 1 can draw what it learnt when turned up."""
+    return [1.0, limits.max_lora_scale] if kind == "lora" and limits.max_lora_scale > 1.0 else [1.0]
 
 
 def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
-    """Audit one checkpoint against its base model's baseline; never raises (failures, and an audit past
-    its deadline, block). The deadline covers loading, rendering and scoring the checkpoint, not the
-    base model's baseline, which is audited once for every job on it."""
-    from auditing.models.loading import load_pipeline
-
+    """Audit one checkpoint against its base model's baseline, at each of ``audit_scales``; never raises
+    (failures, and an audit past its deadline, block). The deadline covers loading, rendering and scoring
+    the checkpoint, not the base model's baseline, which is audited once for every job on it."""
     policy = rt.settings.verdict_policy
     weights = rt.store.path(artifact.tenant_id, artifact.path)
     try:
@@ -143,13 +146,18 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
         with deadline(rt.settings.audit_deadline_seconds):
             render = profile.render_settings()
-            pipe = _apply_checkpoint(load_pipeline(base.path, torch_dtype=render.torch_dtype, device=device()),
-                                     artifact.kind, weights)
-            inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
-                                 render=render, baseline=baseline, adapter_path=str(weights),
-                                 adapter_sha256=artifact.sha256, sequential=profile.sequential_plan())
-            return run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
-                             us_classifier=profile.load_us_classifier())
+            outcomes = []
+            for scale in audit_scales(artifact.kind, rt.settings.limits):
+                pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
+                                         artifact.kind, weights, scale)
+                inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
+                                     render=render, baseline=baseline, adapter_path=str(weights),
+                                     adapter_sha256=artifact.sha256, adapter_scale=scale,
+                                     sequential=profile.sequential_plan())
+                outcomes.append((scale, run_audit(pipe, profile.load_detector(), inputs,
+                                                  cache_dir=rt.settings.render_cache_dir,
+                                                  us_classifier=profile.load_us_classifier())))
+            return strictest_scale(outcomes)
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
         log.exception("audit of job %s failed before it could finish", artifact.job_id)
         return unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",

@@ -20,6 +20,7 @@ from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import TRAINABLE_DATASET, Artifact, Job
 
+from .base_model import load_base
 from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime, device
 
@@ -61,7 +62,6 @@ def _discard_unless_referenced(rt: Runtime, tenant_id: str, key: str) -> None:
 def train(rt: Runtime, job_id: str, worker: str) -> bool:
     """Run the training stage; False if the job is not (or no longer) this worker's to train."""
     from auditing.layouts import load_examples
-    from auditing.models.loading import load_pipeline
     from gate.training import train_job
 
     lease = rt.settings.lease_seconds
@@ -75,13 +75,13 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
             raise DatasetNotAccepted(f"dataset {job.dataset_id} is {job.dataset.status}; only an {TRAINABLE_DATASET} "
                                      "dataset is trained")
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
-        base_path, dataset_id, attempt = job.base_model.path, job.dataset_id, job.attempts
+        base, dataset_id, attempt = job.base_model, job.dataset_id, job.attempts
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
     state_dir = rt.settings.jobs_dir / job_id / TRAINING_STATE  # shared by attempts: a retry resumes
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
-        result = train_job(method, load_pipeline(base_path, device=device()), examples, hyperparameters, out / "train",
+        result = train_job(method, load_base(base, device=device()), examples, hyperparameters, out / "train",
                            progress=progress, state_dir=state_dir)
         heartbeat.check()
         with open(result.weights, "rb") as weights:

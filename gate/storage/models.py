@@ -181,7 +181,12 @@ class BaseModel(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # a diffusers folder, or a single .safetensors checkpoint
+    # How it is loaded (``auditing.models.loading.load_pipeline``): a single file's config folder, the weight
+    # variant ("fp16"), a VAE folder in place of its own; weights_sha256 covers the files these select.
+    config_path: Mapped[str | None] = mapped_column(Text)
+    variant: Mapped[str | None] = mapped_column(String(32))
+    vae_path: Mapped[str | None] = mapped_column(Text)
     weights_sha256: Mapped[str] = mapped_column(String(64))
     baseline_report_path: Mapped[str | None] = mapped_column(Text)
     baseline_report_sha256: Mapped[str | None] = mapped_column(String(64))
