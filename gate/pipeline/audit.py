@@ -154,9 +154,11 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
                                      render=render, baseline=baseline, adapter_path=str(weights),
                                      adapter_sha256=artifact.sha256, adapter_scale=scale,
                                      sequential=profile.sequential_plan())
-                outcomes.append((scale, run_audit(pipe, profile.load_detector(), inputs,
-                                                  cache_dir=rt.settings.render_cache_dir,
-                                                  us_classifier=profile.load_us_classifier())))
+                outcome = run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
+                                    us_classifier=profile.load_us_classifier())
+                outcomes.append((scale, outcome))
+                if any(r.startswith(INCOMPLETE) for r in outcome.report["verdict"]["reasons"]):
+                    break  # blocked already; past a deadline, another scale would run without one
             return strictest_scale(outcomes)
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
         log.exception("audit of job %s failed before it could finish", artifact.job_id)
