@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from auditing.files import atomic_write
-from auditing.models.denoising import training_scheduler
 from auditing.models.conditioning import encode_text
+from auditing.models.denoising import training_scheduler
 
 from .adapt import FineTuneConfig, adapt
 from .config import AlignConfig

@@ -21,7 +21,6 @@ import torch
 
 from alignment.hardened_world import materialize
 from auditing.audit import AuditInputs, run_audit, strictest_scale
-from auditing.detectors.registry import load_detector
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import load_adapter, load_pipeline
 from auditing.shapes.datasets import dataset_items, unrelated_concepts, unsafe_probes, write_probe_csv

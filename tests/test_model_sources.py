@@ -158,10 +158,10 @@ def test_every_stage_loads_the_base_model_as_registered(models, rt, tmp_path, mo
     files); training and the checkpoint audit load the base model with the same arguments."""
     import io
 
-    import auditing.models.loading as loading
     from test_api import RedScanner
     from test_pipeline import world_zip
 
+    import auditing.models.loading as loading
     from gate.auth import ensure_tenant
     from gate.intake import IntakeLimits, ingest
     from gate.pipeline import audit, train

@@ -109,6 +109,6 @@ def build_published_pipeline(family: str, device: str | torch.device = "cpu", se
         return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
                                          text_encoder_2=model.text_encoders[1], tokenizer=build_tokenizer(TOKENS),
                                          tokenizer_2=build_tokenizer(TOKENS), unet=model.unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=build_tokenizer(TOKENS),
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
+                                   tokenizer=build_tokenizer(TOKENS), unet=model.unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -23,7 +23,6 @@ from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
 from gate.api import gate
-from gate.api.errors import ApiError
 from gate.api.dataset_reviews import (
     WAITING_DATASETS,
     dataset_refusal,
@@ -31,6 +30,7 @@ from gate.api.dataset_reviews import (
     decide_dataset,
     intake_record,
 )
+from gate.api.errors import ApiError
 from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
 from gate.api.reviews import REASON_MAX_CHARS, REVIEWER, refusal, take_decision
 from gate.api.serialize import verdict_json
