@@ -60,3 +60,4 @@ def test_family_comes_from_the_folders_configs(tmp_path):
     assert family_of(_folder(tmp_path, "b", "StableDiffusionPipeline", 1024)) == "sd2"
     assert family_of(_folder(tmp_path, "c", "StableDiffusionXLPipeline", 2048)) == "sdxl"
     assert family_of(_folder(tmp_path, "d", "StableDiffusionPipeline", 32)) is None  # a tiny test model
+    assert family_of(tmp_path / "missing") is None

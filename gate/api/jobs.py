@@ -83,7 +83,7 @@ def check_fits(method: str, hyperparameters: dict, base_model: BaseModel, limits
     (``limits.worker_gpu_memory_gib``; 0 checks nothing); base models of no published family are not checked."""
     if not limits.worker_gpu_memory_gib:
         return
-    family = family_of(base_model.path)
+    family = family_of(base_model.config_path or base_model.path)
     if family is None:
         return
     need = estimate_bytes(family, method, settings_for(method, hyperparameters)) / GIB

@@ -119,7 +119,8 @@ def send_artifact(job: Job):
                                                 "has been alerted")
     weights = store.path(job.tenant_id, row.path)
     if row.kind == "unet":
-        config = (Path(job.base_model.path) / "unet" / "config.json").read_bytes()
+        base = job.base_model  # a single-file base model's configs are in its config folder
+        config = (Path(base.config_path or base.path) / "unet" / "config.json").read_bytes()
         return Response(stream_with_context(unet_folder_zip(config, weights)), mimetype="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{DOWNLOAD_NAMES["unet"]}"',
                                  "ETag": f'"{row.sha256}"'})

@@ -76,10 +76,14 @@ def estimate_bytes(family: str, method: str, settings) -> int:
 
 def family_of(folder: str | Path) -> str | None:
     """sd1, sd2 or sdxl from a diffusers folder's configs (pipeline class, cross-attention width);
-    None for a folder whose UNet is none of the published ones (a tiny test model, say)."""
+    None for a folder whose UNet is none of the published ones (a tiny test model, say) or without
+    readable configs."""
     folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError):  # no readable configs: not a folder of a known family
+        return None
     width = unet.get("cross_attention_dim")
     if index.get("_class_name") == "StableDiffusionXLPipeline":
         return "sdxl" if width == 2048 else None
