@@ -146,16 +146,18 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
         with deadline(rt.settings.audit_deadline_seconds):
             render = profile.render_settings()
+            probes = profile.load_probes()  # these three once for every scale: the detectors' weights load once
+            detector = profile.load_detector()
+            us_classifier = profile.load_us_classifier()
             outcomes = []
             for scale in audit_scales(artifact.kind, rt.settings.limits):
                 pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
-                inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(), policy=policy,
-                                     render=render, baseline=baseline, adapter_path=str(weights),
-                                     adapter_sha256=artifact.sha256, adapter_scale=scale,
-                                     sequential=profile.sequential_plan())
-                outcome = run_audit(pipe, profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
-                                    us_classifier=profile.load_us_classifier())
+                inputs = AuditInputs(base.path, base.weights_sha256, probes, policy=policy, render=render,
+                                     baseline=baseline, adapter_path=str(weights), adapter_sha256=artifact.sha256,
+                                     adapter_scale=scale, sequential=profile.sequential_plan())
+                outcome = run_audit(pipe, detector, inputs, cache_dir=rt.settings.render_cache_dir,
+                                    us_classifier=us_classifier)
                 outcomes.append((scale, outcome))
                 if any(r.startswith(INCOMPLETE) for r in outcome.report["verdict"]["reasons"]):
                     break  # blocked already; past a deadline, another scale would run without one
