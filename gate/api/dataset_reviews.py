@@ -10,7 +10,6 @@ both call it. As for jobs, a reviewer may not clear its own tenant's data.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 from flask import Blueprint, g
@@ -18,15 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gate.auth import Principal, require_role
-from gate.storage.audit_log import StaleState, transition
 from gate.storage.models import AuditLogEntry, Dataset
 
 from .auth import current_principal, login_required
-from .errors import ApiError, bounded_text, json_object
-from .reviews import REASON_MAX_CHARS, REVIEWER
+from .errors import ApiError, json_object
+from .reviews import REVIEWER, commit_decision, review_input
 from .serialize import dataset_json
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("dataset_reviews", __name__, url_prefix="/v1")
 WAITING = "flagged"
@@ -82,25 +78,13 @@ def decide_dataset(session: Session, principal: Principal, dataset_id: str, body
     reason (400), a missing dataset (404), a dataset not flagged or decided concurrently (409), or a dataset
     of the reviewer's own tenant (403)."""
     require_role(principal, REVIEWER)
-    decision = body.get("decision")
-    if decision not in DATASET_OUTCOME:
-        raise ApiError(400, "invalid_request", f"decision must be one of {list(DATASET_DECISIONS)} (got "
-                                               f"{decision!r})", field="decision", allowed=list(DATASET_DECISIONS))
-    reason = bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+    decision, reason = review_input(body, DATASET_DECISIONS)
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r}")
     if (refused := dataset_refusal(principal, dataset)) is not None:
         raise refused
-    try:
-        transition(session, dataset, DATASET_OUTCOME[decision], principal, reason=reason,
-                   detail={"review": decision})
-        session.commit()
-    except StaleState:
-        session.rollback()
-        raise ApiError(409, "not_in_review", f"dataset {dataset_id} was decided by someone else first") from None
-    log.info("dataset %s %sed by reviewer %s", dataset.id, decision, principal.key_id)
-    session.refresh(dataset)
+    commit_decision(session, dataset, DATASET_OUTCOME[decision], principal, decision, reason)
     return dataset
 
 

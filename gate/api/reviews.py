@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gate.auth import Principal, require_role
 from gate.storage.audit_log import StaleState, transition
-from gate.storage.models import REVIEW_DECISIONS, Job, Review
+from gate.storage.models import REVIEW_DECISIONS, Dataset, Job, Review
 
 from .auth import current_principal, login_required
 from .errors import ApiError, bounded_text, json_object
@@ -41,6 +41,30 @@ def refusal(principal: Principal, job: Job) -> ApiError | None:
     return None
 
 
+def review_input(body: Mapping, decisions: tuple[str, ...]) -> tuple[str, str]:
+    """A review request's decision (one of ``decisions``) and its required reason; a 400 naming the field."""
+    decision = body.get("decision")
+    if decision not in decisions:
+        raise ApiError(400, "invalid_request", f"decision must be one of {list(decisions)} (got {decision!r})",
+                       field="decision", allowed=list(decisions))
+    return decision, bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+
+
+def commit_decision(session: Session, row: Job | Dataset, to_state: str, principal: Principal, decision: str,
+                    reason: str) -> None:
+    """Move ``row`` to ``to_state`` with the reviewer's decision and reason in its audit-log entry, and commit;
+    a 409 if another reviewer decided first (the row moved on, or the job's one review exists)."""
+    try:
+        transition(session, row, to_state, principal, reason=reason, detail={"review": decision})
+        session.commit()
+    except (StaleState, IntegrityError):
+        session.rollback()
+        raise ApiError(409, "not_in_review", f"{row.__tablename__[:-1]} {row.id} was decided by someone else "
+                                             "first") from None
+    log.info("%s %s: %s by reviewer %s", row.__tablename__[:-1], row.id, decision, principal.key_id)
+    session.refresh(row)
+
+
 def take_decision(session: Session, principal: Principal, job_id: str, body: Mapping) -> Job:
     """Approve or reject the job ``job_id`` with ``body``'s ``decision`` and (required) ``reason``; commits.
 
@@ -48,11 +72,7 @@ def take_decision(session: Session, principal: Principal, job_id: str, body: Map
     reason (400), a missing job (404), a job not in review or decided concurrently (409), or a job of the
     reviewer's own tenant (403)."""
     require_role(principal, REVIEWER)
-    decision = body.get("decision")
-    if decision not in REVIEW_DECISIONS:
-        raise ApiError(400, "invalid_request", f"decision must be one of {list(REVIEW_DECISIONS)} (got {decision!r})",
-                       field="decision", allowed=list(REVIEW_DECISIONS))
-    reason = bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+    decision, reason = review_input(body, REVIEW_DECISIONS)
     job = session.get(Job, job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
@@ -60,14 +80,7 @@ def take_decision(session: Session, principal: Principal, job_id: str, body: Map
         raise refused
     session.add(Review(tenant_id=job.tenant_id, job_id=job.id, reviewer_key_id=principal.key_id, decision=decision,
                        reason=reason))
-    try:
-        transition(session, job, OUTCOME[decision], principal, reason=reason, detail={"review": decision})
-        session.commit()
-    except (StaleState, IntegrityError):
-        session.rollback()
-        raise ApiError(409, "not_in_review", f"job {job_id} was decided by someone else first") from None
-    log.info("job %s %sd by reviewer %s", job.id, decision, principal.key_id)
-    session.refresh(job)
+    commit_decision(session, job, OUTCOME[decision], principal, decision, reason)
     return job
 
 
