@@ -73,3 +73,16 @@ def migrated(tmp_path_factory):
     upgrade(engine)
     engine.dispose()
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from threads, and on a shared 2-core machine their spin-waits turn seconds
+    into minutes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

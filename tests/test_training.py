@@ -46,14 +46,7 @@ def _train(method: str, hyperparameters: dict, out: Path, pipe=None) -> tuple[Tr
     return result, calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The world's models gain nothing from intra-op threads; on a shared 2-core machine their
-    spin-waits turn seconds into minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from auditing.models.examples import TrainingImages, crop_square
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 from gate.training import train_job
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples(n: int = 4, size: tuple[int, int] = (40, 24)) -> list[tuple[Image.Image, str]]:
