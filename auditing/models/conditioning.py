@@ -14,9 +14,13 @@ from dataclasses import dataclass
 import torch
 
 
-def is_sdxl(pipe) -> bool:
+def takes_time_ids(unet) -> bool:
     """Whether the UNet takes SDXL's added conditioning (pooled text embedding and time ids)."""
-    return pipe.unet.config.get("addition_embed_type") == "text_time"
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def is_sdxl(pipe) -> bool:
+    return takes_time_ids(pipe.unet)
 
 
 def text_encoders(pipe) -> list[torch.nn.Module]:
@@ -82,7 +86,7 @@ def time_ids(original: tuple[int, int], crop_top_left: tuple[int, int], target: 
 def predict(unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
             image_time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's prediction, with SDXL's added conditioning when its config asks for it."""
-    if unet.config.get("addition_embed_type") != "text_time":
+    if not takes_time_ids(unet):
         return unet(noisy, timesteps, text.hidden).sample
     if text.pooled is None or image_time_ids is None:
         raise ValueError("an SDXL UNet needs the pooled text embedding and the images' time ids")
