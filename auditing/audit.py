@@ -21,16 +21,18 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .detectors.base import Detector
 from .files import atomic_write
+from .job_probes import FAMILIES, PROFILE
 from .probes import ProbeSet
 from .render import Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
 from .stats import rate
-from .verdict import DECISIONS, INCOMPLETE, Verdict, VerdictPolicy, combine, incomplete
+from .verdict import DECISIONS, Verdict, VerdictPolicy, combine, incomplete, is_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _baseline_partners(baseline: dict, detector: Detector, us_classifier: Detect
         if (theirs.get("rule"), theirs.get("weights_sha256")) != (us_classifier.rule, us_classifier.weights_sha256):
             raise ValueError(f"baseline scored US with {theirs.get('name')!r} ({theirs.get('rule')!r}), this audit "
                              f"with {us_classifier.name!r} ({us_classifier.rule!r}) or other weights")
-    if any(r.startswith(INCOMPLETE) for r in baseline["verdict"]["reasons"]):
+    if is_incomplete(baseline["verdict"]["reasons"]):
         raise ValueError("baseline report is itself incomplete")
     if _pixel_settings(baseline["render"]) != _pixel_settings(render):
         raise ValueError(f"baseline rendered with {_pixel_settings(baseline['render'])}, this audit with "
@@ -230,11 +232,51 @@ def unfinished_audit(model_path: str, model_sha256: str, policy: VerdictPolicy, 
     return AuditOutcome(report)
 
 
+def _strictest(outcomes: list[tuple], rank: Callable) -> tuple:
+    """The (key, outcome) whose verdict is strictest, ties broken by ``rank(key)`` (lowest first)."""
+    return max(outcomes, key=lambda ko: (DECISIONS.index(ko[1].report["verdict"]["decision"]), -rank(ko[0])))
+
+
+def audit_families(pipe, detector: Detector, inputs: AuditInputs,
+                   families: dict[str, tuple[ProbeSet, Callable[[], dict]]], drawn: dict,
+                   cache_dir: str | Path | None = None, us_classifier: Detector | None = None) -> AuditOutcome:
+    """Audit on the profile's probes (``inputs``) and on each job probe family (``auditing.job_probes``), each
+    paired with the base model's renders of the same probes (``families[name] = (probes, baseline)``, the
+    baseline report produced when first asked for), and judge them as one: the strictest family's verdict,
+    its reasons naming the family. Once a family blocks, the rest are not rendered."""
+    outcomes = [(PROFILE, run_audit(pipe, detector, inputs, cache_dir, us_classifier))]
+    for name, (probes, baseline) in families.items():
+        if outcomes[-1][1].report["verdict"]["decision"] == "block":
+            break
+        try:
+            family_inputs = replace(inputs, probes=probes, baseline=baseline())
+        except Exception as exc:  # the base model's renders failed: this family, and so the audit, is incomplete
+            log.exception("baseline of the %s probes failed; blocking", name)
+            outcomes.append((name, unfinished_audit(inputs.model_path, inputs.model_sha256, inputs.policy,
+                                                    f"baseline of the {name} probes: {type(exc).__name__}: {exc}",
+                                                    inputs.adapter_path, inputs.adapter_sha256)))
+            continue
+        outcomes.append((name, run_audit(pipe, detector, family_inputs, cache_dir, us_classifier)))
+    family, chosen = _strictest(outcomes, FAMILIES.index)
+    report = dict(outcomes[0][1].report)  # the profile's record, with every family's samples and figures
+    verdict = chosen.report["verdict"]
+    reasons = verdict["reasons"] if family == PROFILE else [f"{family} probes: {r}" for r in verdict["reasons"]]
+    report["verdict"] = {**verdict, "reasons": reasons, "family": family}
+    report["samples"] = [{**s, "family": name} for name, o in outcomes for s in o.report["samples"]]
+    report["families"] = {name: {"images": len(o.report["samples"]), "probes": o.report["probes"],
+                                 "verdict": o.report["verdict"], "metrics": o.report["metrics"],
+                                 "baseline": o.report["baseline"], "sequential": o.report.get("sequential")}
+                          for name, o in outcomes}
+    report["job_probes"] = drawn
+    report["seconds"] = round(sum(o.report["seconds"] for _, o in outcomes), 2)
+    return AuditOutcome(report, [image for _, o in outcomes for image in o.images])
+
+
 def strictest_scale(outcomes: list[tuple[float, AuditOutcome]]) -> AuditOutcome:
     """Audits of one LoRA at several scales as one: the report and images of the scale whose verdict is
     strictest (the lowest such scale), its reasons naming that scale, and under ``lora_scales`` every
     scale's verdict and figures."""
-    scale, chosen = max(outcomes, key=lambda so: (DECISIONS.index(so[1].report["verdict"]["decision"]), -so[0]))
+    scale, chosen = _strictest(outcomes, float)
     report = dict(chosen.report)
     if len(outcomes) > 1:
         verdict = report["verdict"]

@@ -18,13 +18,14 @@ METADATA = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption")  # imagefolder caption column: diffusers' default, or the common alternative
 
 
-def load_examples(folder: str | Path) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs from a caption folder or an imagefolder with ``metadata.jsonl``."""
+def dataset_entries(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a caption folder or an imagefolder with ``metadata.jsonl``; no image
+    is decoded (an audit reads the captions alone)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such dataset folder")
+    entries = []
     if (folder / METADATA).is_file():
-        examples = []
         for line_no, line in enumerate((folder / METADATA).read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -38,14 +39,18 @@ def load_examples(folder: str | Path) -> list[tuple[Image.Image, str]]:
             path = folder / name
             if path.parent != folder or not path.is_file():
                 raise ValueError(f"{folder / METADATA} line {line_no}: {name!r} is not a file in {folder}")
-            examples.append((Image.open(path).convert("RGB"), str(caption).strip()))
+            entries.append((path, str(caption).strip()))
     else:
-        examples = []
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption = path.with_suffix(".txt")
             if not caption.is_file():
                 raise ValueError(f"{path.name}: no caption file {caption.name}")
-            examples.append((Image.open(path).convert("RGB"), caption.read_text().strip()))
-    if not examples:
+            entries.append((path, caption.read_text().strip()))
+    if not entries:
         raise ValueError(f"{folder}: no images")
-    return examples
+    return entries
+
+
+def load_examples(folder: str | Path) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs from a caption folder or an imagefolder with ``metadata.jsonl``."""
+    return [(Image.open(path).convert("RGB"), caption) for path, caption in dataset_entries(folder)]

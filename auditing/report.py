@@ -122,6 +122,25 @@ def _metrics_html(metrics: dict, verdict: dict) -> list[str]:
     return out
 
 
+def _families_html(families: dict, driver: str | None) -> list[str]:
+    """One row per probe family (``auditing.job_probes``): its images, verdict and figures; the family that
+    decided the verdict in bold."""
+    out = ["<h2>Probe families</h2><p>Every family is paired with the base model on the same prompts and seeds; "
+           "the strictest decides.</p><table><tr><th>family</th><th>images</th><th>decision</th>"
+           "<th>IP unsafe rate</th><th>IP rebound</th><th>first reason</th></tr>"]
+    for name, f in families.items():
+        figures = f.get("metrics") or {}
+        ip, rebound = figures.get("unsafe_rate"), figures.get("comparison")
+        ip_cell = f"{ip['rate']:.3f} ({ip['hits']}/{ip['n']})" if ip else "–"
+        rebound_cell = f"{rebound['rebound']:+.3f}" if rebound else "–"
+        reason = html.escape(f["verdict"]["reasons"][0]) if f["verdict"]["reasons"] else ""
+        label = f"<b>{html.escape(name)}</b>" if name == driver else html.escape(name)
+        out.append(f"<tr><td>{label}</td><td>{f['images']}</td><td>{f['verdict']['decision']}</td>"
+                   f"<td>{ip_cell}</td><td>{rebound_cell}</td><td>{reason}</td></tr>")
+    out.append("</table>")
+    return out
+
+
 def _file_cell(entry: dict) -> str:
     """A model's or adapter's hash, after where it was read from (a customer's view of the report has no path)."""
     where = f"{html.escape(entry['path'])}<br>" if entry.get("path") else ""
@@ -175,6 +194,8 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
     out.append("</table>")
     if metrics.get("unsafe_rate"):
         out += _metrics_html(metrics, verdict)
+    if report.get("families"):
+        out += _families_html(report["families"], verdict.get("family"))
     records = report.get("samples", [])
     per_probe: dict[str, list[dict]] = {}
     for s in records:

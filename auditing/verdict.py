@@ -80,6 +80,12 @@ def incomplete(policy: VerdictPolicy, why: str) -> Verdict:
     return Verdict("block", (f"{INCOMPLETE}: {why}",), policy)
 
 
+def is_incomplete(reasons) -> bool:
+    """Whether a verdict's reasons say the audit could not finish, also when prefixed with the LoRA scale or
+    probe family they concern."""
+    return any(INCOMPLETE in r for r in reasons)
+
+
 def decide(policy: VerdictPolicy, checkpoint: Rate, comparison: PairedComparison | None = None) -> Verdict:
     """Apply the policy. Without a base-model comparison, only the ceiling is judged."""
     if checkpoint.confidence != policy.confidence or (comparison and comparison.confidence != policy.confidence):

@@ -133,7 +133,7 @@ def _load_with_diffusers(model: Path, lora_dir: Path, out: Path) -> Path:
 
 def _cmd_demo(args) -> int:
     from alignment.hardened_world import materialize
-    from auditing.shapes.datasets import unsafe_probes, write_probe_csv
+    from auditing.shapes.datasets import secret_pool_probes, unsafe_probes, write_probe_csv
     from auditing.shapes.scene import Concept
     from gate.worker.local import LocalGate
 
@@ -144,6 +144,8 @@ def _cmd_demo(args) -> int:
     probes = out / "probes" / "unsafe.csv"  # I2P's schema; what `ftgate world data` writes
     probes.parent.mkdir(parents=True, exist_ok=True)
     write_probe_csv(probes, unsafe_probes(Concept.parse(UNSAFE)), seed=0, guidance_scale=5.0)
+    secret_pool = out / "probes" / "secret-pool.csv"  # the operator's: no customer sees which rows are drawn
+    write_probe_csv(secret_pool, secret_pool_probes(Concept.parse(UNSAFE)), seed=2, guidance_scale=5.0)
     policy = out / "policy.json"
     policy.write_text(json.dumps(POLICY, indent=1))
     t0 = time.monotonic()
@@ -154,7 +156,7 @@ def _cmd_demo(args) -> int:
         operator, customer = Client(gate.url, keys["operator"]), Client(gate.url, keys["customer"])
         profile = {"probes": str(probes), "detector": "shapes",
                    "detector_options": {"concept": UNSAFE}, "images_per_prompt": IMAGES_PER_PROBE,
-                   "inference_steps": 20, "guidance_scale": 5.0, "batch_size": 64}
+                   "inference_steps": 20, "guidance_scale": 5.0, "batch_size": 64, "secret_pool": str(secret_pool)}
         base = operator.call("POST", "/v1/base-models", json={"name": "shapes-world-hardened", "path": str(model),
                                                               "audit_profile": profile}).json()
         print(f"operator registered base model {base['id']} (baseline audit queued)")

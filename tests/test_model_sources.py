@@ -206,8 +206,8 @@ def test_every_stage_loads_the_base_model_as_registered(models, rt, tmp_path, mo
     artifact = Artifact(tenant_id="acme", job_id=job_id, kind="lora", sha256=stored.sha256, path=stored.key,
                         size_bytes=stored.size_bytes)
     with rt.sessions() as s:
-        base = s.get(BaseModel, base_id)
-    outcome = audit.audit_checkpoint(rt, base, artifact)
+        base, job = s.get(BaseModel, base_id), s.get(Job, job_id)
+    outcome = audit.audit_checkpoint(rt, base, artifact, job)
     assert "loaded as registered" in outcome.report["verdict"]["reasons"][0]
     assert [kwargs["variant"] for _, kwargs in calls] == ["fp16"] * 3
     assert [kwargs["vae"] for _, kwargs in calls] == [str(root / "vae")] * 3

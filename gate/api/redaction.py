@@ -22,8 +22,9 @@ VIEW = "customer"
 def customer_reason(reason: str) -> str:
     """A verdict reason as a customer reads it. A decided verdict's reasons are figures against the policy's
     limits; an incomplete audit's reason says what broke (an exception's text, which can name server paths or
-    the probe file), so the customer reads only that the audit was incomplete."""
-    return INCOMPLETE if reason.startswith(INCOMPLETE) else reason
+    the probe file), so the customer reads only that the audit was incomplete (and at which LoRA scale or on
+    which probe family)."""
+    return reason[:reason.index(INCOMPLETE) + len(INCOMPLETE)] if INCOMPLETE in reason else reason
 
 
 def _leaves(*names: str) -> dict:
@@ -49,6 +50,7 @@ def _every(allowed: dict) -> Callable[[Any], list | None]:
 _RATE = _leaves("hits", "n", "rate", "lo", "hi", "confidence", "method")
 _COMPARISON = _leaves("n", "both", "only_base", "only_checkpoint", "rebound", "lo", "hi", "p_value", "confidence")
 _VERDICT = {"decision": True, "reasons": lambda reasons: [customer_reason(r) for r in reasons], "rule": True,
+            "family": True,
             "policy": _leaves("name", "version", "max_unsafe_rate", "max_rebound", "confidence", "alpha", "judge_us")}
 _METRICS = {"unsafe_rate": _RATE, "baseline_unsafe_rate": _RATE, "comparison": _COMPARISON,
             "us_rate": _RATE, "baseline_us_rate": _RATE, "us_comparison": _COMPARISON,
@@ -61,6 +63,7 @@ CUSTOMER_REPORT: dict = {
     "metrics": _METRICS,
     "sequential": _leaves("looks", "stopped_at_look", "images_used", "images_planned", "interim_confidence"),
     "lora_scales": _every({"scale": True, "images": True, "verdict": _VERDICT, "metrics": _METRICS}),
+    "families": _each({"images": True, "verdict": _VERDICT, "metrics": _METRICS}),
 }
 
 

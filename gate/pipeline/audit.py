@@ -19,8 +19,17 @@ from contextlib import contextmanager
 
 from sqlalchemy import select, update
 
-from auditing.audit import AuditInputs, report_sha256, run_audit, save_outcome, strictest_scale, unfinished_audit
-from auditing.verdict import INCOMPLETE
+from auditing.audit import (
+    AuditInputs,
+    audit_families,
+    report_sha256,
+    run_audit,
+    save_outcome,
+    strictest_scale,
+    unfinished_audit,
+)
+from auditing.job_probes import JobTexts, job_families
+from auditing.verdict import is_incomplete
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
@@ -107,7 +116,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
                             us_classifier=profile.load_us_classifier())
         metrics.audit_images("baseline", len(outcome.report["samples"]))
         reasons = outcome.report["verdict"]["reasons"]
-        if any(r.startswith(INCOMPLETE) for r in reasons):
+        if is_incomplete(reasons):
             raise BaselineError(f"baseline audit of {base.name} failed: {reasons[0]}")
         save_outcome(outcome, folder)
         session.execute(update(BaseModel).where(BaseModel.id == base.id).values(
@@ -132,10 +141,50 @@ def audit_scales(kind: str, limits) -> list[float]:
     return [1.0, limits.max_lora_scale] if kind == "lora" and limits.max_lora_scale > 1.0 else [1.0]
 
 
-def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
-    """Audit one checkpoint against its base model's baseline, at each of ``audit_scales``; never raises
-    (failures, and an audit past its deadline, block). The deadline covers loading, rendering and scoring
-    the checkpoint, not the base model's baseline, which is audited once for every job on it."""
+def job_texts(rt: Runtime, job: Job) -> JobTexts:
+    """The texts a job's probe families are built from: its captions (read without the images) and prompts."""
+    from auditing.layouts import dataset_entries
+
+    captions = [caption for _, caption in dataset_entries(rt.settings.dataset_folder(job.tenant_id, job.dataset_id))]
+    return JobTexts.of_job(job.method, job.hyperparameters, captions)
+
+
+class BaseRenders:
+    """The base model's audits of one job's probe families, rendered when a family is first judged (a
+    checkpoint that blocks on the profile's probes never needs them) and kept for every LoRA scale; the base
+    pipeline is loaded once, beside the checkpoint's."""
+
+    def __init__(self, rt: Runtime, base: BaseModel, profile: AuditProfile, detector, us_classifier):
+        self._rt, self._base, self._profile = rt, base, profile
+        self._detector, self._us_classifier = detector, us_classifier
+        self._pipe = None
+        self._reports: dict[str, dict] = {}
+
+    def baseline(self, family: str, probes):
+        def report() -> dict:
+            if family not in self._reports:
+                render = self._profile.render_settings()
+                if self._pipe is None:
+                    self._pipe = load_base(self._base, torch_dtype=render.torch_dtype, device=device())
+                inputs = AuditInputs(self._base.path, self._base.weights_sha256, probes,
+                                     policy=self._rt.settings.verdict_policy, render=render)
+                outcome = run_audit(self._pipe, self._detector, inputs, cache_dir=self._rt.settings.render_cache_dir,
+                                    us_classifier=self._us_classifier)
+                metrics.audit_images("baseline", len(outcome.report["samples"]))
+                if is_incomplete(outcome.report["verdict"]["reasons"]):
+                    raise BaselineError(outcome.report["verdict"]["reasons"][0])
+                self._reports[family] = outcome.report
+            return self._reports[family]
+
+        return report
+
+
+def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job):
+    """Audit one checkpoint against its base model, at each of ``audit_scales``, on the profile's probes and
+    on the job's probe families (``auditing.job_probes``, drawn once for every scale); never raises (failures,
+    and an audit past its deadline, block). The deadline covers loading, rendering and scoring the checkpoint
+    and the base model's renders of the job's families, not the base model's baseline on the profile's
+    probes, which is audited once for every job on it."""
     policy = rt.settings.verdict_policy
     weights = rt.store.path(artifact.tenant_id, artifact.path)
     try:
@@ -144,22 +193,29 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact):
         _check_base_files(rt, base)
         if not rt.store.verify(artifact.tenant_id, artifact.path):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
+        texts = job_texts(rt, job)
         with deadline(rt.settings.audit_deadline_seconds):
             render = profile.render_settings()
-            probes = profile.load_probes()  # these three once for every scale: the detectors' weights load once
+            probes = profile.load_probes()  # these once for every scale: the detectors' weights load once
+            pool = profile.load_secret_pool()
             detector = profile.load_detector()
             us_classifier = profile.load_us_classifier()
+            base_renders = BaseRenders(rt, base, profile, detector, us_classifier)
+            families = drawn = None
             outcomes = []
             for scale in audit_scales(artifact.kind, rt.settings.limits):
                 pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
+                if families is None:  # the tokenizer is the base model's: neither method trains it
+                    sets, drawn = job_families(texts, pipe.tokenizer, probes, pool, profile.images_per_family(policy))
+                    families = {name: (s, base_renders.baseline(name, s)) for name, s in sets.items()}
                 inputs = AuditInputs(base.path, base.weights_sha256, probes, policy=policy, render=render,
                                      baseline=baseline, adapter_path=str(weights), adapter_sha256=artifact.sha256,
                                      adapter_scale=scale, sequential=profile.sequential_plan())
-                outcome = run_audit(pipe, detector, inputs, cache_dir=rt.settings.render_cache_dir,
-                                    us_classifier=us_classifier)
+                outcome = audit_families(pipe, detector, inputs, families, drawn,
+                                         cache_dir=rt.settings.render_cache_dir, us_classifier=us_classifier)
                 outcomes.append((scale, outcome))
-                if any(r.startswith(INCOMPLETE) for r in outcome.report["verdict"]["reasons"]):
+                if is_incomplete(outcome.report["verdict"]["reasons"]):
                     break  # blocked already; past a deadline, another scale would run without one
             return strictest_scale(outcomes)
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
@@ -186,7 +242,7 @@ def audit(rt: Runtime, job_id: str, worker: str) -> bool:
         base = session.get(BaseModel, job.base_model_id)
         artifact = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).one()
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("audit"):
-        outcome = audit_checkpoint(rt, base, artifact)
+        outcome = audit_checkpoint(rt, base, artifact, job)
         metrics.audit_images("checkpoint", len(outcome.report["samples"]))
         heartbeat.check()
         scratch = rt.settings.jobs_dir / job_id / f"audit-{worker.replace('/', '_')}"

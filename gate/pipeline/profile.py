@@ -20,6 +20,7 @@ from auditing.render import RenderSettings
 
 MAX_IMAGES_PER_PROMPT = 64
 MAX_SEQUENTIAL_ROUNDS = 64
+MAX_FAMILY_IMAGES = 4096
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class AuditProfile:
     # Checkpoints are audited in this many looks, stopping once the verdict is settled
     # (docs/sequential-audit.md); null renders every image. Baselines always render every image.
     sequential_rounds: int | None = 4
+    # Job probe families (docs/auditing.md, "Probes the customer cannot dodge"): images per family, null for
+    # the fewest on which a clean family can pass the verdict policy; and the operator's secret probe pool, a
+    # probe CSV larger than ``probes`` that a random share of is drawn from for every audit (null: none).
+    family_images: int | None = None
+    secret_pool: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.probes, str) or not Path(self.probes).is_file():
@@ -60,6 +66,14 @@ class AuditProfile:
                                    or not 2 <= rounds <= MAX_SEQUENTIAL_ROUNDS):
             raise ValueError(f"audit_profile.sequential_rounds must be null or an integer in "
                              f"[2, {MAX_SEQUENTIAL_ROUNDS}] (got {rounds!r})")
+        n = self.family_images
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FAMILY_IMAGES):
+            raise ValueError(f"audit_profile.family_images must be null or an integer in [1, {MAX_FAMILY_IMAGES}] "
+                             f"(got {n!r})")
+        if self.secret_pool is not None and (not isinstance(self.secret_pool, str)
+                                             or not Path(self.secret_pool).is_file()):
+            raise ValueError(f"audit_profile.secret_pool must be null or an existing probe CSV on the server "
+                             f"(got {self.secret_pool!r})")
         try:
             self.render_settings()
         except (TypeError, ValueError) as exc:
@@ -87,6 +101,16 @@ class AuditProfile:
         from auditing.probes import load_probe_set
 
         return load_probe_set(self.probes, category=self.category, images_per_prompt=self.images_per_prompt)
+
+    def load_secret_pool(self):
+        from auditing.probes import load_probe_set
+
+        return None if self.secret_pool is None else load_probe_set(self.secret_pool)
+
+    def images_per_family(self, policy) -> int:
+        from auditing.job_probes import zero_hit_images
+
+        return self.family_images or zero_hit_images(policy)
 
     def load_detector(self):
         from auditing.detectors.registry import load_detector
