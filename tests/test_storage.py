@@ -56,7 +56,7 @@ def _job(session, tenant="acme", **fields) -> Job:
 
 def test_migrations_create_every_table_and_reach_head(engine):
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     with engine.connect() as connection:  # the migration and the models describe the same schema
         assert compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
                                 Base.metadata) == []
@@ -94,7 +94,7 @@ def test_migration_0003_keeps_base_models_as_plain_folders(database_url):
         with engine.begin() as connection:
             connection.execute(text("INSERT INTO base_models (id, name, path, weights_sha256, created_at) "
                                     "VALUES ('b1', 'old', '/m', :sha, CURRENT_TIMESTAMP)"), {"sha": "a" * 64})
-        assert upgrade(engine) == "0003"
+        assert upgrade(engine, "0003") == "0003"
         with engine.connect() as connection:
             row = connection.execute(text("SELECT name, config_path, variant, vae_path FROM base_models")).one()
         assert tuple(row) == ("old", None, None, None)

@@ -375,3 +375,17 @@ class AuditLogEntry(Base):
     to_state: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict[str, Any] | None]
+
+
+class WebSession(Base):
+    """A reviewer-page session (``gate.web.sessions``). ``id`` is the sha256 of the cookie's random value, so a
+    copy of the database signs nobody in; ``key_id`` is None until sign-in (the row then holds only the sign-in
+    form's CSRF token). Deleting the row ends the session, whoever holds the cookie."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), ForeignKey("api_keys.id"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
