@@ -8,11 +8,10 @@ workers would); the real pipeline and a real browser are tests/test_browser.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
-import os
 import re
-import stat
 from datetime import timedelta
 
 import numpy as np
@@ -29,8 +28,7 @@ from gate.api import create_app
 from gate.auth import create_key, revoke_key
 from gate.storage.artifacts import ArtifactStore
 from gate.storage.audit_log import SYSTEM
-from gate.storage.models import Artifact, Audit, AuditLogEntry, Job, Review, Verdict, utcnow
-from gate.web.secret import KEY_FILE, SecretKeyError
+from gate.storage.models import Artifact, Audit, AuditLogEntry, Job, Review, Verdict, WebSession, utcnow
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -62,8 +60,14 @@ def post(client, path: str, **form):
 
 
 def session_of(env: Env, client) -> dict:
+    """The session row the client's cookie names (its id is the sha256 of the cookie): the key id once signed in
+    and the CSRF token; {} when there is none."""
     cookie = client.get_cookie("ftgate_review", path="/review")
-    return env.app.session_interface.get_signing_serializer(env.app).loads(cookie.value) if cookie else {}
+    with env.sessions() as s:
+        row = s.get(WebSession, hashlib.sha256(cookie.value.encode()).hexdigest()) if cookie else None
+    if row is None:
+        return {}
+    return {"csrf_token": row.csrf_token} | ({"key_id": row.key_id} if row.key_id else {})
 
 
 def text(response) -> str:
@@ -74,12 +78,13 @@ def text(response) -> str:
 
 def test_sign_in_sets_a_strict_cookie_that_holds_no_key(env):
     """The form signs in; the cookie is HttpOnly, SameSite=Strict, limited to /review, Secure over HTTPS, and
-    holds only the key's id and a CSRF token, which is replaced at sign-in."""
+    holds only a random session id; the server-side row holds the key's id and a CSRF token, both replaced at
+    sign-in."""
     client = env.app.test_client()
     assert client.get("/review/queue").headers["Location"] == "/review/login?next=/review/queue"
     form = client.get("/review/login")
     assert form.status_code == 200 and 'type="password"' in text(form)
-    before = token(form)
+    before, anonymous = token(form), client.get_cookie("ftgate_review", path="/review").value
     r = client.post("/review/login", data={"key": env.keys["rev"].key, "csrf_token": before})
     assert r.status_code == 303 and r.headers["Location"] == "/review/"
     cookie = r.headers["Set-Cookie"]
@@ -88,10 +93,13 @@ def test_sign_in_sets_a_strict_cookie_that_holds_no_key(env):
     assert {"HttpOnly", "Path", "SameSite"} <= set(flags) and "Secure" not in flags  # plain http here
     assert flags["Path"] == "Path=/review" and flags["SameSite"] == "SameSite=Strict"
     secret = env.keys["rev"].key.rsplit("_", 1)[1]
-    assert secret not in cookie and env.keys["rev"].key not in cookie
+    assert secret not in cookie and env.keys["rev"].key not in cookie and env.keys["rev"].key_id not in cookie
     signed = session_of(env, client)
     assert set(signed) == {"key_id", "csrf_token"} and signed["key_id"] == env.keys["rev"].key_id
     assert signed["csrf_token"] != before
+    assert client.get_cookie("ftgate_review", path="/review").value != anonymous  # a planted id is worthless
+    with env.sessions() as s:
+        assert s.get(WebSession, hashlib.sha256(anonymous.encode()).hexdigest()) is None
     assert client.get("/review/").headers["Location"] == "/review/queue"
     assert sign_in(env, "a").get("/review/").headers["Location"] == "/review/jobs"
 
@@ -148,19 +156,32 @@ def test_revoking_the_key_ends_its_sessions(env):
 
 
 def test_an_expired_session_is_refused(env):
-    """The signature's age is checked server side: after the session's lifetime the cookie is worthless."""
+    """Expiry is checked on the server's row: after the session's lifetime the cookie is worthless."""
     client = sign_in(env, "rev")
-    env.app.permanent_session_lifetime = timedelta(seconds=-1)
+    with env.sessions() as s:
+        row = s.scalars(select(WebSession).where(WebSession.key_id == env.keys["rev"].key_id)).one()
+        assert timedelta(hours=7.9) < row.expires_at - utcnow() <= timedelta(hours=8)
+        row.expires_at = utcnow() - timedelta(seconds=1)
+        s.commit()
     assert client.get("/review/queue").status_code == 303
 
 
-def test_sign_out_needs_the_token_and_ends_the_session(env):
+def test_sign_out_needs_the_token_and_ends_the_session_for_every_copy_of_the_cookie(env):
+    """Sign-out deletes the session's row: a copy of the cookie taken before (from a shared machine, a proxy's
+    log) signs nobody in afterwards."""
     client = sign_in(env, "rev")
+    copy = env.app.test_client()
+    copy.set_cookie("ftgate_review", client.get_cookie("ftgate_review", path="/review").value, path="/review")
+    assert copy.get("/review/queue").status_code == 200  # the copy works while the session lives
     assert client.post("/review/logout").status_code == 400
     assert client.get("/review/queue").status_code == 200  # still signed in
     r = post(client, "/review/logout")
     assert r.status_code == 303 and r.headers["Location"] == "/review/login"
+    assert "ftgate_review=;" in r.headers["Set-Cookie"]
     assert client.get("/review/queue").status_code == 303 and session_of(env, client) == {}
+    assert copy.get("/review/queue").status_code == 303 and session_of(env, copy) == {}
+    with env.sessions() as s:
+        assert s.scalars(select(WebSession).where(WebSession.key_id == env.keys["rev"].key_id)).all() == []
 
 
 # --- CSRF ----------------------------------------------------------------------------------------------------
@@ -526,19 +547,16 @@ def test_pages_send_a_strict_csp_and_carry_no_inline_code(env):
     assert css.status_code == 200 and css.mimetype == "text/css"
 
 
-# --- the session key -----------------------------------------------------------------------------------------
+# --- sessions across processes ----------------------------------------------------------------------------------
 
-def test_the_session_key_is_private_and_survives_a_restart(env):
-    """The key file is made once with mode 0600; a second app on the same state directory accepts the first
-    one's cookies; a key file others can read stops the app from starting."""
-    path = env.settings.state_dir / KEY_FILE
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+def test_a_session_survives_a_restart_and_the_database_holds_no_cookie(env):
+    """Sessions live in the database: a second app on it (another gunicorn worker, a restart) accepts the first
+    one's cookie, and the row is keyed by the cookie's sha256, so a copy of the database signs nobody in."""
     client = sign_in(env, "rev")
-    again = create_app(env.settings, dispatcher=env.dispatcher)
-    assert again.secret_key == env.app.secret_key
-    restarted = again.test_client()
-    restarted.set_cookie("ftgate_review", client.get_cookie("ftgate_review", path="/review").value, path="/review")
+    cookie = client.get_cookie("ftgate_review", path="/review").value
+    restarted = create_app(env.settings, dispatcher=env.dispatcher).test_client()
+    restarted.set_cookie("ftgate_review", cookie, path="/review")
     assert restarted.get("/review/queue").status_code == 200
-    os.chmod(path, 0o644)
-    with pytest.raises(SecretKeyError, match="chmod 600"):
-        create_app(env.settings, dispatcher=env.dispatcher)
+    with env.sessions() as s:
+        ids = s.scalars(select(WebSession.id)).all()
+    assert hashlib.sha256(cookie.encode()).hexdigest() in ids and cookie not in ids

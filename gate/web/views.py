@@ -39,11 +39,21 @@ from gate.pipeline.audit import finished_audit
 from gate.storage.models import METHODS, BaseModel, Dataset, Job, Verdict, utcnow
 
 from .filters import JobFilter
-from .sessions import CSRF_FIELD, check_csrf, configure, csrf_token, safe_next, sign_in, sign_out, signed_in
+from .sessions import (
+    CSRF_FIELD,
+    PAGES_PATH,
+    check_csrf,
+    csrf_token,
+    safe_next,
+    set_cookie,
+    sign_in,
+    sign_out,
+    signed_in,
+)
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("web", __name__, url_prefix="/review", template_folder="templates", static_folder="static")
+bp = Blueprint("web", __name__, url_prefix=PAGES_PATH, template_folder="templates", static_folder="static")
 
 STAFF = (REVIEWER, "operator")
 LIST_LIMIT = 500  # rows per list page; filter to narrow it
@@ -54,12 +64,8 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action
 FRAME_CSP = f"{REPORT_CSP}; frame-ancestors 'self'"
 
 
-@bp.record_once
-def _configure(state) -> None:
-    configure(state.app, state.app.extensions["ftgate"].settings.state_dir, state.url_prefix)
-
-
 bp.before_request(check_csrf)
+bp.after_request(set_cookie)
 
 
 @bp.after_request
