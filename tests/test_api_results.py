@@ -492,7 +492,7 @@ ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
     ("POST", "/v1/alignments"): {C: 403, R: 403, O: 201, NONE: 401},
     ("GET", "/v1/alignments/<run_id>"): {C: 403, R: 403, O: 200, NONE: 401},
     ("GET", "/healthz"): {C: 200, R: 200, O: 200, NONE: 200},
-    ("GET", "/metrics"): {C: 200, R: 200, O: 200, NONE: 200},
+    ("GET", "/metrics"): {C: 403, R: 403, O: 200, NONE: 401},
     ("GET", "/openapi.json"): {C: 200, R: 200, O: 200, NONE: 200},
 }
 WHO = {C: "a", R: "rev", O: "op", NONE: None}
@@ -679,13 +679,14 @@ def test_an_incomplete_audit_tells_the_customer_only_that_it_was_incomplete(env)
 # --- 6. metrics -----------------------------------------------------------------------------------------------
 
 def test_metrics_count_jobs_and_verdicts(env):
-    """/metrics (no key) counts jobs by status and method, submissions, datasets and verdicts, from the database."""
-    before = env.client.get("/metrics").get_data(as_text=True)
+    """/metrics (an operator key) counts jobs by status and method, submissions, datasets and verdicts, from the
+    database."""
+    before = env.client.get("/metrics", headers=env.headers("op")).get_data(as_text=True)
     assert 'status="released"' not in before and "ftgate_verdicts_total{" not in before
     make_job(env, "released", checkpoint=b"good weights")
     make_job(env, "withheld", checkpoint=b"bad weights")
     make_job(env, "queued", method="dreambooth")
-    r = env.client.get("/metrics")
+    r = env.client.get("/metrics", headers=env.headers("op"))
     assert r.status_code == 200 and r.mimetype == "text/plain"
     lines = set(r.get_data(as_text=True).splitlines())
     for line in ('ftgate_jobs{method="lora",status="released"} 1.0',

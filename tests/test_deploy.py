@@ -188,6 +188,17 @@ def test_prometheus_scrapes_the_api_and_every_worker_on_their_ports(compose):
     assert ("./prometheus.yml", config_file) in mounts(prometheus)
 
 
+def test_prometheus_sends_an_operator_key_to_the_api(compose):
+    """The API's /metrics takes an operator key: Prometheus reads it from the compose secret (the operator's
+    METRICS_API_KEY), mounted where prometheus.yml's credentials_file points."""
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (api,) = [job for job in config["scrape_configs"] if job["job_name"] == "ftgate-api"]
+    assert api["authorization"]["type"] == "Bearer"
+    (secret,) = compose["services"]["prometheus"]["secrets"]
+    assert api["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    assert compose["secrets"][secret] == {"environment": "METRICS_API_KEY"}
+
+
 def test_grafana_provisions_prometheus_and_the_dashboard(compose):
     grafana = dict(mounts(compose["services"]["grafana"]))
     assert grafana["./grafana/provisioning"] == "/etc/grafana/provisioning"
@@ -231,7 +242,7 @@ def test_dashboard_uses_exactly_the_exported_metric_names(tmp_path, migrated, br
     url, _client = broker
     app = create_app(dataclasses.replace(env.settings, broker_url=url), dispatcher=env.dispatcher,
                      scanner=None)
-    families = scrape(app.test_client())
+    families = scrape(env, app.test_client())
     exported = {s.name for f in families.values() for s in f.samples} | set(families)
     assert {"ftgate_queue_messages", "ftgate_stages_in_progress", "ftgate_stage_duration_seconds"} <= set(families)
     used = set()

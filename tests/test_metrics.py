@@ -103,8 +103,9 @@ def scrape_text(text: str) -> dict:
     return families
 
 
-def scrape(client) -> dict:
-    r = client.get("/metrics")
+def scrape(env: Env, client=None) -> dict:
+    """One scrape of ``/metrics`` (``env``'s app unless ``client`` is given) with the operator's key."""
+    r = (client or env.client).get("/metrics", headers=env.headers("op"))
     assert r.status_code == 200 and r.mimetype == "text/plain"
     return scrape_text(r.get_data(as_text=True))
 
@@ -131,7 +132,7 @@ def test_observations_of_two_worker_processes_add_up_in_one_scrape(env):
     workers = [run_worker(metrics_dir, group, jobs, images) for group, (jobs, images) in plan.items()]
     assert [w.wait(60) for w in workers] == [0, 0]
     jobs = sum(j for j, _ in plan.values())
-    families = scrape(env.client)
+    families = scrape(env)
     count = samples(families, "ftgate_stage_duration_seconds", "ftgate_stage_duration_seconds_count")
     assert count == {(("stage", "train"),): jobs, (("stage", "audit"),): jobs}
     seconds = samples(families, "ftgate_stage_duration_seconds", "ftgate_stage_duration_seconds_sum")
@@ -152,7 +153,7 @@ def test_a_worker_restart_wipes_only_its_own_group(env):
     metrics_dir = env.settings.metrics_dir
     for group, images in (("worker-a", 3), ("worker-b", 5), ("worker-a", 7)):  # worker-a runs twice
         assert run_worker(metrics_dir, group, 1, images).wait(60) == 0
-    assert samples(scrape(env.client), "ftgate_audit_images_rendered") == {(("model", "checkpoint"),): 5 + 7}
+    assert samples(scrape(env), "ftgate_audit_images_rendered") == {(("model", "checkpoint"),): 5 + 7}
 
 
 def test_a_killed_job_process_stops_counting_as_running_when_the_next_starts(env):
@@ -162,14 +163,14 @@ def test_a_killed_job_process_stops_counting_as_running_when_the_next_starts(env
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert worker.stdout.readline().strip() == str(-signal.SIGKILL)
-        assert samples(scrape(env.client), "ftgate_stages_in_progress") == {(("stage", "train"),): 1}
+        assert samples(scrape(env), "ftgate_stages_in_progress") == {(("stage", "train"),): 1}
         worker.stdin.write("go\n")
         worker.stdin.flush()
         assert worker.wait(60) == 0
     finally:
         worker.kill()
         worker.wait()
-    assert all(v == 0 for v in samples(scrape(env.client), "ftgate_stages_in_progress").values())
+    assert all(v == 0 for v in samples(scrape(env), "ftgate_stages_in_progress").values())
 
 
 def test_intake_rejections_and_validation_time_recorded_in_an_api_process(env, tmp_path):
@@ -194,7 +195,7 @@ def test_intake_rejections_and_validation_time_recorded_in_an_api_process(env, t
     upload.write_bytes(b"plain text, not a zip archive")
     subprocess.run([sys.executable, "-c", script, str(env.settings.metrics_dir), str(upload), str(tmp_path / "out")],
                    cwd=ROOT, check=True, timeout=60)
-    families = scrape(env.client)
+    families = scrape(env)
     assert samples(families, "ftgate_intake_rejections") == {(("reason", "not_a_zip"),): 2}
     count = samples(families, "ftgate_stage_duration_seconds", "ftgate_stage_duration_seconds_count")
     assert count == {(("stage", "validate"),): 2}
@@ -206,7 +207,7 @@ def test_database_families_count_jobs_datasets_and_verdicts(env):
     made = [("released", "lora"), ("withheld", "lora"), ("failed", "lora"), ("cancelled", "lora"),
             ("review", "dreambooth"), ("queued", "dreambooth")]
     ids = {make_job(env, state, method=method): (state, method) for state, method in made}
-    families = scrape(env.client)
+    families = scrape(env)
     by_state = Counter((m, s) for s, m in made)
     assert samples(families, "ftgate_jobs") == {(("method", m), ("status", s)): n for (m, s), n in by_state.items()}
     assert samples(families, "ftgate_jobs_submitted") == {(("method", m),): n
@@ -221,7 +222,7 @@ def test_database_families_count_jobs_datasets_and_verdicts(env):
         transition(s, s.get(Job, failed), "queued", SYSTEM)
         s.commit()
     move(env, failed, "released")
-    families = scrape(env.client)
+    families = scrape(env)
     assert (("method", "lora"), ("status", "failed")) not in samples(families, "ftgate_jobs")
     again = samples(families, "ftgate_jobs_finished")
     assert again[(("method", "lora"), ("outcome", "failed"))] == 1
@@ -259,12 +260,12 @@ def test_queue_lengths_are_read_from_the_broker(env, broker):
             celery.send_task(task_of[queue], args=("0" * 8,), priority=priority)
     assert client.llen("audit") == 0  # prioritised messages are not in the plain list
     app = create_app(settings, dispatcher=RecordingDispatcher(), scanner=RedScanner())
-    families = scrape(app.test_client())
+    families = scrape(env, app.test_client())
     assert samples(families, "ftgate_broker_up") == {(): 1}
     assert samples(families, "ftgate_queue_messages") == {(("queue", q),): len(sent.get(q, [])) for q in QUEUES}
 
     down = dataclasses.replace(env.settings, broker_url="redis://127.0.0.1:1/0")
-    families = scrape(create_app(down, dispatcher=RecordingDispatcher(), scanner=RedScanner()).test_client())
+    families = scrape(env, create_app(down, dispatcher=RecordingDispatcher(), scanner=RedScanner()).test_client())
     assert samples(families, "ftgate_broker_up") == {(): 0}
     assert "ftgate_queue_messages" not in families
 
@@ -295,7 +296,7 @@ def test_worker_exporter_serves_the_same_process_figures(env):
         exporter.terminate()
         exporter.wait()
     served = scrape_text(text)
-    api = scrape(env.client)
+    api = scrape(env)
     assert set(served) == {"ftgate_stage_duration_seconds", "ftgate_audit_images_rendered"}
     for name in served:
         kinds = {s.name for s in served[name].samples}

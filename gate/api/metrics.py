@@ -4,6 +4,10 @@ plus what the gate's processes recorded (``gate.metrics``).
 Counting from the database rather than in process memory makes those figures the same whichever API
 process answers the scrape, and survive restarts: jobs, verdicts and audit-log entries are never deleted,
 so their totals only grow, as Prometheus counters must. Queue lengths are read from the broker itself.
+
+The route is on the public port, so it takes an operator key like any operator route: what the platform is
+doing (queue lengths, verdict counts, intake refusals by reason) is not every visitor's to read, and each
+scrape costs database and broker queries. Prometheus sends the key as a bearer token (deploy/prometheus.yml).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from gate.worker.app import QUEUES
 from gate.worker.broker import EmbeddedRedis
 
 from . import gate
+from .auth import login_required
 
 bp = Blueprint("metrics", __name__)
 
@@ -121,6 +126,7 @@ class QueueCollector:
 
 
 @bp.get("/metrics")
+@login_required("operator")
 def metrics():
     app = gate()
     registry = CollectorRegistry(auto_describe=False)

@@ -225,8 +225,9 @@ PATHS = {
         "summary": "A hardening run (operator)", "parameters": [_id_param("run_id")],
         "responses": {"200": _json(_ref["AlignmentRun"], "the run"), **_errors("401", "403", "404")}}},
     "/metrics": {"get": {
-        "summary": "Prometheus metrics (text exposition format)", "security": [],
-        "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "summary": "Prometheus metrics (text exposition format); an operator key",
+        "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      **_errors("401", "403")}}},
     "/healthz": {"get": {
         "summary": "Liveness and database reachability", "security": [],
         "responses": {"200": _json({"$ref": "#/components/schemas/Health"}, "healthy"),
