@@ -35,6 +35,8 @@ LEASE_SECONDS_RANGE = (2, 86_400)
 # An audit of one checkpoint must end within this; the audit task's own hard time limit is 6 h
 # (gate.worker.app.TIME_LIMITS_S), so a longer deadline could never fire.
 AUDIT_DEADLINE_SECONDS_RANGE = (1, 6 * 3600)
+RETENTION_HOURS_RANGE = (1, 24 * 365)
+RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours")
 
 
 class SettingsError(ValueError):
@@ -117,6 +119,13 @@ class Settings:
     audit_deadline_seconds: int = 5 * 3600
     # Where processes keep their Prometheus figures between scrapes (gate.metrics); None: <state_dir>/metrics.
     metrics_dir: Path | None = None
+    # How long the retention sweep (gate.pipeline.retention) keeps, by file age, what a job leaves on the workers'
+    # disk once it no longer runs: the auditor's render cache (unredacted images: kept shortest, never longer
+    # than the scratch), the job's scratch folder (training outputs, intermediate checkpoints, audit files),
+    # and a failed job's resumable training state (an operator who queues it again resumes from it).
+    render_cache_retention_hours: int = 24
+    scratch_retention_hours: int = 72
+    training_state_retention_hours: int = 7 * 24
 
     def __post_init__(self):
         if self.metrics_dir is None:
@@ -129,10 +138,16 @@ class Settings:
             raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
         for name, (lo, hi) in (("lease_seconds", LEASE_SECONDS_RANGE),
-                               ("audit_deadline_seconds", AUDIT_DEADLINE_SECONDS_RANGE)):
+                               ("audit_deadline_seconds", AUDIT_DEADLINE_SECONDS_RANGE),
+                               *((key, RETENTION_HOURS_RANGE) for key in RETENTION_SETTINGS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise SettingsError(name, f"{name} must be an integer in [{lo}, {hi}] (got {value!r})")
+        if self.render_cache_retention_hours > self.scratch_retention_hours:
+            raise SettingsError("render_cache_retention_hours",
+                                f"render_cache_retention_hours ({self.render_cache_retention_hours}) must not exceed "
+                                f"scratch_retention_hours ({self.scratch_retention_hours}): the cache holds "
+                                "unredacted images")
         for name in ("state_dir", "artifacts_dir", "metrics_dir"):
             path = getattr(self, name)
             if path.exists() and not path.is_dir():
@@ -175,10 +190,10 @@ class Settings:
                 f"v{self.verdict_policy.version}; config file {self.config_file or 'none'}")
 
 
-# Settings that are not limits, with how they are given: a path or a string.
+# Settings that are not limits, with how they are given: a path, a string or an integer.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
-              "metrics_dir": "path"}
+              "metrics_dir": "path", **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
@@ -288,8 +303,8 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,
             config_file=config_file,
-            **{key: _number("int", values[key]) for key in ("lease_seconds", "audit_deadline_seconds")
-               if key in values},
+            **{key: _number("int", values[key]) for key, kind in _TOP_LEVEL.items()
+               if kind == "int" and key in values},
         )
     except SettingsError as exc:
         key = exc.field

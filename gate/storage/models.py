@@ -72,6 +72,8 @@ DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 # The one dataset status that trains: a flagged dataset waits until a reviewer accepts it.
 TRAINABLE_DATASET = "accepted"
+# A job in one of these may still train or audit: it holds a worker's scratch folder and a share of the queues.
+ACTIVE_JOB_STATES = ("queued", "training", "auditing")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -1,0 +1,101 @@
+"""The retention sweep: what jobs leave on the workers' disk is removed once it is old enough.
+
+A job's scratch folder (``settings.jobs_dir/<job>``: each attempt's training outputs, with the intermediate
+checkpoints no audit ever looked at, and the audit's files) matters only while the job runs: by then the
+checkpoint and reports that count are in the artifact store. A failed job's resumable training state is kept
+longer, since an operator who queues the job again resumes from it. The render cache holds the auditor's
+unredacted images and is kept shortest. Ages are file modification times, file by file, so whatever was written
+recently stays; the folder of a job still running (``ACTIVE_JOB_STATES``) is not touched, whatever its age.
+Expired reviewer-page sessions are deleted too. Run by every reaper beside the artifact store's sweep
+(``gate.storage.sweep``); several at once are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from gate.settings import Settings
+from gate.storage.models import ACTIVE_JOB_STATES, Job, WebSession, utcnow
+
+from .train import TRAINING_STATE
+
+log = logging.getLogger(__name__)
+
+HOUR_S = 3600
+
+
+@dataclass(frozen=True)
+class Removed:
+    scratch_files: int
+    training_state_files: int
+    render_cache_files: int
+    sessions: int
+
+
+def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> Removed:
+    """Remove job files and cached renders older than their retention settings, and expired sessions."""
+    now = time.time()
+    with sessions() as session:
+        # Read before the folders are listed: a job created meanwhile has only new files, which stay.
+        active = set(session.scalars(select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATES))))
+        expired = session.execute(delete(WebSession).where(WebSession.expires_at <= utcnow())).rowcount
+        session.commit()
+    scratch_cutoff = now - settings.scratch_retention_hours * HOUR_S
+    state_cutoff = now - settings.training_state_retention_hours * HOUR_S
+    scratch = state = 0
+    for folder in _folders(settings.jobs_dir):
+        if folder.name in active:
+            continue
+        state_folder = folder / TRAINING_STATE
+        for path in _remove_older(folder, lambda p: state_cutoff if p.is_relative_to(state_folder) else scratch_cutoff):
+            if path.is_relative_to(state_folder):
+                state += 1
+            else:
+                scratch += 1
+    render_cutoff = now - settings.render_cache_retention_hours * HOUR_S
+    cache = len(_remove_older(settings.render_cache_dir, lambda p: render_cutoff))
+    removed = Removed(scratch, state, cache, expired)
+    if any(vars(removed).values()):
+        log.info("retention sweep removed %s", removed)
+    return removed
+
+
+def _folders(path: Path) -> list[Path]:
+    try:
+        return [child for child in path.iterdir() if child.is_dir() and not child.is_symlink()]
+    except FileNotFoundError:
+        return []
+
+
+def _remove_older(root: Path, cutoff_of: Callable[[Path], float]) -> list[Path]:
+    """Remove the files under ``root`` last modified before ``cutoff_of(file)``, then the folders left empty
+    (``root`` too); the files removed. Links are removed as files, never followed."""
+    removed = []
+    for folder, subfolders, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder, name)
+            try:
+                if path.lstat().st_mtime < cutoff_of(path):
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # another sweeper got there first
+                continue
+        for name in subfolders:
+            _remove_if_empty(Path(folder, name))
+    _remove_if_empty(root)
+    return removed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or gone, or a link): leave it
+        pass

@@ -1,0 +1,113 @@
+"""The retention sweep (``gate.pipeline.retention``): job scratch, training state and the render cache go by
+file age, a running job's folder never does, and expired reviewer-page sessions are deleted."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gate.pipeline.retention import Removed, sweep_retention
+from gate.pipeline.train import TRAINING_STATE
+from gate.settings import Settings, SettingsError, load_settings
+from gate.storage.models import BaseModel, Dataset, Job, Tenant, WebSession, utcnow
+
+HOUR = 3600.0
+
+
+def _settings(tmp_path: Path, **retention) -> Settings:
+    return Settings(state_dir=tmp_path, database_url="sqlite:///unused.db", broker_url=None,
+                    artifacts_dir=tmp_path / "artifacts", **retention)
+
+
+def _jobs(sessions, **statuses: str) -> dict[str, str]:
+    """One job per ``name=status``; their ids by name."""
+    with sessions() as session:
+        session.add(Tenant(id="acme", name="acme"))
+        model = BaseModel(name="hardened", path="/m", weights_sha256="a" * 64)
+        dataset = Dataset(tenant_id="acme", name="cats", content_sha256="b" * 64, artifact_path="k", size_bytes=1,
+                          status="accepted")
+        jobs = {name: Job(tenant_id="acme", base_model=model, dataset=dataset, method="lora", status=status)
+                for name, status in statuses.items()}
+        session.add_all(jobs.values())
+        session.commit()
+        return {name: job.id for name, job in jobs.items()}
+
+
+def _file(path: Path, age_hours: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    then = time.time() - age_hours * HOUR
+    os.utime(path, (then, then))
+    return path
+
+
+def test_old_files_of_jobs_that_no_longer_run_go_and_a_running_jobs_stay(sessions, tmp_path):
+    """Defaults: render cache 24 h, scratch 72 h, a failed job's training state 7 days. A released job's old
+    intermediate checkpoint and audit files go, its fresh file stays; a failed job keeps its state until the
+    state's own age; a training job keeps everything however old; a folder no job names goes by age."""
+    settings = _settings(tmp_path)
+    ids = _jobs(sessions, released="released", failed="failed", training="training")
+    jobs = settings.jobs_dir
+    old_checkpoint = _file(jobs / ids["released"] / "attempt-1" / "train" / "checkpoints" / "step-10" / "w.safetensors",
+                           73)
+    old_report = _file(jobs / ids["released"] / "audit-w1" / "report.json", 100)
+    fresh = _file(jobs / ids["released"] / "attempt-2" / "train" / "w.safetensors", 71)
+    failed_scratch = _file(jobs / ids["failed"] / "attempt-1" / "train" / "w.safetensors", 80)
+    recent_state = _file(jobs / ids["failed"] / TRAINING_STATE / "state.pt", 100)
+    old_state = _file(jobs / ids["failed"] / TRAINING_STATE / "rng.pt", 24 * 7 + 1)
+    running = [_file(jobs / ids["training"] / "attempt-1" / "train" / "w.safetensors", 1000),
+               _file(jobs / ids["training"] / TRAINING_STATE / "state.pt", 1000)]
+    orphan = _file(jobs / ("0" * 32) / "attempt-1" / "w.safetensors", 73)
+    old_render, new_render = (_file(settings.render_cache_dir / "ab" / f"{name}.png", age)
+                              for name, age in (("old", 25), ("new", 23)))
+
+    removed = sweep_retention(settings, sessions)
+
+    assert removed == Removed(scratch_files=4, training_state_files=1, render_cache_files=1, sessions=0)
+    gone = (old_checkpoint, old_report, failed_scratch, old_state, orphan, old_render)
+    assert not any(path.exists() for path in gone)
+    assert all(path.is_file() for path in (fresh, recent_state, *running, new_render))
+    assert not (jobs / ids["released"] / "audit-w1").exists() and not (jobs / ("0" * 32)).exists()  # emptied: gone
+    assert sweep_retention(settings, sessions) == Removed(0, 0, 0, 0)
+
+
+def test_ages_come_from_the_settings(sessions, tmp_path):
+    settings = _settings(tmp_path, render_cache_retention_hours=1, scratch_retention_hours=2,
+                         training_state_retention_hours=3)
+    (job,) = _jobs(sessions, done="withheld").values()
+    kept = [_file(settings.jobs_dir / job / "attempt-1" / "w.safetensors", 1.5),
+            _file(settings.jobs_dir / job / TRAINING_STATE / "state.pt", 2.5),
+            _file(settings.render_cache_dir / "ab" / "x.png", 0.5)]
+    _file(settings.jobs_dir / job / "attempt-1" / "old.safetensors", 2.5)
+    _file(settings.jobs_dir / job / TRAINING_STATE / "old.pt", 3.5)
+    _file(settings.render_cache_dir / "cd" / "y.png", 1.5)
+    assert sweep_retention(settings, sessions) == Removed(1, 1, 1, 0)
+    assert all(path.is_file() for path in kept)
+
+
+def test_expired_sessions_are_deleted(sessions, tmp_path):
+    with sessions() as session:
+        session.add_all([WebSession(id="e" * 64, csrf_token="t", expires_at=utcnow() - timedelta(seconds=1)),
+                         WebSession(id="l" * 64, csrf_token="t", expires_at=utcnow() + timedelta(hours=1))])
+        session.commit()
+    assert sweep_retention(_settings(tmp_path), sessions).sessions == 1
+    with sessions() as session:
+        assert [row.id for row in session.query(WebSession)] == ["l" * 64]
+
+
+def test_retention_settings_are_checked(tmp_path):
+    env = {"HOME": str(tmp_path), "FTGATE_SCRATCH_RETENTION_HOURS": "48", "FTGATE_RENDER_CACHE_RETENTION_HOURS": "6",
+           "FTGATE_TRAINING_STATE_RETENTION_HOURS": "240"}
+    settings = load_settings(env=env)
+    assert (settings.render_cache_retention_hours, settings.scratch_retention_hours,
+            settings.training_state_retention_hours) == (6, 48, 240)
+    with pytest.raises(SettingsError, match=r"render_cache_retention_hours \(24\) must not exceed "
+                                            r"scratch_retention_hours \(12\)") as caught:
+        load_settings(env={"HOME": str(tmp_path), "FTGATE_SCRATCH_RETENTION_HOURS": "12"})
+    assert caught.value.field == "render_cache_retention_hours"
+    with pytest.raises(SettingsError, match=r"scratch_retention_hours must be an integer in \[1, 8760\]"):
+        load_settings(env={"HOME": str(tmp_path), "FTGATE_SCRATCH_RETENTION_HOURS": "0"})
