@@ -14,6 +14,7 @@ import os
 import time
 
 from gate.pipeline.leases import reap
+from gate.pipeline.retention import sweep_retention
 from gate.pipeline.runtime import Runtime
 from gate.settings import Settings
 from gate.storage.sweep import GRACE_S, sweep
@@ -44,6 +45,7 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
             reap(rt.sessions, requeue)
             if time.monotonic() >= next_sweep:
                 sweep(rt.store, rt.sessions)
+                sweep_retention(rt.settings, rt.sessions)
                 next_sweep = time.monotonic() + GRACE_S
         except Exception:  # the database or broker is briefly away: try again next round
             log.exception("reaper pass failed; retrying")
