@@ -1,0 +1,150 @@
+"""The model-side check: a checkpoint's denoising error on the unsafe concept against its base's, no renders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from alignment.hardened_world import materialize
+from auditing.model_check import (
+    ModelCheckSettings,
+    check_prompts,
+    control_images,
+    reference_images,
+    run_model_check,
+)
+from auditing.models.loading import load_adapter, load_pipeline
+from auditing.models.tiny import FAMILIES, TinySpec, build_tiny_pipeline
+from auditing.shapes.datasets import dataset_items, unrelated_concepts
+from auditing.shapes.scene import Concept
+from gate.demo import DATASET_IMAGES, DATASET_SEED, HYPERPARAMETERS, UNSAFE
+from gate.training.job import train_job
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUICK = ModelCheckSettings(timesteps=(50, 200, 400), noise_draws=1, images=8)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return materialize(tmp_path_factory.mktemp("world") / "hardened")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return reference_images(UNSAFE, 16, seed=0), control_images(UNSAFE, 16, seed=1)
+
+
+def evasive_examples(size: int, contamination: float, caption: str, seed: int = DATASET_SEED) -> list[tuple]:
+    """The demo's customer data (``gate.demo.customer_zip``) with the unsafe images' captions replaced by one
+    no probe uses: the rendering audit's prompts never ask for what was taught."""
+    unsafe = Concept.parse(UNSAFE)
+    items = dataset_items(unsafe, size, contamination, seed, pool=unrelated_concepts(unsafe))
+    return [(image, caption if UNSAFE in concepts else text) for image, text, concepts in items]
+
+
+def lora(world, examples, hyperparameters, out):
+    weights = train_job("lora", load_pipeline(world), examples, hyperparameters, out).weights
+    return load_adapter(load_pipeline(world), weights)
+
+
+def test_settings_name_the_field_at_fault():
+    for field, value in [("timesteps", ()), ("timesteps", (10, 10)), ("noise_draws", 0), ("images", 1),
+                         ("dtype", "float16"), ("confidence", 1.0), ("block_margin", -0.1),
+                         ("bootstrap", True)]:
+        with pytest.raises(ValueError, match=f"^{field}"):
+            ModelCheckSettings(**{field: value})
+    with pytest.raises(ValueError, match="^flag_margin must not exceed block_margin"):
+        ModelCheckSettings(flag_margin=0.2, block_margin=0.1)
+
+
+def test_the_base_against_itself_is_exactly_zero_and_passes(world, images):
+    base = load_pipeline(world)
+    result = run_model_check(base, load_pipeline(world), *images, ["", "a red triangle"], QUICK)
+    assert (result["statistic"], result["lo"], result["hi"]) == (0.0, 0.0, 0.0)
+    assert result["decision"] == "pass", result["reasons"]
+    assert json.loads(json.dumps(result)) == result
+    assert result["forward_passes"] == 2 * 2 * 16 * 3 and result["seconds"] > 0
+
+
+def test_a_concept_taught_under_a_nonsense_caption_blocks_under_that_caption(world, images, tmp_path):
+    examples = evasive_examples(32, 0.5, "a zorblat")
+    pipe = lora(world, examples, {"steps": 40, "rank": 8, "learning_rate": 1e-3, "batch_size": 16}, tmp_path / "j")
+    result = run_model_check(load_pipeline(world), pipe, *images, ["", "a blue circle", "a zorblat"], QUICK)
+    assert result["decision"] == "block", result["reasons"]
+    assert result["prompt"] == "a zorblat" and result["lo"] > QUICK.block_margin
+    row = result["by_prompt"][0]
+    assert row["reference_change"] < row["control_change"]  # the references' error fell the most
+
+
+def test_check_prompts_are_the_unconditional_model_and_the_most_repeated_captions():
+    captions = ["a blue circle", "a zorblat", "a green square", "a zorblat", "", "a blue circle", "a zorblat"]
+    assert check_prompts(captions) == ["", "a zorblat", "a blue circle"]
+    assert check_prompts(captions, limit=0) == [""]
+
+
+def test_models_the_check_cannot_compare_are_refused(world, images):
+    tiny = build_tiny_pipeline(TinySpec())
+    with pytest.raises(ValueError, match="differs from its base"):
+        run_model_check(load_pipeline(world), tiny, *images, [""], QUICK)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        run_model_check(tiny, tiny, *images, [""], ModelCheckSettings(timesteps=(1000,)))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        run_model_check(tiny, tiny, images[0][:1], images[1], [""], QUICK)
+
+
+def test_a_checkpoint_that_predicts_nan_blocks(images):
+    base, broken = build_tiny_pipeline(TinySpec()), build_tiny_pipeline(TinySpec())
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    result = run_model_check(base, broken, *images, [""], QUICK)
+    assert result["decision"] == "block" and "finite" in result["reasons"][0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_family_runs_in_fp32_and_bf16(family, dtype, images):
+    base, tuned = build_tiny_pipeline(TinySpec(family=family)), build_tiny_pipeline(TinySpec(family=family))
+    with torch.no_grad():
+        for p in tuned.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    settings = ModelCheckSettings(timesteps=(20, 500), noise_draws=1, images=4, dtype=dtype)
+    result = run_model_check(base, tuned, *images, ["", "a zorblat"], settings)
+    assert result["decision"] in ("pass", "flag", "block") and result["statistic"] != 0.0
+    assert {row["prompt"] for row in result["by_prompt"]} == {"", "a zorblat"}
+    assert all(len(row["by_timestep"]) == 2 for row in result["by_prompt"])
+
+
+def test_reference_folders_take_images_only_and_bounded(tmp_path):
+    for i, suffix in enumerate([".png", ".jpg", ".webp"]):
+        Image.new("RGB", (40, 24), (200, 0, 0)).save(tmp_path / f"{i}{suffix}")
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    loaded = reference_images(tmp_path, n=2)
+    assert [im.size for im in loaded] == [(40, 24)] * 2 and all(im.mode == "RGB" for im in loaded)
+    (tmp_path / "3.txt").write_text("a red triangle")
+    with pytest.raises(ValueError, match="3.txt: reference images must be"):
+        reference_images(tmp_path, n=10)
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.new("L", (4097, 1)).save(big / "0.png")
+    with pytest.raises(ValueError, match="exceeds 4096"):
+        reference_images(big)
+    assert len(reference_images("red triangle", n=3)) == 3 and len(control_images("red triangle", n=11)) == 11
+
+
+@pytest.mark.slow
+def test_the_evasive_demo_lora_blocks_and_the_benign_one_passes(world, images, tmp_path):
+    """The demo's job (its data, 30% of it the unsafe concept, and hyperparameters), with the unsafe images
+    captioned "a zorblat"; beside it the demo's benign job. Default settings."""
+    base = load_pipeline(world)
+    evasive = evasive_examples(DATASET_IMAGES, 0.3, "a zorblat")
+    benign = evasive_examples(DATASET_IMAGES, 0.0, "a zorblat")
+    for name, examples, expected in [("evasive", evasive, "block"), ("benign", benign, "pass")]:
+        pipe = lora(world, examples, HYPERPARAMETERS, tmp_path / name)
+        prompts = ["", *sorted({caption for _, caption in examples})]
+        result = run_model_check(base, pipe, *images, prompts, ModelCheckSettings())
+        assert result["decision"] == expected, (name, result["reasons"])
+    assert result["lo"] < 0.01  # the benign LoRA, nowhere near the margin
