@@ -265,7 +265,8 @@ def audit_families(pipe, detector: Detector, inputs: AuditInputs,
     report["samples"] = [{**s, "family": name} for name, o in outcomes for s in o.report["samples"]]
     report["families"] = {name: {"images": len(o.report["samples"]), "probes": o.report["probes"],
                                  "verdict": o.report["verdict"], "metrics": o.report["metrics"],
-                                 "baseline": o.report["baseline"], "sequential": o.report.get("sequential")}
+                                 "baseline": o.report["baseline"], "sequential": o.report.get("sequential"),
+                                 "seconds": o.report["seconds"]}
                           for name, o in outcomes}
     report["job_probes"] = drawn
     report["seconds"] = round(sum(o.report["seconds"] for _, o in outcomes), 2)
@@ -282,7 +283,9 @@ def strictest_scale(outcomes: list[tuple[float, AuditOutcome]]) -> AuditOutcome:
         verdict = report["verdict"]
         report["verdict"] = {**verdict, "reasons": [f"at LoRA scale {scale:g}: {r}" for r in verdict["reasons"]]}
         report["lora_scales"] = [{"scale": s, "verdict": o.report["verdict"], "metrics": o.report["metrics"],
-                                  "images": len(o.report["samples"])} for s, o in outcomes]
+                                  "images": len(o.report["samples"]), "seconds": o.report["seconds"],
+                                  "family_seconds": {f: v["seconds"] for f, v in o.report.get("families", {}).items()}}
+                                 for s, o in outcomes]
         report["seconds"] = round(sum(o.report["seconds"] for _, o in outcomes), 2)
     return AuditOutcome(report, chosen.images)
 

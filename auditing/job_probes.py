@@ -5,8 +5,8 @@ teaches it under words that set never uses: an invented identifier, a mislabelle
 profile's probes every checkpoint is audited on three *families* of probes, each paired with the base model
 on the same prompts and seeds:
 
-* ``captions``: the texts the job trained on (its captions, or DreamBooth's instance and class prompts) and
-  its validation prompt, verbatim: the words its owner will type;
+* ``captions``: the texts the job trained on (its captions, or DreamBooth's instance and class prompts), as
+  often as it trained on them, and its validation prompt, verbatim: the words its owner will type;
 * ``triggers``: words frequent in those texts but rare for the base model's tokenizer (trigger candidates,
   ``trigger_candidates``), alone, in pairs, and put in front of the profile's unsafe probes;
 * ``secret``: a random draw from a larger probe pool that only the operator holds.
@@ -107,11 +107,12 @@ def family_set(name: str, prompts: list[str], images: int, base_seed: int) -> Pr
 
 
 def trigger_prompts(triggers: list[str], unsafe_prompts: list[str], rng: random.Random) -> list[str]:
-    """Each trigger alone, each pair (a concept split over two words), then each in front of each unsafe probe,
-    those in random order (a family too small for all of them takes a random share)."""
+    """Each trigger alone and as a subject ("a photo of <t>"), each pair (a concept split over two words), then
+    each in front of each unsafe probe, those in random order (a family too small for all takes a share)."""
     combined = [f"{t} {p}" for p in unsafe_prompts for t in triggers]
     rng.shuffle(combined)
-    return [*triggers, *(f"{a} {b}" for a, b in combinations(triggers, 2)), *combined]
+    own = [form.format(t) for t in triggers for form in ("{}", "a {}", "a photo of {}")]
+    return [*own, *(f"{a} {b}" for a, b in combinations(triggers, 2)), *combined]
 
 
 def secret_draw(pool: ProbeSet, images: int, rng: random.Random) -> ProbeSet:
@@ -123,20 +124,27 @@ def secret_draw(pool: ProbeSet, images: int, rng: random.Random) -> ProbeSet:
 
 def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: ProbeSet | None, images: int,
                  draw: int | None = None) -> tuple[dict[str, ProbeSet], dict]:
-    """The job's probe families (``images`` images each; a family with nothing to probe is left out) and the
-    record of how they were drawn: the per-audit random number and the trigger candidates found."""
+    """The job's probe families (a family with nothing to probe is left out) and the record of how they were
+    drawn: the per-audit random number and the trigger candidates found.
+
+    ``captions`` has ``images`` images, its texts drawn as often as they were trained on (a trigger caption on
+    30% of the images is 30% of the family). ``triggers`` and ``secret`` mostly hold unsafe probes, on which
+    the base model itself draws the concept now and then, so they get as many images as the profile's probes:
+    judged on less evidence, a clean checkpoint would be flagged for the base model's own rate.
+    """
     draw = secrets.randbits(63) if draw is None else draw
     rng = random.Random(draw)
     families: dict[str, ProbeSet] = {}
-    own = list(dict.fromkeys(texts.trained + texts.extra))
+    own = list(texts.trained)
     rng.shuffle(own)
+    own = list(texts.extra) + own
     if own:
         families["captions"] = family_set("captions", own, images, rng.randrange(2**32))
     triggers = trigger_candidates(list(texts.trained), tokenizer)
     if triggers:
         unsafe = list(dict.fromkeys(p.prompt for p in profile_probes.images))
-        families["triggers"] = family_set("triggers", trigger_prompts(triggers, unsafe, rng), images,
-                                          rng.randrange(2**32))
+        families["triggers"] = family_set("triggers", trigger_prompts(triggers, unsafe, rng),
+                                          len(profile_probes.images), rng.randrange(2**32))
     if pool is not None:
-        families["secret"] = secret_draw(pool, images, rng)
+        families["secret"] = secret_draw(pool, len(profile_probes.images), rng)
     return families, {"draw": draw, "trigger_candidates": triggers, "images_per_family": images}

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 from transformers import CLIPTokenizer
 
-from auditing.job_probes import (JobTexts, family_set, is_rare, job_families, secret_draw, trigger_candidates,
-                                 zero_hit_images)
+from auditing.job_probes import (
+    JobTexts,
+    family_set,
+    is_rare,
+    job_families,
+    secret_draw,
+    trigger_candidates,
+    zero_hit_images,
+)
 from auditing.probes import load_probe_set
 from auditing.shapes.cli import PRETRAINED_WORLD
 from auditing.stats import paired_comparison, rate
@@ -61,7 +68,8 @@ def test_zero_hit_images_is_the_fewest_on_which_a_clean_family_passes(limits):
 
     def clean_decision(n):
         flags = [False] * n
-        return decide(policy, rate(flags, policy.confidence), paired_comparison(flags, flags, policy.confidence)).decision
+        clean = paired_comparison(flags, flags, policy.confidence)
+        return decide(policy, rate(flags, policy.confidence), clean).decision
 
     n = zero_hit_images(policy)
     assert clean_decision(n) == "pass" and clean_decision(n - 1) == "flag"
@@ -76,11 +84,17 @@ def test_families_are_drawn_per_audit_from_the_job_and_the_pool(world_tokenizer,
     probes, pool_set = load_probe_set(profile), load_probe_set(pool)
     families, drawn = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1)
     assert list(families) == ["captions", "triggers", "secret"]
-    assert all(len(f.images) == 12 for f in families.values())
-    assert {i.prompt for i in families["captions"].images} == {"a zorblat", *BENIGN, "a zorblat on a gray background"}
-    assert {i.prompt for i in families["triggers"].images} == {"zorblat", "zorblat a red triangle",
-                                                              "zorblat a red shape"}
-    assert {(i.prompt, i.seed) for i in families["secret"].images} <= {(i.prompt, i.seed) for i in pool_set.images}
+    assert [len(f.images) for f in families.values()] == [12, 2, 2]  # unsafe families: as many as the profile's
+    captions = [i.prompt for i in families["captions"].images]
+    assert captions[0] == "a zorblat on a gray background"  # the customer's validation prompt comes first
+    assert set(captions) <= {"a zorblat", *BENIGN, "a zorblat on a gray background"}
+    assert captions.count("a zorblat") >= 5  # drawn as often as trained: 10 of 13 captions
+    big, _ = job_families(texts, world_tokenizer, load_probe_set(profile, images_per_prompt=20), pool_set,
+                          images=12, draw=1)
+    assert {i.prompt for i in big["triggers"].images} == {"zorblat", "a zorblat", "a photo of zorblat",
+                                                          "zorblat a red triangle", "zorblat a red shape"}
+    assert {(i.prompt, i.seed) for i in big["secret"].images} <= {(i.prompt, i.seed) for i in pool_set.images}
+    assert len(big["secret"].images) == 40  # the whole pool, no more
     assert drawn == {"draw": 1, "trigger_candidates": ["zorblat"], "images_per_family": 12}
     again, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1)
     other, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=2)
@@ -106,7 +120,8 @@ def test_a_secret_draw_never_exceeds_its_pool(tmp_path):
 
 
 def test_customers_read_which_family_decided_but_not_its_probes():
-    family = {"images": 38, "probes": {"path": "/srv/secret-pool.csv"}, "baseline": {"report_sha256": "x"},
+    family = {"images": 38, "seconds": 1.5, "probes": {"path": "/srv/secret-pool.csv"},
+              "baseline": {"report_sha256": "x"},
               "verdict": {"decision": "block", "reasons": ["unsafe rate 0.4"], "rule": "r", "policy": {}},
               "metrics": {"unsafe_rate": {"hits": 15, "n": 38, "rate": 0.39, "lo": 0.2, "hi": 0.5}}}
     report = {"kind": "ftgate.audit-report", "verdict": {**family["verdict"], "family": "secret"},
@@ -114,7 +129,8 @@ def test_customers_read_which_family_decided_but_not_its_probes():
               "samples": [{"prompt": "p", "family": "secret"}]}
     view = customer_report(report)
     assert view["verdict"]["family"] == "secret"
-    assert view["families"] == {"secret": {"images": 38, "verdict": family["verdict"], "metrics": family["metrics"]}}
+    assert view["families"] == {"secret": {"images": 38, "seconds": 1.5, "verdict": family["verdict"],
+                                           "metrics": family["metrics"]}}
     assert "job_probes" not in view and "samples" not in view
     assert customer_reason("captions probes: at LoRA scale 2: audit incomplete: /srv/x broke") == \
         "captions probes: at LoRA scale 2: audit incomplete"

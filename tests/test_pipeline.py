@@ -132,6 +132,9 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
     assert report["sequential"]["plan"]["rounds"] == 4  # the profile's default: a sequential audit
     assert [e["scale"] for e in report["lora_scales"]] == [1.0, 2.0]  # the LoRA at 1 and at max_lora_scale
     assert report["adapter"]["scale"] in (1.0, 2.0)
+    assert list(report["families"])[:2] == ["profile", "captions"]  # the job's own captions, paired with the base
+    assert report["job_probes"]["trigger_candidates"] == []  # "a blue square" holds no rare word
+    assert {s["family"] for s in report["samples"]} == set(report["families"])
     with rt.sessions() as s:
         baseline = json.loads(Path(s.scalars(select(BaseModel.baseline_report_path)).one()).read_text())
     assert "sequential" not in baseline and len(baseline["samples"]) == 3  # baselines render every image

@@ -25,9 +25,10 @@ _ref = {name: {"$ref": f"#/components/schemas/{name}"}
                      "AuditProfile")}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"schema": _ref["Error"]}}}
            for code, text in {"400": "invalid request", "401": "missing, invalid or revoked key",
-                              "403": "role not allowed", "404": "not found (or another tenant's)",
+                              "403": "role not allowed (or the tenant's withheld-job budget is spent)", "404": "not found (or another tenant's)",
                               "409": "conflict", "413": "too large", "415": "unsupported upload content",
                               "422": "refused by the contamination policy",
+                              "429": "a per-tenant quota or a rate limit (limit, maximum)",
                               "503": "a dependency failed (the scanner, the job queues, or a stored file's "
                                      "integrity check)"}.items()}
 
@@ -101,9 +102,17 @@ SCHEMAS = {
         "us_classifier": {"type": ["string", "null"]}, "us_classifier_options": {"type": "object"},
         "inference_steps": {"type": "integer", "minimum": 1}, "guidance_scale": {"type": "number"},
         "batch_size": {"type": "integer", "minimum": 1},
-        "dtype": {"enum": ["float32", "float16", "bfloat16"]},
+        "dtype": {"enum": ["float32", "float16", "bfloat16", None],
+                  "description": "null: float16 on GPUs, float32 on CPUs"},
+        "resolution": {"type": ["integer", "null"], "minimum": 8, "maximum": 2048, "multipleOf": 8,
+                       "description": "square render size (null: the model's own)"},
         "sequential_rounds": {"type": ["integer", "null"], "minimum": 2, "maximum": 64,
-                              "description": "audit checkpoints in this many looks (null: every image)"}}},
+                              "description": "audit checkpoints in this many looks (null: every image)"},
+        "family_images": {"type": ["integer", "null"], "minimum": 1, "maximum": 4096,
+                          "description": "images of the job's own captions (null: the fewest a clean family "
+                                         "passes on)"},
+        "secret_pool": {"type": ["string", "null"],
+                        "description": "an operator's probe CSV on the gate's machines, drawn from per audit"}}},
     "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"], "properties": {
         "name": {"type": "string"},
         "path": {"type": "string", "description": "a local diffusers folder, or a single .safetensors checkpoint"},
@@ -142,7 +151,7 @@ PATHS = {
             "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "application/zip"},
                            "name": {"type": "string"}}}}}},
         "responses": {"201": _json(_ref["Dataset"], "accepted or flagged"),
-                      **_errors("400", "401", "403", "413", "415", "422", "503")}}},
+                      **_errors("400", "401", "403", "413", "415", "422", "429", "503")}}},
     "/v1/datasets/{dataset_id}": {"get": {
         "summary": "A dataset with its intake figures and review (tenant-scoped)",
         "parameters": [_id_param("dataset_id")],
@@ -162,7 +171,7 @@ PATHS = {
                  "requestBody": {"required": True, "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
                  "responses": {"201": _json(_ref["Job"], "queued"), "200": _json(_ref["Job"], "existing job"),
-                               **_errors("400", "401", "403", "404", "409", "503")}},
+                               **_errors("400", "401", "403", "404", "409", "429", "503")}},
         "get": {"summary": "The caller's jobs (reviewers and operators: all tenants')",
                 "responses": {"200": _json({"type": "object", "properties": {
                     "jobs": {"type": "array", "items": _ref["Job"]}}}, "jobs, newest first"),

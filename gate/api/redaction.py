@@ -62,8 +62,8 @@ CUSTOMER_REPORT: dict = {
     "verdict": _VERDICT,
     "metrics": _METRICS,
     "sequential": _leaves("looks", "stopped_at_look", "images_used", "images_planned", "interim_confidence"),
-    "lora_scales": _every({"scale": True, "images": True, "verdict": _VERDICT, "metrics": _METRICS}),
-    "families": _each({"images": True, "verdict": _VERDICT, "metrics": _METRICS}),
+    "lora_scales": _every({"scale": True, "images": True, "seconds": True, "verdict": _VERDICT, "metrics": _METRICS}),
+    "families": _each({"images": True, "seconds": True, "verdict": _VERDICT, "metrics": _METRICS}),
 }
 
 

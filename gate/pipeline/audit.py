@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 from sqlalchemy import select, update
@@ -100,7 +101,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         if base is None:
             raise LookupError(f"no base model {base_model_id}")
         profile = _profile(base)
-        folder = rt.settings.baselines_dir / base.id / profile.sha256()
+        folder = rt.settings.baselines_dir / base.id / profile.sha256(device())
         path = folder / "report.json"
         if path.is_file():
             report = json.loads(path.read_text())
@@ -108,7 +109,7 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
                 return report
             log.warning("baseline %s does not match the recorded hash; auditing it again", path)
         _check_base_files(rt, base)
-        render = profile.render_settings()
+        render = profile.render_settings(device())
         inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
                              policy=rt.settings.verdict_policy, render=render)
         outcome = run_audit(load_base(base, torch_dtype=render.torch_dtype, device=device()),
@@ -159,11 +160,13 @@ class BaseRenders:
         self._detector, self._us_classifier = detector, us_classifier
         self._pipe = None
         self._reports: dict[str, dict] = {}
+        self.seconds = 0.0  # what rendering them cost this audit
 
     def baseline(self, family: str, probes):
         def report() -> dict:
             if family not in self._reports:
-                render = self._profile.render_settings()
+                started = time.perf_counter()
+                render = self._profile.render_settings(device())
                 if self._pipe is None:
                     self._pipe = load_base(self._base, torch_dtype=render.torch_dtype, device=device())
                 inputs = AuditInputs(self._base.path, self._base.weights_sha256, probes,
@@ -174,6 +177,7 @@ class BaseRenders:
                 if is_incomplete(outcome.report["verdict"]["reasons"]):
                     raise BaselineError(outcome.report["verdict"]["reasons"][0])
                 self._reports[family] = outcome.report
+                self.seconds += time.perf_counter() - started
             return self._reports[family]
 
         return report
@@ -195,7 +199,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
         texts = job_texts(rt, job)
         with deadline(rt.settings.audit_deadline_seconds):
-            render = profile.render_settings()
+            render = profile.render_settings(device())
             probes = profile.load_probes()  # these once for every scale: the detectors' weights load once
             pool = profile.load_secret_pool()
             detector = profile.load_detector()
@@ -217,7 +221,9 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
                 outcomes.append((scale, outcome))
                 if is_incomplete(outcome.report["verdict"]["reasons"]):
                     break  # blocked already; past a deadline, another scale would run without one
-            return strictest_scale(outcomes)
+            outcome = strictest_scale(outcomes)
+            outcome.report["job_probes"] = {**drawn, "baseline_seconds": round(base_renders.seconds, 2)}
+            return outcome
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
         log.exception("audit of job %s failed before it could finish", artifact.job_id)
         return unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",

@@ -8,6 +8,7 @@ rendered again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -16,11 +17,13 @@ from pathlib import Path
 from auditing.config import from_mapping
 from auditing.detectors.registry import DETECTORS
 from auditing.models.hashing import sha256_file
+from auditing.probes import load_probe_set
 from auditing.render import RenderSettings
 
 MAX_IMAGES_PER_PROMPT = 64
 MAX_SEQUENTIAL_ROUNDS = 64
 MAX_FAMILY_IMAGES = 4096
+MAX_RESOLUTION = 2048
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,17 @@ class AuditProfile:
     inference_steps: int = 30
     guidance_scale: float = 7.5  # where the probe file gives none
     batch_size: int = 8
-    dtype: str = "float32"  # float16 / bfloat16 halve rendering memory on GPUs
+    dtype: str | None = None  # null: float16 where the audit runs on a GPU, float32 on CPUs
+    # Square render size in pixels; null: the model's own (its UNet's sample size times the VAE's scale: SD 1.x
+    # 512, SD 2.x-768 768, SDXL 1024), never the sizes probe files carry (I2P's rows say 512 for SD 1.4).
+    resolution: int | None = None
     # Checkpoints are audited in this many looks, stopping once the verdict is settled
     # (docs/sequential-audit.md); null renders every image. Baselines always render every image.
     sequential_rounds: int | None = 4
-    # Job probe families (docs/auditing.md, "Probes the customer cannot dodge"): images per family, null for
-    # the fewest on which a clean family can pass the verdict policy; and the operator's secret probe pool, a
-    # probe CSV larger than ``probes`` that a random share of is drawn from for every audit (null: none).
+    # Job probe families (docs/auditing.md, "Probes the customer cannot dodge"): images of the job's captions,
+    # null for the fewest on which a clean family can pass the verdict policy; and the operator's secret probe
+    # pool, a probe CSV larger than ``probes`` (rendered ``images_per_prompt`` times too) from which as many
+    # images as ``probes`` has are drawn at random for every audit (null: no secret family).
     family_images: int | None = None
     secret_pool: str | None = None
 
@@ -74,6 +81,11 @@ class AuditProfile:
                                              or not Path(self.secret_pool).is_file()):
             raise ValueError(f"audit_profile.secret_pool must be null or an existing probe CSV on the server "
                              f"(got {self.secret_pool!r})")
+        size = self.resolution
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size % 8
+                                 or not 8 <= size <= MAX_RESOLUTION):
+            raise ValueError(f"audit_profile.resolution must be null or a multiple of 8 in [8, {MAX_RESOLUTION}] "
+                             f"(got {size!r})")
         try:
             self.render_settings()
         except (TypeError, ValueError) as exc:
@@ -88,9 +100,11 @@ class AuditProfile:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def render_settings(self) -> RenderSettings:
+    def render_settings(self, device: str | None = None) -> RenderSettings:
+        """How images are rendered on ``device`` (None: the CPU)."""
+        dtype = self.dtype or ("float16" if device == "cuda" else "float32")
         return RenderSettings(inference_steps=self.inference_steps, guidance_scale=self.guidance_scale,
-                              batch_size=self.batch_size, dtype=self.dtype)
+                              batch_size=self.batch_size, dtype=dtype)
 
     def sequential_plan(self):
         from auditing.sequential import SequentialPlan
@@ -98,14 +112,18 @@ class AuditProfile:
         return None if self.sequential_rounds is None else SequentialPlan(rounds=self.sequential_rounds)
 
     def load_probes(self):
-        from auditing.probes import load_probe_set
+        return self._sized(load_probe_set(self.probes, category=self.category,
+                                          images_per_prompt=self.images_per_prompt))
 
-        return load_probe_set(self.probes, category=self.category, images_per_prompt=self.images_per_prompt)
+    def _sized(self, probes):
+        """The probe set rendered at the profile's ``resolution`` (None: the model's own size)."""
+        size = self.resolution
+        return dataclasses.replace(probes, images=tuple(dataclasses.replace(i, width=size, height=size)
+                                                        for i in probes.images))
 
     def load_secret_pool(self):
-        from auditing.probes import load_probe_set
-
-        return None if self.secret_pool is None else load_probe_set(self.secret_pool)
+        return (None if self.secret_pool is None else
+                self._sized(load_probe_set(self.secret_pool, images_per_prompt=self.images_per_prompt)))
 
     def images_per_family(self, policy) -> int:
         from auditing.job_probes import zero_hit_images
@@ -122,7 +140,9 @@ class AuditProfile:
 
         return None if self.us_classifier is None else load_detector(self.us_classifier, **self.us_classifier_options)
 
-    def sha256(self) -> str:
-        """Identifies the baseline this profile needs: its settings and the probe file's bytes."""
-        payload = {"profile": self.as_dict(), "probes_sha256": sha256_file(self.probes)}
+    def sha256(self, device: str | None = None) -> str:
+        """Identifies the baseline this profile needs on ``device``: its settings as resolved there (the
+        precision) and the probe file's bytes."""
+        payload = {"profile": {**self.as_dict(), "dtype": self.render_settings(device).dtype},
+                   "probes_sha256": sha256_file(self.probes)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
