@@ -36,6 +36,7 @@ from .verdict import DECISIONS, Verdict, VerdictPolicy, combine, incomplete, is_
 
 log = logging.getLogger(__name__)
 
+MODEL_CHECK = "model check"  # the verdict's ``family`` when the model-side check decided
 REPORT_KIND = "ftgate.audit-report"
 REPORT_VERSION = 2  # 2: US (us_classifier, samples[].us, us_* metrics), categories, render dtype
 
@@ -273,6 +274,23 @@ def audit_families(pipe, detector: Detector, inputs: AuditInputs,
     return AuditOutcome(report, [image for _, o in outcomes for image in o.images])
 
 
+def with_model_check(outcome: AuditOutcome, check: dict) -> AuditOutcome:
+    """The audit with the model-side check (``auditing.model_check``) as one more judged signal: when its
+    decision is stricter than the renders', it decides, its reasons prefixed "model check"."""
+    report = {**outcome.report, "model_check": check}
+    verdict = report["verdict"]
+    if DECISIONS.index(check["decision"]) > DECISIONS.index(verdict["decision"]):
+        report["verdict"] = {**verdict, "decision": check["decision"], "family": MODEL_CHECK,
+                             "reasons": [f"{MODEL_CHECK}: {r}" for r in check["reasons"]]}
+    return AuditOutcome(report, outcome.images)
+
+
+def part_seconds(report: dict) -> dict[str, float]:
+    """What each part of one scale's audit took: every probe family's renders, and the model-side check."""
+    seconds = {name: f["seconds"] for name, f in report.get("families", {}).items()}
+    return seconds | ({MODEL_CHECK: report["model_check"]["seconds"]} if report.get("model_check") else {})
+
+
 def strictest_scale(outcomes: list[tuple[float, AuditOutcome]]) -> AuditOutcome:
     """Audits of one LoRA at several scales as one: the report and images of the scale whose verdict is
     strictest (the lowest such scale), its reasons naming that scale, and under ``lora_scales`` every
@@ -284,8 +302,7 @@ def strictest_scale(outcomes: list[tuple[float, AuditOutcome]]) -> AuditOutcome:
         report["verdict"] = {**verdict, "reasons": [f"at LoRA scale {scale:g}: {r}" for r in verdict["reasons"]]}
         report["lora_scales"] = [{"scale": s, "verdict": o.report["verdict"], "metrics": o.report["metrics"],
                                   "images": len(o.report["samples"]), "seconds": o.report["seconds"],
-                                  "family_seconds": {f: v["seconds"] for f, v in o.report.get("families", {}).items()}}
-                                 for s, o in outcomes]
+                                  "family_seconds": part_seconds(o.report)} for s, o in outcomes]
         report["seconds"] = round(sum(o.report["seconds"] for _, o in outcomes), 2)
     return AuditOutcome(report, chosen.images)
 

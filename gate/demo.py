@@ -156,7 +156,8 @@ def _cmd_demo(args) -> int:
         operator, customer = Client(gate.url, keys["operator"]), Client(gate.url, keys["customer"])
         profile = {"probes": str(probes), "detector": "shapes",
                    "detector_options": {"concept": UNSAFE}, "images_per_prompt": IMAGES_PER_PROBE,
-                   "inference_steps": 20, "guidance_scale": 5.0, "batch_size": 64, "secret_pool": str(secret_pool)}
+                   "inference_steps": 20, "guidance_scale": 5.0, "batch_size": 64, "secret_pool": str(secret_pool),
+                   "model_check": {"references": UNSAFE}}
         base = operator.call("POST", "/v1/base-models", json={"name": "shapes-world-hardened", "path": str(model),
                                                               "audit_profile": profile}).json()
         print(f"operator registered base model {base['id']} (baseline audit queued)")

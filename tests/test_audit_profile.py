@@ -43,3 +43,30 @@ def test_the_models_own_size_is_what_a_probe_without_one_renders_at(probes, fami
     renderer = Renderer(pipe, "sha", settings=RenderSettings(inference_steps=1))
     image, = renderer.render(list(profile.load_probes().images))
     assert image.size == (native, native) and native != 512
+
+
+def test_the_model_check_is_validated_at_registration(probes, tmp_path):
+    assert AuditProfile(probes=probes).model_check_inputs() is None
+    settings, references, controls = AuditProfile(probes=probes, model_check={
+        "references": "red triangle", "images": 4}).model_check_inputs()
+    assert settings.images == 4 and len(references) == len(controls) == 4
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for bad, field in (({"references": str(folder)}, "controls"), ({}, "references"),
+                       ({"references": "red triangle", "timesteps": [-1]}, "timesteps"),
+                       ({"references": "red triangle", "margin": 1}, "margin"), ("on", "object")):
+        with pytest.raises(ValueError, match=field):
+            AuditProfile(probes=probes, model_check=bad)
+
+
+def test_a_stricter_model_check_decides_and_says_so():
+    from auditing.audit import MODEL_CHECK, AuditOutcome, with_model_check
+
+    verdict = {"decision": "pass", "reasons": ["unsafe rate 0.01 within the ceiling"], "family": "profile"}
+    audit = AuditOutcome({"verdict": verdict})
+    check = {"decision": "block", "reasons": ["prompt 'a zorblat': fell 0.2"], "seconds": 1.0}
+    blocked = with_model_check(audit, check).report
+    assert blocked["verdict"]["decision"] == "block" and blocked["verdict"]["family"] == MODEL_CHECK
+    assert blocked["verdict"]["reasons"] == ["model check: prompt 'a zorblat': fell 0.2"]
+    kept = with_model_check(audit, {**check, "decision": "pass"}).report
+    assert kept["verdict"] == verdict and kept["model_check"]["decision"] == "pass"

@@ -112,7 +112,10 @@ SCHEMAS = {
                           "description": "images of the job's own captions (null: the fewest a clean family "
                                          "passes on)"},
         "secret_pool": {"type": ["string", "null"],
-                        "description": "an operator's probe CSV on the gate's machines, drawn from per audit"}}},
+                        "description": "an operator's probe CSV on the gate's machines, drawn from per audit"},
+        "model_check": {"type": ["object", "null"],
+                        "description": "the model-side check: references (and controls) folders on the gate's "
+                                       "machines, and its settings (docs/auditing.md)"}}},
     "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"], "properties": {
         "name": {"type": "string"},
         "path": {"type": "string", "description": "a local diffusers folder, or a single .safetensors checkpoint"},

@@ -63,6 +63,7 @@ CUSTOMER_REPORT: dict = {
     "metrics": _METRICS,
     "sequential": _leaves("looks", "stopped_at_look", "images_used", "images_planned", "interim_confidence"),
     "lora_scales": _every({"scale": True, "images": True, "seconds": True, "verdict": _VERDICT, "metrics": _METRICS}),
+    "model_check": _leaves("decision", "statistic", "lo", "hi"),
     "families": _each({"images": True, "seconds": True, "verdict": _VERDICT, "metrics": _METRICS}),
 }
 

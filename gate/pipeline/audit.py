@@ -28,6 +28,7 @@ from auditing.audit import (
     save_outcome,
     strictest_scale,
     unfinished_audit,
+    with_model_check,
 )
 from auditing.job_probes import JobTexts, job_families
 from auditing.verdict import is_incomplete
@@ -162,16 +163,20 @@ class BaseRenders:
         self._reports: dict[str, dict] = {}
         self.seconds = 0.0  # what rendering them cost this audit
 
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = load_base(self._base, torch_dtype=self._profile.render_settings(device()).torch_dtype,
+                                   device=device())
+        return self._pipe
+
     def baseline(self, family: str, probes):
         def report() -> dict:
             if family not in self._reports:
                 started = time.perf_counter()
                 render = self._profile.render_settings(device())
-                if self._pipe is None:
-                    self._pipe = load_base(self._base, torch_dtype=render.torch_dtype, device=device())
                 inputs = AuditInputs(self._base.path, self._base.weights_sha256, probes,
                                      policy=self._rt.settings.verdict_policy, render=render)
-                outcome = run_audit(self._pipe, self._detector, inputs, cache_dir=self._rt.settings.render_cache_dir,
+                outcome = run_audit(self.pipe(), self._detector, inputs, cache_dir=self._rt.settings.render_cache_dir,
                                     us_classifier=self._us_classifier)
                 metrics.audit_images("baseline", len(outcome.report["samples"]))
                 if is_incomplete(outcome.report["verdict"]["reasons"]):
@@ -189,6 +194,8 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
     and an audit past its deadline, block). The deadline covers loading, rendering and scoring the checkpoint
     and the base model's renders of the job's families, not the base model's baseline on the profile's
     probes, which is audited once for every job on it."""
+    from auditing.model_check import check_prompts, run_model_check
+
     policy = rt.settings.verdict_policy
     weights = rt.store.path(artifact.tenant_id, artifact.path)
     try:
@@ -205,6 +212,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
             detector = profile.load_detector()
             us_classifier = profile.load_us_classifier()
             base_renders = BaseRenders(rt, base, profile, detector, us_classifier)
+            model_check = profile.model_check_inputs()
             families = drawn = None
             outcomes = []
             for scale in audit_scales(artifact.kind, rt.settings.limits):
@@ -218,6 +226,11 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
                                      adapter_scale=scale, sequential=profile.sequential_plan())
                 outcome = audit_families(pipe, detector, inputs, families, drawn,
                                          cache_dir=rt.settings.render_cache_dir, us_classifier=us_classifier)
+                if model_check is not None:  # under the customer's own conditioning: captions, prompts, triggers
+                    settings, references, controls = model_check
+                    prompts = [*check_prompts(list(texts.trained)), *texts.extra, *drawn["trigger_candidates"]]
+                    outcome = with_model_check(outcome, run_model_check(base_renders.pipe(), pipe, references,
+                                                                        controls, prompts, settings))
                 outcomes.append((scale, outcome))
                 if is_incomplete(outcome.report["verdict"]["reasons"]):
                     break  # blocked already; past a deadline, another scale would run without one

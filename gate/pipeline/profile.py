@@ -52,6 +52,11 @@ class AuditProfile:
     # images as ``probes`` has are drawn at random for every audit (null: no secret family).
     family_images: int | None = None
     secret_pool: str | None = None
+    # The model-side check (docs/auditing.md, "Model-side check"): ``references``, a folder of images of the
+    # unsafe concept on the server (or a shapes-world concept), ``controls``, a folder of safe images (for a
+    # world concept: the world's other concepts), and any ``auditing.model_check.ModelCheckSettings`` field.
+    # Null: no model-side check.
+    model_check: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.probes, str) or not Path(self.probes).is_file():
@@ -86,6 +91,8 @@ class AuditProfile:
                                  or not 8 <= size <= MAX_RESOLUTION):
             raise ValueError(f"audit_profile.resolution must be null or a multiple of 8 in [8, {MAX_RESOLUTION}] "
                              f"(got {size!r})")
+        if self.model_check is not None:
+            self.model_check_inputs(load_images=False)
         try:
             self.render_settings()
         except (TypeError, ValueError) as exc:
@@ -129,6 +136,37 @@ class AuditProfile:
         from auditing.job_probes import zero_hit_images
 
         return self.family_images or zero_hit_images(policy)
+
+    def model_check_inputs(self, load_images: bool = True):
+        """The model-side check's settings and its reference and control images (None: no check); a
+        ValueError names the ``audit_profile.model_check`` field at fault."""
+        from auditing.model_check import ModelCheckSettings, control_images, reference_images
+
+        if self.model_check is None:
+            return None
+        if not isinstance(self.model_check, dict):
+            raise ValueError("audit_profile.model_check must be an object or null")
+        spec = dict(self.model_check)
+        references, controls = spec.pop("references", None), spec.pop("controls", None)
+        if not isinstance(references, str) or not references:
+            raise ValueError("audit_profile.model_check.references must name a folder of images of the unsafe "
+                             "concept on the server (or a shapes-world concept)")
+        world = not Path(references).is_dir()
+        if not world and not (isinstance(controls, str) and Path(controls).is_dir()):
+            raise ValueError("audit_profile.model_check.controls must name a folder of safe images on the server "
+                             f"(got {controls!r})")
+        try:
+            settings = from_mapping(ModelCheckSettings, spec, "audit_profile.model_check")
+            if world:
+                reference_images(references, n=1)  # a concept the world knows
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit_profile.model_check: {exc}") from None
+        if not load_images:
+            return None
+        refs = reference_images(references, settings.images, settings.seed)
+        ctls = (control_images(references, settings.images, settings.seed + 1) if world
+                else reference_images(controls, settings.images))
+        return settings, refs, ctls
 
     def load_detector(self):
         from auditing.detectors.registry import load_detector
