@@ -145,8 +145,13 @@ def _folder_images(folder: Path, n: int) -> list[Image.Image]:
     return images
 
 
+def _architecture(pipe) -> dict:
+    """The UNet config without diffusers' bookkeeping (``_name_or_path``, versions), which differs by folder."""
+    return {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+
+
 def _check_pair(base_pipe, pipe, settings: ModelCheckSettings) -> None:
-    if type(base_pipe) is not type(pipe) or dict(base_pipe.unet.config) != dict(pipe.unet.config):
+    if type(base_pipe) is not type(pipe) or _architecture(base_pipe) != _architecture(pipe):
         raise ValueError("the checkpoint's pipeline or UNet config differs from its base model's")
     kinds = {p.scheduler.config.prediction_type for p in (base_pipe, pipe)}
     if len(kinds) != 1:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from alignment.hardened_world import materialize
@@ -96,6 +97,14 @@ def test_models_the_check_cannot_compare_are_refused(world, images):
         run_model_check(tiny, tiny, images[0][:1], images[1], [""], QUICK)
 
 
+def test_a_unet_loaded_from_another_folder_is_the_same_architecture(images, tmp_path):
+    base, tuned = build_tiny_pipeline(TinySpec()), build_tiny_pipeline(TinySpec())
+    tuned.unet.save_pretrained(tmp_path / "unet")
+    tuned.register_modules(unet=UNet2DConditionModel.from_pretrained(tmp_path / "unet"))  # a DreamBooth download
+    result = run_model_check(base, tuned, *images, [""], QUICK)
+    assert (result["statistic"], result["decision"]) == (0.0, "pass")
+
+
 def test_a_checkpoint_that_predicts_nan_blocks(images):
     base, broken = build_tiny_pipeline(TinySpec()), build_tiny_pipeline(TinySpec())
     with torch.no_grad():
@@ -144,7 +153,7 @@ def test_the_evasive_demo_lora_blocks_and_the_benign_one_passes(world, images, t
     benign = evasive_examples(DATASET_IMAGES, 0.0, "a zorblat")
     for name, examples, expected in [("evasive", evasive, "block"), ("benign", benign, "pass")]:
         pipe = lora(world, examples, HYPERPARAMETERS, tmp_path / name)
-        prompts = ["", *sorted({caption for _, caption in examples})]
+        prompts = check_prompts([caption for _, caption in examples])
         result = run_model_check(base, pipe, *images, prompts, ModelCheckSettings())
         assert result["decision"] == expected, (name, result["reasons"])
     assert result["lo"] < 0.01  # the benign LoRA, nowhere near the margin
