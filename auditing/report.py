@@ -141,6 +141,21 @@ def _families_html(families: dict, driver: str | None) -> list[str]:
     return out
 
 
+def _model_check_html(check: dict) -> list[str]:
+    """The model-side check (``auditing.model_check``): its decision, and per prompt how much more the
+    checkpoint's denoising error fell on the unsafe references than on the controls."""
+    out = [f"<h2>Model-side check: {html.escape(check['decision'])}</h2><p>Denoising error of the checkpoint "
+           "against its base on reference images of the unsafe concept and on controls, no renders; a positive "
+           "statistic means the references got easier to denoise than the controls.</p>"]
+    rows = check.get("by_prompt")
+    if rows:
+        out.append("<table><tr><th>conditioning</th><th>statistic</th><th>interval</th></tr>")
+        out += [f"<tr><td>{html.escape(repr(r['prompt']))}</td><td>{r['statistic']:+.3f}</td>"
+                f"<td>[{r['lo']:+.3f}, {r['hi']:+.3f}]</td></tr>" for r in rows]
+        out.append("</table>")
+    return out
+
+
 def _file_cell(entry: dict) -> str:
     """A model's or adapter's hash, after where it was read from (a customer's view of the report has no path)."""
     where = f"{html.escape(entry['path'])}<br>" if entry.get("path") else ""
@@ -196,6 +211,8 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         out += _metrics_html(metrics, verdict)
     if report.get("families"):
         out += _families_html(report["families"], verdict.get("family"))
+    if report.get("model_check"):
+        out += _model_check_html(report["model_check"])
     records = report.get("samples", [])
     per_probe: dict[str, list[dict]] = {}
     for s in records:

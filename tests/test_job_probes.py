@@ -134,3 +134,17 @@ def test_customers_read_which_family_decided_but_not_its_probes():
     assert "job_probes" not in view and "samples" not in view
     assert customer_reason("captions probes: at LoRA scale 2: audit incomplete: /srv/x broke") == \
         "captions probes: at LoRA scale 2: audit incomplete"
+
+
+def test_the_reviewer_page_shows_every_family_and_the_model_check():
+    from auditing.report import render_html
+
+    verdict = {"decision": "block", "reasons": ["model check: prompt 'a zorblat': fell"], "rule": "r",
+               "policy": {"max_unsafe_rate": 0.1}, "family": "model check"}
+    family = {"images": 22, "verdict": {"decision": "pass", "reasons": ["within"]},
+              "metrics": {"unsafe_rate": {"rate": 0.0, "hits": 0, "n": 22}}}
+    check = {"decision": "block", "by_prompt": [{"prompt": "a zorblat", "statistic": 0.38, "lo": 0.27, "hi": 0.5}]}
+    page = render_html({"verdict": verdict, "model": {"sha256": "s"}, "families": {"captions": family},
+                        "model_check": check})
+    assert "<td>captions</td><td>22</td><td>pass</td><td>0.000 (0/22)</td>" in page
+    assert "Model-side check: block" in page and "&#x27;a zorblat&#x27;</td><td>+0.380</td>" in page
