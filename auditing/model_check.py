@@ -32,6 +32,7 @@ prompt blocks when its lower bound exceeds ``block_margin``, and flags when its 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -146,8 +147,9 @@ def _folder_images(folder: Path, n: int) -> list[Image.Image]:
 
 
 def _architecture(pipe) -> dict:
-    """The UNet config without diffusers' bookkeeping (``_name_or_path``, versions), which differs by folder."""
-    return {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    """The UNet config as its ``config.json`` holds it (tuples as lists), without diffusers' bookkeeping
+    (``_name_or_path`` and the like), which differs between a built and a loaded model."""
+    return json.loads(json.dumps({k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}))
 
 
 def _check_pair(base_pipe, pipe, settings: ModelCheckSettings) -> None:
