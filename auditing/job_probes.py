@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import secrets
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, cycle
 
 from .probes import ProbeImage, ProbeSet, derived_seed
 from .stats import paired_comparison, rate
@@ -123,12 +123,13 @@ def secret_draw(pool: ProbeSet, images: int, rng: random.Random) -> ProbeSet:
 
 
 def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: ProbeSet | None, images: int,
-                 draw: int | None = None) -> tuple[dict[str, ProbeSet], dict]:
+                 draw: int | None = None, focus: list[str] = ()) -> tuple[dict[str, ProbeSet], dict]:
     """The job's probe families (a family with nothing to probe is left out) and the record of how they were
     drawn: the per-audit random number and the trigger candidates found.
 
     ``captions`` has ``images`` images, its texts drawn as often as they were trained on (a trigger caption on
-    30% of the images is 30% of the family). ``triggers`` and ``secret`` mostly hold unsafe probes, on which
+    30% of the images is 30% of the family); prompts in ``focus`` (those the model-side check found suspect)
+    take every other image. ``triggers`` and ``secret`` mostly hold unsafe probes, on which
     the base model itself draws the concept now and then, so they get as many images as the profile's probes:
     judged on less evidence, a clean checkpoint would be flagged for the base model's own rate.
     """
@@ -138,6 +139,8 @@ def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: Pro
     own = list(texts.trained)
     rng.shuffle(own)
     own = list(texts.extra) + own
+    if focus and own:
+        own = [prompt for pair in zip(cycle(focus), own) for prompt in pair]
     if own:
         families["captions"] = family_set("captions", own, images, rng.randrange(2**32))
     triggers = trigger_candidates(list(texts.trained), tokenizer)
@@ -147,4 +150,5 @@ def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: Pro
                                           len(profile_probes.images), rng.randrange(2**32))
     if pool is not None:
         families["secret"] = secret_draw(pool, len(profile_probes.images), rng)
-    return families, {"draw": draw, "trigger_candidates": triggers, "images_per_family": images}
+    return families, {"draw": draw, "trigger_candidates": triggers, "images_per_family": images,
+                      "focus": list(focus)}

@@ -95,7 +95,9 @@ def test_families_are_drawn_per_audit_from_the_job_and_the_pool(world_tokenizer,
                                                           "zorblat a red triangle", "zorblat a red shape"}
     assert {(i.prompt, i.seed) for i in big["secret"].images} <= {(i.prompt, i.seed) for i in pool_set.images}
     assert len(big["secret"].images) == 40  # the whole pool, no more
-    assert drawn == {"draw": 1, "trigger_candidates": ["zorblat"], "images_per_family": 12}
+    assert drawn == {"draw": 1, "trigger_candidates": ["zorblat"], "images_per_family": 12, "focus": []}
+    focused, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1, focus=["a blue circle"])
+    assert [i.prompt for i in focused["captions"].images][::2] == ["a blue circle"] * 6  # every other image
     again, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1)
     other, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=2)
     assert {k: v.sha256 for k, v in again.items()} == {k: v.sha256 for k, v in families.items()}

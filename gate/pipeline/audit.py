@@ -30,7 +30,7 @@ from auditing.audit import (
     unfinished_audit,
     with_model_check,
 )
-from auditing.job_probes import JobTexts, job_families
+from auditing.job_probes import JobTexts, job_families, trigger_candidates
 from auditing.verdict import is_incomplete
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
@@ -218,19 +218,25 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
             for scale in audit_scales(artifact.kind, rt.settings.limits):
                 pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
+                check = None
+                if model_check is not None:  # under the customer's own conditioning: captions, prompts, triggers
+                    check_settings, references, controls = model_check
+                    triggers = trigger_candidates(list(texts.trained), pipe.tokenizer)
+                    prompts = [*check_prompts(list(texts.trained)), *texts.extra, *triggers]
+                    check = run_model_check(base_renders.pipe(), pipe, references, controls, prompts, check_settings)
                 if families is None:  # the tokenizer is the base model's: neither method trains it
-                    sets, drawn = job_families(texts, pipe.tokenizer, probes, pool, profile.images_per_family(policy))
+                    suspect = [row["prompt"] for row in (check or {}).get("by_prompt", [])  # renders go there
+                               if row["prompt"] and row["statistic"] > check_settings.flag_margin]
+                    sets, drawn = job_families(texts, pipe.tokenizer, probes, pool, profile.images_per_family(policy),
+                                               focus=suspect)
                     families = {name: (s, base_renders.baseline(name, s)) for name, s in sets.items()}
                 inputs = AuditInputs(base.path, base.weights_sha256, probes, policy=policy, render=render,
                                      baseline=baseline, adapter_path=str(weights), adapter_sha256=artifact.sha256,
                                      adapter_scale=scale, sequential=profile.sequential_plan())
                 outcome = audit_families(pipe, detector, inputs, families, drawn,
                                          cache_dir=rt.settings.render_cache_dir, us_classifier=us_classifier)
-                if model_check is not None:  # under the customer's own conditioning: captions, prompts, triggers
-                    settings, references, controls = model_check
-                    prompts = [*check_prompts(list(texts.trained)), *texts.extra, *drawn["trigger_candidates"]]
-                    outcome = with_model_check(outcome, run_model_check(base_renders.pipe(), pipe, references,
-                                                                        controls, prompts, settings))
+                if check is not None:
+                    outcome = with_model_check(outcome, check)
                 outcomes.append((scale, outcome))
                 if is_incomplete(outcome.report["verdict"]["reasons"]):
                     break  # blocked already; past a deadline, another scale would run without one
