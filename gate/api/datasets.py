@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from dataclasses import fields
 
@@ -24,6 +25,7 @@ from . import gate
 from .auth import current_principal, login_required
 from .dataset_reviews import dataset_detail
 from .errors import ApiError
+from .quotas import check_dataset_quota
 from .serialize import dataset_json
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ def upload():
     dataset_id = new_id()
     folder = app.settings.dataset_folder(principal.tenant_id, dataset_id)
     stream = file.stream
+    check_dataset_quota(g.db, principal.tenant_id, app.settings.limits, stream.seek(0, os.SEEK_END))
+    stream.seek(0)
     result = ingest(stream, intake_limits(app.settings.limits), folder, app.scanner)
     stored_new = False
     try:

@@ -28,6 +28,7 @@ from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError
 from .queueing import hand_to_queues
+from .quotas import check_job_quota
 from .serialize import job_json
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def create():
                else f"only {TRAINABLE_DATASET} datasets can train")
         raise ApiError(409, "dataset_not_trainable", f"dataset {dataset.id} is {dataset.status}: {why}",
                        field="dataset")
+    check_job_quota(g.db, principal.tenant_id, app.settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,
               hyperparameters=hyperparameters, status="queued", idempotency_key=key)
     g.db.add(job)
