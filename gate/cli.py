@@ -9,7 +9,7 @@ import sys
 from alignment import cli as alignment_cli
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
-from gate import demo, keys_cli
+from gate import demo, keys_cli, logs
 from gate.storage import cli as storage_cli
 from gate.worker import cli as worker_cli
 
@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         # transformers warns at import about optional image backends we never use.
         import transformers

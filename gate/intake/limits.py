@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
+from gate.logs import printable  # file names in messages: a zip entry cannot forge log lines
+
 MiB = 1 << 20
 
 # Reason code -> HTTP status. 400: malformed, 413: too large, 415: unsupported, 422: refused by policy.
@@ -43,12 +45,6 @@ REASONS: dict[str, int] = {
 
 # How many offending members a message lists before "and N more" (``files`` keeps them all).
 NAMED_IN_MESSAGE = 10
-
-
-def printable(name: str) -> str:
-    """A customer's file name as it may appear in a message or log line: control and other unprintable
-    characters escaped (``\\n``, ``\\x1b``), so a zip entry cannot forge log lines or terminal output."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 
 class IntakeError(ValueError):
