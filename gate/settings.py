@@ -101,6 +101,19 @@ class Limits:
                                 f"exceed limits.contamination_reject_ratio ({self.contamination_reject_ratio:g})")
 
 
+def _check_rate(rate) -> None:
+    """A SettingsError naming ``rate_limit`` unless it is one or more rates flask-limiter reads."""
+    from limits import parse_many
+
+    try:
+        items = parse_many(rate) if isinstance(rate, str) else []
+        if not items or any(item.amount < 1 for item in items):
+            raise ValueError(rate)
+    except ValueError:
+        raise SettingsError("rate_limit", f"rate_limit must be requests per period in flask-limiter's notation, "
+                                          f"e.g. '600/minute' or '10/second;600/minute' (got {rate!r})") from None
+
+
 def redact(url: str) -> str:
     """``url`` with its password replaced by ``***``, for logs and error messages."""
     parts = urlsplit(url)
@@ -135,6 +148,10 @@ class Settings:
     render_cache_retention_hours: int = 24
     scratch_retention_hours: int = 72
     training_state_retention_hours: int = 7 * 24
+    # Requests one API key (or, without a valid key, one client address) may make, in flask-limiter's notation
+    # ("600/minute", "10/second;600/minute"); counted in the broker's Redis when broker_url is set, else in each
+    # API process's memory (gate.api.ratelimit). /healthz and /metrics are not counted.
+    rate_limit: str = "600/minute"
 
     def __post_init__(self):
         if self.metrics_dir is None:
@@ -152,6 +169,7 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise SettingsError(name, f"{name} must be an integer in [{lo}, {hi}] (got {value!r})")
+        _check_rate(self.rate_limit)
         if self.render_cache_retention_hours > self.scratch_retention_hours:
             raise SettingsError("render_cache_retention_hours",
                                 f"render_cache_retention_hours ({self.render_cache_retention_hours}) must not exceed "
@@ -202,7 +220,7 @@ class Settings:
 # Settings that are not limits, with how they are given: a path, a string or an integer.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
-              "metrics_dir": "path", **dict.fromkeys(RETENTION_SETTINGS, "int")}
+              "metrics_dir": "path", "rate_limit": "str", **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 
@@ -308,6 +326,7 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             broker_url=values.get("broker_url"),
             artifacts_dir=Path(values.get("artifacts_dir") or state_dir / "artifacts").absolute(),
             metrics_dir=Path(values["metrics_dir"]).absolute() if values.get("metrics_dir") else None,
+            **({"rate_limit": values["rate_limit"]} if values.get("rate_limit") else {}),
             limits=limits,
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,

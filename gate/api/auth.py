@@ -36,7 +36,8 @@ def principal_required(find: Callable[[], Principal | None], refuse: Callable[[]
     return decorator
 
 
-def _bearer_principal() -> Principal | None:
+def bearer_principal() -> Principal | None:
+    """The principal of the request's bearer key, or None (missing, malformed, unknown or revoked)."""
     header = request.headers.get("Authorization", "")
     presented = header[len(BEARER):].strip() if header.lower().startswith(BEARER) else None
     return authenticate(g.db, presented) if presented else None
@@ -48,7 +49,7 @@ def _unauthorized():
 
 def login_required(*roles: str) -> Callable:
     """View decorator: sets ``g.principal``; 401 without a valid key, 403 when ``roles`` is given and not met."""
-    return principal_required(_bearer_principal, _unauthorized, roles)
+    return principal_required(bearer_principal, _unauthorized, roles)
 
 
 def current_principal() -> Principal:

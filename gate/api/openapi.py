@@ -25,7 +25,8 @@ _ref = {name: {"$ref": f"#/components/schemas/{name}"}
                      "AuditProfile")}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"schema": _ref["Error"]}}}
            for code, text in {"400": "invalid request", "401": "missing, invalid or revoked key",
-                              "403": "role not allowed (or the tenant's withheld-job budget is spent)", "404": "not found (or another tenant's)",
+                              "403": "role not allowed (or the tenant's withheld-job budget is spent)",
+                              "404": "not found (or another tenant's)",
                               "409": "conflict", "413": "too large", "415": "unsupported upload content",
                               "422": "refused by the contamination policy",
                               "429": "a per-tenant quota or a rate limit (limit, maximum)",
@@ -247,6 +248,12 @@ PATHS = {
     "/openapi.json": {"get": {"summary": "This document", "security": [],
                               "responses": {"200": {"description": "OpenAPI 3.1 document"}}}},
 }
+
+# Every operation but these is rate-limited per key (gate.api.ratelimit), so any may answer 429.
+RATE_EXEMPT = ("/healthz", "/metrics")
+for _path, _operations in PATHS.items():
+    for _operation in _operations.values() if _path not in RATE_EXEMPT else ():
+        _operation["responses"].setdefault("429", _ERRORS["429"])
 
 
 def openapi_document() -> dict:
