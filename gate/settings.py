@@ -35,6 +35,8 @@ LEASE_SECONDS_RANGE = (2, 86_400)
 # An audit of one checkpoint must end within this; the audit task's own hard time limit is 6 h
 # (gate.worker.app.TIME_LIMITS_S), so a longer deadline could never fire.
 AUDIT_DEADLINE_SECONDS_RANGE = (1, 6 * 3600)
+DISPATCH_GRACE_SECONDS_RANGE = (1, 7 * 86_400)
+MAX_ATTEMPTS_RANGE = (1, 100)
 RETENTION_HOURS_RANGE = (1, 24 * 365)
 RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours")
 
@@ -136,6 +138,15 @@ class Settings:
     # How long a worker's claim on a job lasts without a heartbeat; after that the reaper hands the job
     # to another worker. Heartbeats come every third of it, so a live worker never loses its claim.
     lease_seconds: int = 120
+    # How long a job (or hardening run) may wait for a worker to start its stage after its message was sent
+    # before the reaper sends it again: a message lost by the broker, never sent (a process killed between its
+    # commit and its send, a broker down) or refused by a worker that could not reach the database. Duplicates
+    # are harmless (a stage takes its job by compare-and-set); one waiting this long behind a busy queue gets one.
+    dispatch_grace_seconds: int = 300
+    # How many times a job is started, a first try and one after each worker lost in training or auditing
+    # (its lease expired); a worker lost in the last of them fails the job, which no longer waits for a
+    # worker that never finishes it (a checkpoint that kills every auditor, say).
+    max_attempts: int = 3
     # How long the auditor may take to load, render and score one checkpoint; past it the audit stops and
     # blocks the job as "audit incomplete" (fail closed). Default 5 h: under the audit task's soft time limit.
     audit_deadline_seconds: int = 5 * 3600
@@ -164,6 +175,8 @@ class Settings:
             raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
         for name, (lo, hi) in (("lease_seconds", LEASE_SECONDS_RANGE),
+                               ("dispatch_grace_seconds", DISPATCH_GRACE_SECONDS_RANGE),
+                               ("max_attempts", MAX_ATTEMPTS_RANGE),
                                ("audit_deadline_seconds", AUDIT_DEADLINE_SECONDS_RANGE),
                                *((key, RETENTION_HOURS_RANGE) for key in RETENTION_SETTINGS)):
             value = getattr(self, name)
@@ -220,6 +233,7 @@ class Settings:
 # Settings that are not limits, with how they are given: a path, a string or an integer.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
+              "dispatch_grace_seconds": "int", "max_attempts": "int",
               "metrics_dir": "path", "rate_limit": "str", **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 

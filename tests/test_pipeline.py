@@ -171,7 +171,7 @@ def test_a_worker_presumed_dead_commits_nothing(rt, job_id, monkeypatch):
         result = real(*args, **kwargs)
         monkeypatch.setattr(gate.training, "train_job", real)  # w2 trains normally
         _expire(rt, job_id)  # w1's heartbeat "missed": the lease ran out while it trained
-        assert reap(rt.sessions, lambda *a: requeued.append(a)) == 1
+        assert reap(rt.sessions, lambda *a: requeued.append(a), rt.settings.max_attempts) == 1
         assert train.train(rt, job_id, "w2/b") is True  # the job went to w2, which finished first
         return result
 
@@ -194,7 +194,7 @@ def test_expired_audit_lease_is_reaped_and_the_audit_redone(rt, job_id):
     assert audit.audit(rt, job_id, "w2/b") is False  # its lease is still live
     _expire(rt, job_id)
     requeued = []
-    assert reap(rt.sessions, lambda *a: requeued.append(a)) == 1
+    assert reap(rt.sessions, lambda *a: requeued.append(a), rt.settings.max_attempts) == 1
     assert requeued == [("job", job_id, "audit")] and _job(rt, job_id).worker is None
     assert audit.audit(rt, job_id, "w2/b") is True
     assert verdict.decide(rt, job_id) is not None

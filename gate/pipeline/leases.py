@@ -5,9 +5,16 @@ visibility timeout, which must exceed the longest task (hours of training). Leas
 and do not depend on the broker: a worker that claims a job writes ``worker`` and ``lease_expires_at``;
 a heartbeat thread renews the lease every third of its length; every write a stage makes is
 conditional on still holding it. A worker killed with ``kill -9`` stops renewing, its lease expires,
-and ``reap`` (run by every worker's reaper thread) puts the job back on the queue. Whatever the dead
+and ``reap`` (run by every worker's reaper process) puts the job back on the queue. Whatever the dead
 worker left half-done is redone from the job's last committed state; nothing it wrote after losing the
-lease can commit.
+lease can commit. Lease expiries are times on the database's clock (``gate.storage.clock``), so a worker
+and a reaper whose own clocks disagree still agree on whether a lease is live.
+
+A message can also go missing with no lease to expire: the broker loses it, or the process that owed it dies
+(or finds the broker down) between committing the state that calls for it and sending it. Every such state
+change records ``dispatched_at`` in its own transaction, so ``reconcile`` (the reaper's other half) can send
+again what nobody started within ``dispatch_grace_seconds``: a transactional outbox whose outbox is the job's
+row. Duplicates are harmless: each stage starts by taking its job by compare-and-set (``take``).
 """
 
 from __future__ import annotations
@@ -15,12 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gate.storage.audit_log import SYSTEM, StaleState, record, transition
+from gate.storage.clock import db_time
 from gate.storage.models import AlignmentRun, Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -30,8 +37,9 @@ class LeaseLost(RuntimeError):
     """Another worker holds the job now (this one was presumed dead); stop without writing anything."""
 
 
-def expiry(lease_seconds: int):
-    return utcnow() + timedelta(seconds=lease_seconds)
+def expiry(lease_seconds: int) -> db_time:
+    """A lease's end, ``lease_seconds`` from now on the database's clock (a value for an UPDATE)."""
+    return db_time(lease_seconds)
 
 
 def claim(session: Session, row: Job | AlignmentRun, worker: str, lease_seconds: int, *,
@@ -118,25 +126,42 @@ class Heartbeat:
         self._thread.join()
 
 
-def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None]) -> int:
+def _send(requeue: Callable[[str, str, str], None], again: list[tuple[str, str, str]]) -> None:
+    """Dispatch each row handed back; one the broker refuses waits for ``reconcile`` (its dispatch is recorded)."""
+    for kind, row_id, stage in again:
+        try:
+            requeue(kind, row_id, stage)
+        except Exception:  # the broker is away: the row's dispatched_at stands, and the reconciler sends it again
+            log.exception("could not dispatch %s %s from %s; the reconciler will send it again", kind, row_id, stage)
+
+
+def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None], max_attempts: int) -> int:
     """Hand every expired lease back: training jobs and hardening runs return to ``queued``, audits lose
-    their lease; then ``requeue(kind, id, stage)`` dispatches them again (kind "job" from stage "train" or
-    "audit", or "alignment"). Returns how many."""
-    now = utcnow()
+    their lease (and count one more attempt); then ``requeue(kind, id, stage)`` dispatches them again (kind
+    "job" from stage "train" or "audit", or "alignment"). A job lost in its ``max_attempts``-th attempt is
+    failed instead, naming the attempts and the last loss. Returns how many were handed back or failed."""
     again: list[tuple[str, str, str]] = []
+    given_up = 0
     with sessions() as session:
-        expired = select(Job).where(Job.status.in_(("training", "auditing")), Job.lease_expires_at < now)
+        expired = select(Job).where(Job.status.in_(("training", "auditing")), Job.lease_expires_at < db_time())
         for job in session.scalars(expired).all():
             reason = f"lease of worker {job.worker} expired at {job.lease_expires_at.isoformat()}"
-            stage = "train" if job.status == "training" else "audit"
+            unchanged = Job.lease_expires_at == job.lease_expires_at  # not renewed, not reaped by another reaper
+            stage, attempts = ("train" if job.status == "training" else "audit"), job.attempts
             try:
-                if job.status == "training":
-                    transition(session, job, "queued", SYSTEM, reason=reason,
-                               changes={"worker": None, "lease_expires_at": None, "stage": None, "progress": 0.0})
+                if attempts >= max_attempts:
+                    reason = f"gave up after {attempts} attempts (max_attempts {max_attempts}); the last: {reason}"
+                    transition(session, job, "failed", SYSTEM, reason=reason, where=unchanged,
+                               changes={"worker": None, "lease_expires_at": None, "error": reason,
+                                        "finished_at": utcnow()})
+                elif stage == "train":
+                    transition(session, job, "queued", SYSTEM, reason=reason, where=unchanged,
+                               changes={"worker": None, "lease_expires_at": None, "stage": None, "progress": 0.0,
+                                        "dispatched_at": db_time()})
                 else:
-                    result = session.execute(update(Job).where(Job.id == job.id, Job.status == "auditing",
-                                                               Job.lease_expires_at == job.lease_expires_at)
-                                             .values(worker=None, lease_expires_at=None))
+                    result = session.execute(update(Job).where(Job.id == job.id, Job.status == "auditing", unchanged)
+                                             .values(worker=None, lease_expires_at=None, attempts=Job.attempts + 1,
+                                                     dispatched_at=db_time()))
                     if result.rowcount != 1:
                         raise StaleState(job.id)
                     record(session, SYSTEM, job, "lease expired", reason=reason)
@@ -144,12 +169,17 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
             except StaleState:
                 session.rollback()  # the worker renewed it, or another reaper got there first
                 continue
-            again.append(("job", job.id, stage))
-        expired_runs = select(AlignmentRun).where(AlignmentRun.status == "running", AlignmentRun.lease_expires_at < now)
+            if attempts >= max_attempts:
+                log.error("job %s failed: %s", job.id, reason)
+                given_up += 1
+            else:
+                again.append(("job", job.id, stage))
+        expired_runs = select(AlignmentRun).where(AlignmentRun.status == "running",
+                                                  AlignmentRun.lease_expires_at < db_time())
         for run in session.scalars(expired_runs).all():
             try:
                 transition(session, run, "queued", SYSTEM, reason=f"lease of worker {run.worker} expired",
-                           changes={"worker": None, "lease_expires_at": None})
+                           changes={"worker": None, "lease_expires_at": None, "dispatched_at": db_time()})
                 session.commit()
             except StaleState:
                 session.rollback()
@@ -157,5 +187,33 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
             again.append(("alignment", run.id, "align"))
     for kind, row_id, stage in again:
         log.warning("reaped %s %s: dispatching it again from %s", kind, row_id, stage)
-        requeue(kind, row_id, stage)
+    _send(requeue, again)
+    return len(again) + given_up
+
+
+# What waits for a message, by the stage that message starts: (kind, stage, model, the rows' condition).
+_WAITING = (("job", "train", Job, Job.status == "queued"),
+            # trained (or its audit's lease reaped), and no worker has taken the audit since
+            ("job", "audit", Job, (Job.status == "auditing") & Job.lease_expires_at.is_(None)),
+            ("alignment", "align", AlignmentRun, AlignmentRun.status == "queued"))
+
+
+def reconcile(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None], grace_seconds: int) -> int:
+    """Dispatch again every job and hardening run that waits for a stage no worker started within
+    ``grace_seconds`` of its dispatch; each one's ``dispatched_at`` moves to now in the same compare-and-set,
+    so of several reapers one sends it, once per grace period. Returns how many."""
+    again: list[tuple[str, str, str]] = []
+    with sessions() as session:
+        for kind, stage, model, waiting in _WAITING:
+            overdue = session.scalars(update(model).where(waiting, model.dispatched_at < db_time(-grace_seconds))
+                                      .values(dispatched_at=db_time()).returning(model.id)).all()
+            for row_id in overdue:
+                record(session, SYSTEM, session.get(model, row_id), "dispatched again",
+                       reason=f"no worker started its {stage} stage within {grace_seconds} s of its dispatch",
+                       detail={"stage": stage})
+                again.append((kind, row_id, stage))
+        session.commit()
+    for kind, row_id, stage in again:
+        log.warning("%s %s waited past its dispatch grace: dispatching it again from %s", kind, row_id, stage)
+    _send(requeue, again)
     return len(again)

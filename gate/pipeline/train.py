@@ -1,7 +1,9 @@
 """The training stage: claim a queued job, fine-tune its base model on its dataset, store the checkpoint.
 
 The checkpoint's file goes into the tenant's content-addressed store first; its row and the job's move to
-``auditing`` then commit together, on condition that this worker still holds the lease. A worker that
+``auditing`` then commit together, on condition that this worker still holds the lease, with the audit's
+dispatch recorded (``dispatched_at``): Celery sends the audit message only after the task returns, and a
+worker killed in between leaves the reaper's reconciler to send it. A worker that
 lost its lease (presumed dead, job handed on) commits nothing, and removes the file it stored unless the
 job's one artifact row names it. Every attempt keeps its resumable training state in the job's
 ``training-state/`` folder, so the attempt after a dead worker continues from the last checkpoint step.
@@ -18,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
+from gate.storage.clock import db_time
 from gate.storage.models import TRAINABLE_DATASET, Artifact, Job
 
 from .base_model import load_base
@@ -96,7 +99,7 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                                    "training_seconds": round(result.seconds, 1),
                                    "resumed_from_step": result.resumed_from_step},
                            changes={"worker": None, "lease_expires_at": None, "stage": "waiting for audit",
-                                    "progress": 0.0})
+                                    "progress": 0.0, "dispatched_at": db_time()})
                 session.commit()
         except (StaleState, IllegalTransition, IntegrityError) as exc:
             _discard_unless_referenced(rt, tenant, stored.key)

@@ -36,6 +36,8 @@ from sqlalchemy.types import TypeDecorator
 
 from auditing.verdict import DECISIONS
 
+from .clock import db_time
+
 ROLES = ("customer", "reviewer", "operator")
 SYSTEM_ROLE = "system"  # workers and the command line, in the audit log
 METHODS = ("lora", "dreambooth")
@@ -242,6 +244,9 @@ class Job(TenantOwned, Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
+    # When its latest message was owed to the queues (with the state change that called for it): the reaper
+    # dispatches again a job that waits past dispatch_grace_seconds for its stage (gate.pipeline.leases).
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=db_time())
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -346,6 +351,7 @@ class AlignmentRun(Base):
     progress: Mapped[float] = mapped_column(default=0.0)
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=db_time())  # as Job.dispatched_at
     output_path: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     requested_by: Mapped[str | None] = mapped_column(String(16))

@@ -1,5 +1,6 @@
-"""The reaper: hands jobs and hardening runs whose lease expired back to the queues (``gate.pipeline.leases``),
-and now and then sweeps the artifact store of files no row names (``gate.storage.sweep``).
+"""The reaper: hands jobs and hardening runs whose lease expired back to the queues, dispatches again those
+whose message no worker started within the dispatch grace (``gate.pipeline.leases``), and now and then sweeps
+the artifact store of files no row names (``gate.storage.sweep``).
 
 It runs as its own small process beside each worker (``ftgate worker`` starts one; ``ftgate reaper`` runs
 one alone), not as a thread in the worker: the prefork pool forks job processes from the worker's main
@@ -13,7 +14,7 @@ import logging
 import os
 import time
 
-from gate.pipeline.leases import reap
+from gate.pipeline.leases import reap, reconcile
 from gate.pipeline.retention import sweep_retention
 from gate.pipeline.runtime import Runtime
 from gate.settings import Settings
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
-    """Reap every third of a lease, and sweep the artifact store once per sweep grace period, until stopped;
-    with ``parent_pid``, stop when that process is gone."""
+    """Reap and reconcile every third of a lease, and sweep the artifact store once per sweep grace period, until
+    stopped; with ``parent_pid``, stop when that process is gone."""
     from .app import make_celery
     from .dispatch import CeleryDispatcher
 
@@ -42,7 +43,8 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
     next_sweep = time.monotonic()
     while parent_pid is None or os.getppid() == parent_pid:
         try:
-            reap(rt.sessions, requeue)
+            reap(rt.sessions, requeue, settings.max_attempts)
+            reconcile(rt.sessions, requeue, settings.dispatch_grace_seconds)
             if time.monotonic() >= next_sweep:
                 sweep(rt.store, rt.sessions)
                 sweep_retention(rt.settings, rt.sessions)

@@ -3,7 +3,9 @@
 A worker's identity for a lease is ``<hostname>/<task id>``: unique per attempt, and known to the
 failure link (``job_failed`` receives the failed task's request), which then fails the job only if that
 attempt still held it. A stage that finds its lease lost raises ``Ignore``: the chain stops quietly,
-because the job's new holder runs the rest.
+because the job's new holder runs the rest. So does a stage that cannot reach the database: the job is not
+at fault, and stays in its last committed state, from which the reaper hands it on (its lease expires, or
+its dispatch is overdue).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from celery import current_app, shared_task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init, worker_process_shutdown
+from sqlalchemy.exc import OperationalError
 
 from gate import metrics
 from gate.pipeline import audit, train, verdict
@@ -55,6 +58,9 @@ def _stage(task, run, job_id: str, *args):
         return run(runtime(), job_id, *args)
     except LeaseLost as exc:
         log.warning("%s: %s", task.name, exc)
+        raise Ignore() from exc
+    except OperationalError as exc:
+        log.error("%s: the database is unreachable (%s); %s is left to the reaper", task.name, exc.orig, job_id)
         raise Ignore() from exc
 
 
