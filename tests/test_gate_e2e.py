@@ -58,7 +58,8 @@ def test_a_job_goes_from_upload_to_verdict_through_the_api(tmp_path):
         assert job["artifact"]["kind"] == "lora" and job["attempts"] == 1
         report = gate.get("op", f"/v1/jobs/{job_id}/report").json()
         assert report["verdict"]["decision"] == job["verdict"]["decision"]
-        assert report["baseline"] is not None and len(report["samples"]) == 6  # 3 probes x 2, paired with base
+        assert report["baseline"] is not None and report["families"]["profile"]["images"] == 6  # 3 probes x 2
+        assert len(report["samples"]) == sum(f["images"] for f in report["families"].values())
         seen = gate.get("a", f"/v1/jobs/{job_id}/report").json()  # the customer's view: verdict and figures
         assert seen["verdict"]["decision"] == job["verdict"]["decision"] and "samples" not in seen
         assert seen["metrics"]["comparison"] == report["metrics"]["comparison"]
