@@ -2,7 +2,9 @@
 
 In process (default suite): the audit deadline cuts off a hanging renderer and the job is blocked as "audit
 incomplete"; a job the broker cannot take is failed at once, not left queued forever. With real processes
-(``gate.worker.faults`` drives a ``LocalGate``; marked slow): workers ``kill -9``-ed inside each stage, the
+(``gate.worker.faults`` drives a ``LocalGate``; marked slow): workers ``kill -9``-ed inside each stage, jobs
+stranded with no message (a worker killed between training's commit and the audit's message, the broker down
+when the reaper sends a reaped job, the database down when a task starts, messages deleted from Redis), the
 broker killed and restarted from its append-only file under queued jobs, an auditor whose detector crashes
 or whose renderer hangs. The embedded Redis of each test's own state directory is the broker, never the
 machine's shared one.
@@ -29,6 +31,7 @@ from gate.storage.models import Artifact, AuditLogEntry, Job, Verdict
 from gate.worker import faults
 
 KILL_CYCLES = 10  # per stage
+STRANDED_CYCLES = 2  # per window where only the reconciler recovers the job
 HANG_S = 120.0
 DEADLINE_S = 10  # room to load the pipeline on a busy machine before the render hangs
 
@@ -170,13 +173,40 @@ def test_workers_killed_in_every_stage_lose_nothing_and_duplicate_nothing(tmp_pa
         assert tally["cycles"] == tally["kills_in_stage"] == tally["final"] == KILL_CYCLES, (stage, tally)
         assert tally["failed"] == 0 and set(tally["statuses"]) <= {"released", "review", "withheld"}, tally
         assert tally["one_verdict"] == tally["one_artifact"] == tally["one_audit"] == KILL_CYCLES, (stage, tally)
-        # Training is redone after a kill in it; an audit or a verdict is redone without training again.
-        assert tally["attempts"] == {"2" if stage == "train" else "1": KILL_CYCLES}, (stage, tally)
+        # Each lost worker costs an attempt: training takes the job again; a reaped audit counts its retry.
+        assert tally["attempts_match_expiries"] == KILL_CYCLES, (stage, tally)
         # The reaper took each job from its dead worker (a second expiry: a verdict that waited past the lease).
         assert "0" not in tally["lease_expiries"], (stage, tally)
     assert result["jobs"] == result["distinct_jobs"] == jobs
     assert result["stored_checkpoints"] == result["stored_reports"] == jobs
     assert result["stored_partial_files"] == 0 and result["store_matches_artifact_rows"]
+
+
+@pytest.mark.slow
+def test_jobs_stranded_without_a_message_are_sent_again_and_finish_once(tmp_path):
+    """No lease left to expire and no message to start the next stage: a worker killed after training committed
+    but before Celery sent the audit message; the broker down while the reaper hands a dead worker's job back;
+    the database down when the task starts. Each job ends final exactly once, sent again by the reconciler."""
+    windows = ("trained", *faults.OUTAGES)
+    result = faults.kill_campaign(tmp_path, STRANDED_CYCLES, windows)
+    for window, tally in result["stages"].items():
+        assert tally["cycles"] == tally["kills_in_stage"] == tally["final"] == STRANDED_CYCLES, (window, tally)
+        assert tally["failed"] == 0 and set(tally["statuses"]) <= {"released", "review", "withheld"}, tally
+        assert tally["one_verdict"] == tally["one_artifact"] == tally["one_audit"] == STRANDED_CYCLES, tally
+        assert tally["redispatched"] == tally["attempts_match_expiries"] == STRANDED_CYCLES, (window, tally)
+    assert "0" not in result["stages"]["broker-at-reap"]["lease_expiries"]  # the reaper did hand it back
+    assert result["jobs"] == result["distinct_jobs"] == STRANDED_CYCLES * len(windows)
+    assert result["stored_checkpoints"] == result["stored_reports"] == result["jobs"]
+    assert result["stored_partial_files"] == 0 and result["store_matches_artifact_rows"]
+
+
+@pytest.mark.slow
+def test_jobs_whose_messages_were_deleted_from_the_broker_finish_once(tmp_path):
+    jobs = 2
+    result = faults.lost_messages(tmp_path, jobs)
+    assert result["messages_deleted"] == result["kills_in_stage"] == jobs
+    assert result["final"] == result["one_verdict"] == result["one_artifact"] == result["redispatched"] == jobs
+    assert result["failed"] == 0 and result["attempts"] == {"1": jobs}, result
 
 
 @pytest.mark.slow

@@ -215,6 +215,24 @@ def test_a_stage_that_cannot_reach_the_database_leaves_the_job_for_the_reconcile
     assert reconcile(rt.sessions, broker, GRACE_S) == 1 and broker.sent == [("job", job_id, "train")]
 
 
+@pytest.mark.parametrize("refused", [True, False], ids=["broker-refused", "stage-raised"])
+def test_a_refused_audit_message_leaves_the_trained_job_to_the_reconciler(sessions, monkeypatch, refused):
+    """The broker is down when Celery sends the audit message after ``train`` returned: the failure link runs,
+    but the job (trained, committed) is not failed; the reconciler sends the message. A stage's own error still
+    fails the job."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    trained = _job(sessions, "auditing", attempts=1)
+    monkeypatch.setattr(tasks, "runtime", lambda: type("Runtime", (), {"sessions": sessions})())
+
+    class Request:
+        hostname, id, task = "w1", "a", "gate.train"
+
+    error = BrokerError("Error 111 connecting to the broker") if refused else RuntimeError("the stage broke")
+    tasks.job_failed.run(Request(), error, None, trained)
+    assert _row(sessions, Job, trained).status == ("auditing" if refused else "failed")
+
+
 # --- the attempts cap --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("status", ["training", "auditing"])

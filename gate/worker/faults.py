@@ -9,14 +9,17 @@ Two halves:
   stops the job process at a known point of that stage and writes ``paused-<stage>`` with its process
   group, so the driver can ``kill -9`` it exactly there: *train* mid-training (after the first progress
   report), *audit* mid-audit (images rendered, the detector about to score them), *decide* inside the
-  verdict's transaction (the verdict row and the job's move written, not committed), and *stored*, the
-  narrow window of training in which the checkpoint file is in the store but its row is not committed.
+  verdict's transaction (the verdict row and the job's move written, not committed), *stored*, the
+  narrow window of training in which the checkpoint file is in the store but its row is not committed, and
+  *trained*, after training committed but before Celery sends the audit message (the task has not returned).
   While a file ``detector-raises`` exists every job audit's detector raises; while ``render-hangs`` exists
-  every job audit's pipeline call sleeps, as a stuck renderer would (training and baselines are left alone).
-  Nothing here is imported by ``ftgate worker`` itself.
-* **The driver** (``GateSession``, ``kill_cycle``, ``broker_restart``, ``auditor_failure``): a ``LocalGate``
-  with an operator, a customer and the shapes world registered as a base model, jobs submitted over HTTP,
-  and each scenario's outcome counted from the database and the artifact store.
+  every job audit's pipeline call sleeps, as a stuck renderer would (training and baselines are left alone);
+  while ``database-down`` exists every database connection a task's job process opens is refused (each
+  refusal writes ``refused-database``). Nothing here is imported by ``ftgate worker`` itself.
+* **The driver** (``GateSession``, ``kill_cycle``, ``broker_at_reap_cycle``, ``database_at_start_cycle``,
+  ``lost_messages``, ``broker_restart``, ``auditor_failure``): a ``LocalGate`` with an operator, a customer and
+  the shapes world registered as a base model, jobs submitted over HTTP, and each scenario's outcome counted
+  from the database and the artifact store.
 """
 
 from __future__ import annotations
@@ -36,10 +39,17 @@ log = logging.getLogger(__name__)
 
 MODULE = "gate.worker.faults"
 STAGES = ("train", "audit", "decide")
-KILL_POINTS = (*STAGES, "stored")
+KILL_POINTS = (*STAGES, "stored", "trained")
+# Outages that strand a job with no lease to expire: the broker down when the reaper sends a reaped job again,
+# the database down when a task starts. With "trained" (and lost_messages), only the reconciler recovers them.
+OUTAGES = ("broker-at-reap", "database-at-start")
+WINDOWS = (*KILL_POINTS, *OUTAGES)
 FINAL = ("released", "review", "withheld", "failed")
 DECISION_STATES = {"released": "pass", "review": "flag", "withheld": "block"}
 DETECTOR_RAISES, RENDER_HANGS = "detector-raises", "render-hangs"
+DATABASE_DOWN, REFUSED_DATABASE = "database-down", "refused-database"
+GRACE_S = 5  # the campaigns' dispatch grace: a stranded job is sent again within seconds, not minutes
+SEND_REFUSED_S = 3.0  # how long the broker stays down after the reaper's hand-back (its send fails meanwhile)
 PAUSE_S = 600.0  # a paused job process carries on after this if nobody killed it
 HANG_S = 3600.0
 POLL_S = 0.2
@@ -109,12 +119,15 @@ class _InjectedDetector:
 
 def install(folder: Path) -> None:
     """Wrap the pipeline's stages with the hooks armed by files in ``folder``."""
-    from gate.pipeline import audit, train, verdict
+    from celery import current_task
+    from sqlalchemy import event
+
+    from gate.pipeline import audit, runtime, train, verdict
     from gate.storage.artifacts import ArtifactStore
 
     faults = _Faults(folder)
     report_progress, run_audit, transition = train._report_progress, audit.run_audit, verdict.transition
-    put = ArtifactStore.put
+    put, run_train, make_engine = ArtifactStore.put, train.train, runtime.make_engine
 
     def paused_progress(*args):
         progress = report_progress(*args)
@@ -142,8 +155,25 @@ def install(folder: Path) -> None:
             faults.pause("stored")
         return stored
 
+    def paused_train(*args):
+        trained = run_train(*args)
+        if trained:
+            faults.pause("trained")
+        return trained
+
+    def refuse(dialect, *_):
+        if faults.armed(DATABASE_DOWN):
+            atomic_write(folder / REFUSED_DATABASE, str(os.getpid()))
+            raise dialect.loaded_dbapi.OperationalError("injected fault: the database is down")
+
+    def refusing_engine(url, **kwargs):
+        engine = make_engine(url, **kwargs)
+        if current_task:  # a job process's runtime, opened by its task (the reaper's is left alone)
+            event.listen(engine, "do_connect", refuse)
+        return engine
+
     train._report_progress, audit.run_audit, verdict.transition = paused_progress, faulty_audit, paused_transition
-    ArtifactStore.put = paused_put
+    ArtifactStore.put, train.train, runtime.make_engine = paused_put, paused_train, refusing_engine
 
 
 def main() -> int:
@@ -279,6 +309,16 @@ class GateSession:
                     "artifacts": self.count(Artifact, job_id), "audits": self.count(Audit, job_id),
                     "verdicts": self.count(Verdict, job_id)}
 
+    def redispatches(self, job_id: str) -> int:
+        """Audit-log entries in which the reconciler sent the job again (its message never started a stage)."""
+        from sqlalchemy import func, select
+
+        from gate.storage.models import AuditLogEntry
+
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(AuditLogEntry).where(
+                AuditLogEntry.entity_id == job_id, AuditLogEntry.action == "dispatched again"))
+
     def lease_expiries(self, job_id: str) -> int:
         """Audit-log entries in which the reaper took the job from a worker presumed dead."""
         from sqlalchemy import func, select
@@ -314,17 +354,30 @@ class GateSession:
     def disarm(self, name: str) -> None:
         (self.faults / name).unlink(missing_ok=True)
 
-    def wait_paused(self, stage: str, job_id: str, timeout_s: float = WAIT_S) -> dict:
-        marker = self.faults / f"paused-{stage}"
+    def wait_marker(self, name: str, job_id: str, timeout_s: float = WAIT_S) -> str:
+        """The contents of the marker file a fault hook writes, once it exists (removed, for the next cycle)."""
+        marker = self.faults / name
         deadline = time.monotonic() + timeout_s
         while not marker.exists():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no job process paused in {stage} within {timeout_s:g} s (job {job_id} is "
-                                   f"{self.job_row(job_id)}); logs in {self.gate.log_dir}")
+                raise TimeoutError(f"no {name} within {timeout_s:g} s (job {job_id} is {self.job_row(job_id)}); "
+                                   f"logs in {self.gate.log_dir}")
             time.sleep(POLL_S)
-        info = json.loads(marker.read_text())
+        text = marker.read_text()
         marker.unlink()
-        return info
+        return text
+
+    def wait_paused(self, stage: str, job_id: str, timeout_s: float = WAIT_S) -> dict:
+        return json.loads(self.wait_marker(f"paused-{stage}", job_id, timeout_s))
+
+    def wait_row(self, job_id: str, until, timeout_s: float = WAIT_S) -> dict:
+        """The job's committed row once ``until(row)`` holds (read from the database: the API may need the broker)."""
+        deadline = time.monotonic() + timeout_s
+        while not until(row := self.job_row(job_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} never got there; last seen {row}; logs in {self.gate.log_dir}")
+            time.sleep(POLL_S)
+        return row
 
     def kill_group(self, pgid: int) -> None:
         """``kill -9`` the worker whose process group is ``pgid`` (its job process and reaper with it)."""
@@ -336,6 +389,8 @@ def _in_stage(stage: str, row: dict) -> bool:
     """Whether a job, as the database shows it, is in the middle of ``stage``."""
     if stage in ("train", "stored"):
         return row["status"] == "training" and row["worker"] is not None and row["artifacts"] == 0
+    if stage == "trained":
+        return row["status"] == "auditing" and row["worker"] is None and row["artifacts"] == 1 and row["audits"] == 0
     if stage == "audit":
         return row["status"] == "auditing" and row["stage"] == "auditing" and row["worker"] is not None \
             and row["audits"] == 0
@@ -353,14 +408,56 @@ def kill_cycle(gate: GateSession, stage: str, seed: int) -> dict:
     gate.kill_group(paused["pgid"])
     after_kill = gate.job_row(job_id)
     gate.gate.start_worker()
+    return _outcome(gate, stage, job_id, _in_stage(stage, at_kill) and after_kill == at_kill, t0)
+
+
+def _outcome(gate: GateSession, window: str, job_id: str, hit: bool, t0: float) -> dict:
+    """How the job ended once final: one cycle's record (``hit``: the fault landed where it was meant to)."""
     job = gate.wait_final(job_id)
     end = gate.job_row(job_id)
-    return {"stage": stage, "job": job_id, "hit_stage": _in_stage(stage, at_kill) and after_kill == at_kill,
+    return {"stage": window, "job": job_id, "hit_stage": hit,
             "status": job["status"], "verdict": (job["verdict"] or {}).get("decision"),
             "verdict_matches": DECISION_STATES.get(job["status"]) == (job["verdict"] or {}).get("decision"),
             "attempts": end["attempts"], "verdicts": end["verdicts"], "artifacts": end["artifacts"],
             "audits": end["audits"], "lease_expiries": gate.lease_expiries(job_id),
-            "seconds": round(time.monotonic() - t0, 1)}
+            "redispatches": gate.redispatches(job_id), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _kill_broker(gate: GateSession) -> None:
+    pid = int(gate.gate.broker.pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+
+
+def broker_at_reap_cycle(gate: GateSession, seed: int) -> dict:
+    """``kill -9`` a worker mid-training and Redis with it; the survivor's reaper hands the job back while the
+    broker is down, so its send fails; Redis restarts from its append-only file and a new worker starts. Only
+    the reconciler can send the job again."""
+    t0 = time.monotonic()
+    gate.arm("pause-train")
+    job_id = gate.submit(KILL_STEPS, seed=seed)
+    paused = gate.wait_paused("train", job_id)
+    at_kill = gate.job_row(job_id)
+    gate.kill_group(paused["pgid"])
+    _kill_broker(gate)
+    gate.wait_row(job_id, lambda row: row["status"] == "queued")  # handed back, its message refused
+    time.sleep(SEND_REFUSED_S)
+    hit = _in_stage("train", at_kill) and not gate.gate.broker.ping()
+    gate.gate.broker.ensure_running()
+    gate.gate.start_worker()
+    return _outcome(gate, "broker-at-reap", job_id, hit, t0)
+
+
+def database_at_start_cycle(gate: GateSession, seed: int) -> dict:
+    """Submit a job while the workers cannot reach the database: the task that takes its message gives it up
+    untouched; the database comes back, and the reconciler sends the job again."""
+    t0 = time.monotonic()
+    gate.arm(DATABASE_DOWN)
+    job_id = gate.submit(KILL_STEPS, seed=seed)
+    gate.wait_marker(REFUSED_DATABASE, job_id)
+    gate.disarm(DATABASE_DOWN)
+    at_refusal = gate.job_row(job_id)
+    return _outcome(gate, "database-at-start", job_id, at_refusal["status"] == "queued", t0)
 
 
 def kill_tally(cycles: list[dict]) -> dict:
@@ -373,19 +470,32 @@ def kill_tally(cycles: list[dict]) -> dict:
             "one_artifact": sum(c["artifacts"] == 1 for c in cycles),
             "one_audit": sum(c["audits"] == 1 for c in cycles),
             "attempts": dict(Counter(str(c["attempts"]) for c in cycles)),
+            # an attempt is the first try or one after a lost worker: every job's attempts follow its expiries
+            "attempts_match_expiries": sum(c["attempts"] == 1 + c["lease_expiries"] for c in cycles),
             "lease_expiries": dict(Counter(str(c["lease_expiries"]) for c in cycles)),
+            "redispatched": sum(c["redispatches"] > 0 for c in cycles),
             "seconds_per_cycle": round(sum(c["seconds"] for c in cycles) / max(len(cycles), 1), 1)}
 
 
+def _cycle(gate: GateSession, window: str, seed: int) -> dict:
+    if window == "broker-at-reap":
+        return broker_at_reap_cycle(gate, seed)
+    if window == "database-at-start":
+        return database_at_start_cycle(gate, seed)
+    return kill_cycle(gate, window, seed)
+
+
 def kill_campaign(root: str | Path, cycles: int, stages: tuple[str, ...] = STAGES, lease_seconds: int = 8) -> dict:
-    """``cycles`` kill cycles per stage on one gate; per-stage tallies plus what the store and database hold.
+    """``cycles`` cycles per window (kill points and outages, ``WINDOWS``) on one gate; per-window tallies plus
+    what the store and database hold.
 
     Two workers, as in a pool: the survivor's reaper hands the killed worker's job on and the survivor runs
     it while the replacement starts, so a cycle does not wait for a worker to boot."""
     t0 = time.monotonic()
-    with GateSession(root, lease_seconds, profile=KILL_PROFILE, workers=2) as gate:
+    with GateSession(root, lease_seconds, profile=KILL_PROFILE, workers=2,
+                     env={"FTGATE_DISPATCH_GRACE_SECONDS": str(GRACE_S)}) as gate:
         gate.wait_baseline()
-        records = {stage: [kill_cycle(gate, stage, seed=i * len(KILL_POINTS) + KILL_POINTS.index(stage))
+        records = {stage: [_cycle(gate, stage, seed=i * len(WINDOWS) + WINDOWS.index(stage))
                            for i in range(cycles)] for stage in stages}
         jobs = [c["job"] for stage in stages for c in records[stage]]
         stored = gate.stored()
@@ -402,6 +512,21 @@ def _redis_client(gate: GateSession):
     return redis.Redis(unix_socket_path=str(gate.gate.broker.socket), socket_timeout=5)
 
 
+def lost_messages(root: str | Path, jobs: int) -> dict:
+    """Queue ``jobs`` jobs with no worker running and delete their messages from Redis (never delivered), then
+    start a worker: its reaper's reconciler sends each again. The tally of how they ended."""
+    t0 = time.monotonic()
+    with GateSession(root, lease_seconds=30, workers=0, profile=KILL_PROFILE,
+                     env={"FTGATE_DISPATCH_GRACE_SECONDS": str(GRACE_S)}) as gate:
+        ids = [gate.submit(KILL_STEPS, seed=i) for i in range(jobs)]
+        client = _redis_client(gate)
+        deleted = client.llen("train")
+        client.delete("train")
+        gate.gate.start_worker()
+        records = [_outcome(gate, "message-lost", job_id, deleted == jobs, t0) for job_id in ids]
+    return {**kill_tally(records), "messages_deleted": deleted, "seconds": round(time.monotonic() - t0, 1)}
+
+
 def broker_restart(root: str | Path, jobs: int = 3, hard: bool = True) -> dict:
     """Queue ``jobs`` jobs with no worker running, stop the embedded Redis (``kill -9`` when ``hard``, else a
     clean shutdown), submit one job while it is down, start it again from its append-only file, submit one
@@ -412,10 +537,8 @@ def broker_restart(root: str | Path, jobs: int = 3, hard: bool = True) -> dict:
         client = _redis_client(gate)
         queued_before = client.llen("train")
         broker = gate.gate.broker
-        pid = int(broker.pidfile.read_text())
         if hard:
-            os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid)
+            _kill_broker(gate)
         else:
             broker.stop()
         down = not broker.ping()

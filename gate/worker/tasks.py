@@ -16,6 +16,7 @@ import os
 from celery import current_app, shared_task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init, worker_process_shutdown
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import OperationalError
 
 from gate import metrics
@@ -82,7 +83,13 @@ def audit_job(self, job_id: str) -> str | None:
 
 @shared_task(name="gate.job_failed")
 def job_failed(request, exc, traceback, job_id: str) -> None:
-    """Failure link of every stage: the job ends ``failed`` (fail closed: nothing is released)."""
+    """Failure link of every stage: the job ends ``failed`` (fail closed: nothing is released). Not when the
+    broker refused the next stage's message, which Celery sends after the stage committed and returned: the
+    job is not at fault, and the reaper's reconciler sends the message again."""
+    if isinstance(exc, BrokerUnavailable):
+        log.error("%s: the next stage's message was refused (%s); job %s is left to the reaper", request.task, exc,
+                  job_id)
+        return
     verdict.fail(runtime(), job_id, worker_id(request), f"{type(exc).__name__}: {exc}")
 
 
