@@ -133,10 +133,11 @@ def _folder_images(folder: Path, n: int) -> list[Image.Image]:
     """The first ``n`` images of ``folder`` by name; other files are refused rather than skipped, so a
     mistyped folder is noticed."""
     files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    images = []
-    for path in files[:n]:
+    for path in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{path}: reference images must be {', '.join(IMAGE_SUFFIXES)} files")
+    images = []
+    for path in files[:n]:
         with Image.open(path) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise ValueError(f"{path}: {image.width}x{image.height} exceeds {MAX_IMAGE_SIDE} pixels a side")
