@@ -190,7 +190,8 @@ class BaseRenders:
 
 def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job):
     """Audit one checkpoint against its base model, at each of ``audit_scales``, on the profile's probes and
-    on the job's probe families (``auditing.job_probes``, drawn once for every scale); never raises (failures,
+    on the job's probe families (``auditing.job_probes``, drawn once for every scale), and with the model-side
+    check (``auditing.model_check``) at scale 1, whose suspect prompts take more of the renders; never raises (failures,
     and an audit past its deadline, block). The deadline covers loading, rendering and scoring the checkpoint
     and the base model's renders of the job's families, not the base model's baseline on the profile's
     probes, which is audited once for every job on it."""
@@ -219,7 +220,9 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
                 pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
                 check = None
-                if model_check is not None:  # under the customer's own conditioning: captions, prompts, triggers
+                # At scale 1 only: its margins were calibrated on checkpoints as trained, and a LoRA turned up
+                # moves every error further, honest ones too; the renders judge each scale.
+                if model_check is not None and scale == 1.0:  # under the customer's captions, prompts, triggers
                     check_settings, references, controls = model_check
                     triggers = trigger_candidates(list(texts.trained), pipe.tokenizer)
                     prompts = [*check_prompts(list(texts.trained)), *texts.extra, *triggers]
