@@ -292,6 +292,17 @@ def test_corrupt_checkpoint_is_not_served(env):
     assert b"tampered" not in r.data and b"released weights" not in r.data
 
 
+def test_a_download_reads_the_checkpoint_only_when_it_changed(env, monkeypatch):
+    import auditing.models.hashing as hashing
+
+    job_id = make_job(env, "released", checkpoint=b"weights" * 100)
+    reads, real = [], hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: reads.append(path) or real(path))
+    for _ in range(3):
+        assert get(env, f"/v1/jobs/{job_id}/artifact", "a").status_code == 200
+    assert len(reads) == 1  # the first download hashes the file, the others find it unchanged
+
+
 # --- 2. reviews -----------------------------------------------------------------------------------------------
 
 def test_review_queue_lists_only_jobs_in_review_for_staff(env):

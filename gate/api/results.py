@@ -7,7 +7,8 @@ per-image results or the gate's paths.
 The checkpoint leaves the gate only when the job is ``released``: its audit passed, or a reviewer
 approved it. Anything else - training, auditing, waiting for review, withheld, failed - is refused, and
 a withheld (blocked or rejected) checkpoint is never downloadable. The file is checked against its
-sha256 before it is sent; a mismatch refuses the download (fail closed). A LoRA is sent as the
+sha256 before it is sent; a mismatch refuses the download (fail closed). The check reads the file once per
+change of its (size, mtime, inode) and at least daily (``HashCache``), not on every download. A LoRA is sent as the
 ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; a DreamBooth UNet as
 ``unet.zip``, the ``unet/`` folder (the base model's UNet config beside the weights) that
 ``UNet2DConditionModel.from_pretrained`` loads, streamed without a temporary copy.
@@ -25,6 +26,7 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
 from sqlalchemy import select
 
+from auditing.models.hashing import HashCache
 from auditing.report import render_html
 from gate.auth import Principal, get_for_principal
 from gate.pipeline.audit import finished_audit
@@ -113,7 +115,7 @@ def send_artifact(job: Job):
         raise ApiError(403, "artifact_withheld", f"job {job.id} is {job.status}: its checkpoint is released only "
                                                  "after a passing audit or a reviewer's approval")
     store = gate().store
-    if not store.verify(job.tenant_id, row.path):
+    if not store.verify(job.tenant_id, row.path, HashCache(gate().settings.hash_cache_file)):
         log.error("artifact %s of job %s fails its sha256 check; refusing to serve it", row.path, job.id)
         raise ApiError(503, "artifact_corrupt", "the stored checkpoint does not match its hash; an operator "
                                                 "has been alerted")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from auditing.models.hashing import sha256_file
+from auditing.models.hashing import HashCache, sha256_file
 
 from .models import TENANT_ID_PATTERN, check_tenant_id
 
@@ -69,9 +69,13 @@ class ArtifactStore:
     def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool:
         return (self.root / self.key(tenant_id, sha256, suffix)).is_file()
 
-    def verify(self, tenant_id: str, key: str) -> bool:
-        """Whether the file still hashes to the sha256 its key names (check before releasing it)."""
-        return sha256_file(self.path(tenant_id, key)) == KEY_PATTERN.fullmatch(key).group(3)
+    def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
+        """Whether the file still hashes to the sha256 its key names (check before auditing or releasing it);
+        with ``cache``, a file unchanged since it was last read (size, mtime, inode, within the cache's age)
+        is not read again, which is what each download of a released checkpoint needs."""
+        path = self.path(tenant_id, key)
+        digest = cache.sha256(path) if cache else sha256_file(path)
+        return digest == KEY_PATTERN.fullmatch(key).group(3)
 
     def stored_files(self) -> Iterator[tuple[str, Path]]:
         """Every stored file, every tenant's, with its key (what the sweep compares with the rows)."""
