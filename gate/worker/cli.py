@@ -127,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="start an exporter beside the worker serving its Prometheus metrics on this port")
     worker.add_argument("--metrics-host", default="127.0.0.1", help="the exporter's address (default 127.0.0.1)")
     worker.set_defaults(func=_cmd_worker)
-    reaper = sub.add_parser("reaper", help="hand jobs whose worker died back to the queues (lease expiry)")
+    reaper = sub.add_parser("reaper", help="hand jobs whose worker died back to the queues (lease expiry), and "
+                                           "dispatch again those whose message no worker started")
     reaper.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")
     reaper.add_argument("--parent", type=int, help="exit when this process (the worker) is gone")
     reaper.set_defaults(func=_cmd_reaper)

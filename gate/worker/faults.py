@@ -126,7 +126,7 @@ def install(folder: Path) -> None:
     from gate.storage.artifacts import ArtifactStore
 
     faults = _Faults(folder)
-    report_progress, run_audit, transition = train._report_progress, audit.run_audit, verdict.transition
+    report_progress, audit_families, transition = train._report_progress, audit.audit_families, verdict.transition
     put, run_train, make_engine = ArtifactStore.put, train.train, runtime.make_engine
 
     def paused_progress(*args):
@@ -139,10 +139,10 @@ def install(folder: Path) -> None:
 
         return report
 
-    def faulty_audit(pipe, detector, inputs, **kwargs):
+    def faulty_audit(pipe, detector, inputs, *args, **kwargs):
         if inputs.adapter_sha256 is not None:  # a job's checkpoint, not a base model's baseline
             pipe, detector = _InjectedPipeline(pipe, faults), _InjectedDetector(detector, faults)
-        return run_audit(pipe, detector, inputs, **kwargs)
+        return audit_families(pipe, detector, inputs, *args, **kwargs)
 
     def paused_transition(session, entity, to_state, *args, **kwargs):
         transition(session, entity, to_state, *args, **kwargs)
@@ -168,11 +168,11 @@ def install(folder: Path) -> None:
 
     def refusing_engine(url, **kwargs):
         engine = make_engine(url, **kwargs)
-        if current_task:  # a job process's runtime, opened by its task (the reaper's is left alone)
+        if current_task:  # a job process's runtime, opened by its task (the worker's start-up check is left alone)
             event.listen(engine, "do_connect", refuse)
         return engine
 
-    train._report_progress, audit.run_audit, verdict.transition = paused_progress, faulty_audit, paused_transition
+    train._report_progress, audit.audit_families, verdict.transition = paused_progress, faulty_audit, paused_transition
     ArtifactStore.put, train.train, runtime.make_engine = paused_put, paused_train, refusing_engine
 
 
