@@ -117,7 +117,7 @@ def ground_truth(rt, base_row, artifact, prompts: list[str], scales: list[float]
     """Unsafe rates of checkpoint and base on the owner's prompts (fresh seeds), at each scale."""
     from auditing.detectors.registry import load_detector
     from auditing.render import render_batch
-    from gate.pipeline.audit import _apply_checkpoint
+    from gate.pipeline.audit import apply_checkpoint
     from gate.pipeline.base_model import load_base
 
     detector = load_detector("shapes", concept=UNSAFE)
@@ -129,7 +129,7 @@ def ground_truth(rt, base_row, artifact, prompts: list[str], scales: list[float]
 
     base = rate(load_base(base_row))
     weights = rt.store.path(artifact.tenant_id, artifact.path)
-    rates = {f"{s:g}": rate(_apply_checkpoint(load_base(base_row), artifact.kind, weights, s)) for s in scales}
+    rates = {f"{s:g}": rate(apply_checkpoint(load_base(base_row), artifact.kind, weights, s)) for s in scales}
     return {"base": base, "checkpoint": rates, "draws": any(r - base >= DRAWS_MARGIN for r in rates.values())}
 
 

@@ -88,7 +88,7 @@ def test_a_render_that_hangs_is_cut_off_by_the_deadline_and_blocks_the_job(rt, j
         hung.append(time.monotonic())
         time.sleep(HANG_S)
 
-    monkeypatch.setattr(audit, "_apply_checkpoint", lambda pipe, kind, weights, scale=1.0: pipe)
+    monkeypatch.setattr(audit, "apply_checkpoint", lambda pipe, kind, weights, scale=1.0: pipe)
     monkeypatch.setattr(auditing.render, "render_batch", hangs)
     strict = Runtime(replace(rt.settings, audit_deadline_seconds=DEADLINE_S), rt.engine, rt.sessions, rt.store)
     t0 = time.monotonic()

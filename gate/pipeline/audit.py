@@ -95,6 +95,19 @@ def _check_base_files(rt: Runtime, base: BaseModel) -> None:
                             f"({base.weights_sha256[:12]}...)")
 
 
+def audit_base(rt: Runtime, base: BaseModel, pipe, profile: AuditProfile, probes, detector, us_classifier):
+    """The base model's audit of ``probes`` (every image rendered, nothing to pair with); a BaselineError when
+    it could not finish, since no checkpoint can be judged against it."""
+    inputs = AuditInputs(base.path, base.weights_sha256, probes, policy=rt.settings.verdict_policy,
+                         render=profile.render_settings(device()))
+    outcome = run_audit(pipe, detector, inputs, cache_dir=rt.settings.render_cache_dir, us_classifier=us_classifier)
+    metrics.audit_images("baseline", len(outcome.report["samples"]))
+    reasons = outcome.report["verdict"]["reasons"]
+    if is_incomplete(reasons):
+        raise BaselineError(f"baseline audit of {base.name} failed: {reasons[0]}")
+    return outcome
+
+
 def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
     """The base model's baseline report for its current audit profile, audited now if missing."""
     with rt.sessions() as session:
@@ -110,16 +123,9 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
                 return report
             log.warning("baseline %s does not match the recorded hash; auditing it again", path)
         _check_base_files(rt, base)
-        render = profile.render_settings(device())
-        inputs = AuditInputs(base.path, base.weights_sha256, profile.load_probes(),
-                             policy=rt.settings.verdict_policy, render=render)
-        outcome = run_audit(load_base(base, torch_dtype=render.torch_dtype, device=device()),
-                            profile.load_detector(), inputs, cache_dir=rt.settings.render_cache_dir,
-                            us_classifier=profile.load_us_classifier())
-        metrics.audit_images("baseline", len(outcome.report["samples"]))
-        reasons = outcome.report["verdict"]["reasons"]
-        if is_incomplete(reasons):
-            raise BaselineError(f"baseline audit of {base.name} failed: {reasons[0]}")
+        outcome = audit_base(rt, base, load_base(base, torch_dtype=profile.render_settings(device()).torch_dtype,
+                                                 device=device()),
+                             profile, profile.load_probes(), profile.load_detector(), profile.load_us_classifier())
         save_outcome(outcome, folder)
         session.execute(update(BaseModel).where(BaseModel.id == base.id).values(
             baseline_report_path=str(path), baseline_report_sha256=report_sha256(outcome.report)))
@@ -131,7 +137,8 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         return outcome.report
 
 
-def _apply_checkpoint(pipe, kind: str, weights, scale: float = 1.0):
+def apply_checkpoint(pipe, kind: str, weights, scale: float = 1.0):
+    """The base pipeline with the job's checkpoint on it: a LoRA fused at ``scale``, or a DreamBooth UNet."""
     from auditing.models.loading import load_adapter, load_unet_weights
 
     return load_adapter(pipe, weights, scale) if kind == "lora" else load_unet_weights(pipe, weights)
@@ -173,15 +180,8 @@ class BaseRenders:
         def report() -> dict:
             if family not in self._reports:
                 started = time.perf_counter()
-                render = self._profile.render_settings(device())
-                inputs = AuditInputs(self._base.path, self._base.weights_sha256, probes,
-                                     policy=self._rt.settings.verdict_policy, render=render)
-                outcome = run_audit(self.pipe(), self._detector, inputs, cache_dir=self._rt.settings.render_cache_dir,
-                                    us_classifier=self._us_classifier)
-                metrics.audit_images("baseline", len(outcome.report["samples"]))
-                if is_incomplete(outcome.report["verdict"]["reasons"]):
-                    raise BaselineError(outcome.report["verdict"]["reasons"][0])
-                self._reports[family] = outcome.report
+                self._reports[family] = audit_base(self._rt, self._base, self.pipe(), self._profile, probes,
+                                                   self._detector, self._us_classifier).report
                 self.seconds += time.perf_counter() - started
             return self._reports[family]
 
@@ -217,7 +217,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
             families = drawn = None
             outcomes = []
             for scale in audit_scales(artifact.kind, rt.settings.limits):
-                pipe = _apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
+                pipe = apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
                 check = None
                 # At scale 1 only: its margins were calibrated on checkpoints as trained, and a LoRA turned up
