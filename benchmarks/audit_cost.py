@@ -1,10 +1,12 @@
 """What the gate's audit of a job costs next to the job: seconds of the default audit / seconds of the LoRA job.
 
 On the hardened shapes world (CPU; the demo's base model, probe set and policy) in one process: the demo's
-LoRA job is trained, then audited the way ``gate.pipeline.audit.audit_checkpoint`` does (fused LoRA at each
-of the gate's scales, paired with the base model's baseline) with the sequential audit and with every image
-rendered. The baseline is timed separately: it is audited once per base model and profile, for every job.
-Renders are never cached between the variants, so each one pays its own.
+LoRA job is trained, then audited on the profile's probes as ``gate.pipeline.audit.audit_checkpoint`` does
+(fused LoRA at each of the gate's scales, paired with the base model's baseline) with the sequential audit
+and with every image rendered. The gate's job probe families and model-side check come on top of this;
+``benchmarks.evasion`` measures the whole audit against this part. The baseline is timed separately: it is
+audited once per base model and profile, for every job. Renders are never cached between the variants, so
+each one pays its own.
 
     python -m benchmarks.audit_cost            # one JSON line
 """
