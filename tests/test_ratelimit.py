@@ -60,6 +60,9 @@ def test_callers_without_a_valid_key_are_counted_by_address(env):
     codes = [pages.post("/review/login", data={"key": "ftg_nonsense", "csrf_token": token(form)}).status_code
              for _ in range(3)]
     assert codes == [401, 401, 429]
+    refused = pages.get("/review/login")  # a browser is told in a page, not in the API's JSON
+    assert refused.status_code == 429 and refused.mimetype == "text/html" and int(refused.headers["Retry-After"]) > 0
+    assert b"Too many requests" in refused.data and b"at most 3 per 1 minute" in refused.data
 
 
 @pytest.fixture

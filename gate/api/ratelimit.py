@@ -5,7 +5,8 @@ reviewer pages' sign-in form) is limited too; a signed-in browser counts against
 live in the broker's Redis when ``broker_url`` is set, so every API process of a deployment shares them (and
 each process falls back to its own memory while Redis is away); with the embedded broker, in each process's
 memory. ``/healthz`` and ``/metrics`` are never counted: a monitor must see the service even when a client
-is being throttled. A request over the limit is a 429 in the API's error shape, with ``Retry-After``.
+is being throttled. A request over the limit is a 429 in the API's error shape (on the
+reviewer pages, an error page), with ``Retry-After``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import logging
 from datetime import datetime
 
 from flask import Blueprint, g, redirect, render_template, request, url_for
+from flask_limiter import RateLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
@@ -121,6 +122,13 @@ def _forbidden(exc: Forbidden):
 @bp.errorhandler(ApiError)
 def _refused(exc: ApiError):
     return _error_page(exc.status, exc.message)
+
+
+@bp.errorhandler(RateLimitExceeded)
+def _rate_limited(exc: RateLimitExceeded):
+    # Registered here, a page wins over the API's JSON 429 (Flask matches a blueprint's handler for the code first).
+    return _error_page(429, f"Too many requests from this key or address: at most {exc.limit.limit}. "
+                       "Try again after a minute.")
 
 
 @bp.errorhandler(HTTPException)
