@@ -220,6 +220,8 @@ CASES = [
     Case("bomb-ratio", lambda: zeros_zip(5 << 20), 413, "zip_bomb", "a.png", "max_compression_ratio"),
     Case("bomb-total", lambda: make_zip([("a.png", os.urandom(6000)), ("b.png", os.urandom(6000))]), 413,
          "zip_bomb", "b.png", "max_extracted_bytes", {"max_extracted_bytes": 10_000}),
+    Case("reencoded-total", lambda: make_zip(pair("a") + pair("b", image=jpeg(Image.effect_noise((64, 64), 80)))),
+         413, "too_large", "b.png", "max_reencoded_bytes", {"max_reencoded_bytes": 3000}),
     Case("bomb-overlap", overlapping, 413, "zip_bomb", "b.png", "overlap"),
     Case("nested-zip-name", lambda: make_zip([*pair(), ("more.zip", good())]), 415, "nested_archive",
          "more.zip"),

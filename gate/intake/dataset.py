@@ -197,12 +197,16 @@ def _plan(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IntakeLimit
 
 def _write(zf: zipfile.ZipFile, examples: list[_Example], staging: Path, limits: IntakeLimits) -> list[dict]:
     """Decode, check and re-encode every image into ``staging`` beside its caption."""
-    entries = []
+    entries, stored = [], 0
     for i, ex in enumerate(examples):
         data = read_member(zf, ex.image)
         if is_archive(data):
             raise IntakeError("nested_archive", "archives inside the upload are not allowed", [ex.image.filename])
         image = reencode(ex.image.filename, data, limits)
+        stored += len(image.png)
+        if stored > limits.max_reencoded_bytes:  # lossless PNG can outgrow the upload many times over
+            raise IntakeError("too_large", f"the re-encoded images come to more than "
+                              f"max_reencoded_bytes={limits.max_reencoded_bytes} bytes", [ex.image.filename])
         stem = f"{i:05d}"
         (staging / f"{stem}.png").write_bytes(image.png)
         (staging / f"{stem}.txt").write_text(ex.caption + "\n", encoding="utf-8")

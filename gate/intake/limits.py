@@ -77,6 +77,7 @@ class IntakeLimits:
     max_extracted_bytes: int = 1024 * MiB  # all members, decompressed
     max_compression_ratio: float = 100.0  # decompressed / compressed, for members over 1 MiB
     max_image_pixels: int = 4096 * 4096
+    max_reencoded_bytes: int = 4096 * MiB  # all re-encoded PNGs (a photo's PNG is 5-15x its JPEG)
     max_caption_chars: int = 1000
     allow_empty_captions: bool = False
     contamination_flag_ratio: float = 0.0  # above this share of unsafe images: accepted but flagged
