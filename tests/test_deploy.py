@@ -232,9 +232,28 @@ OBSERVE_ALL = textwrap.dedent("""
 """)
 
 
-def test_dashboard_uses_exactly_the_exported_metric_names(tmp_path, migrated, broker):  # noqa: F811
-    """Every metric a dashboard query names is in a real scrape of /metrics, and every exported family is
-    on the dashboard."""
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
+
+
+def test_prometheus_loads_the_alert_rules_and_each_rule_is_complete(compose):
+    """The rules file is mounted where prometheus.yml loads it; every rule waits (``for``), has a severity and
+    says what is wrong; ``up`` alerts name scrape jobs that exist."""
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert ("./alerts.yml", config["rule_files"][0]) in mounts(compose["services"]["prometheus"])
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    rules = alert_rules()
+    assert {"FtgateQueueStalled", "FtgateReviewBacklog", "FtgateAuditsIncomplete", "FtgateWorkerDown"} <= \
+        {r["alert"] for r in rules}
+    for rule in rules:
+        assert rule["for"] and rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        assert set(re.findall(r'\bup\{job="([^"]+)"', rule["expr"])) <= jobs, rule["alert"]
+
+
+def test_dashboard_and_alerts_use_exactly_the_exported_metric_names(tmp_path, migrated, broker):  # noqa: F811
+    """Every metric a dashboard query or an alert rule names is in a real scrape of /metrics, and every
+    exported family is on the dashboard."""
     env = Env(tmp_path, migrated)
     make_job(env, "released")  # a dataset, a job, its run's end and its verdict in the database
     subprocess.run([sys.executable, "-c", OBSERVE_ALL, str(env.settings.metrics_dir)], cwd=ROOT, check=True,
@@ -254,6 +273,8 @@ def test_dashboard_uses_exactly_the_exported_metric_names(tmp_path, migrated, br
                 used |= names
     covered = {f for f in families if any(n == f or n.startswith(f + "_") for n in used)}
     assert covered == set(families), set(families) - covered
+    for rule in alert_rules():
+        assert set(re.findall(r"\bftgate_\w+", rule["expr"])) <= exported, rule["alert"]
 
 
 def test_dockerfile_installs_gunicorn_and_ships_the_start_scripts(compose):

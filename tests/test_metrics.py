@@ -14,18 +14,22 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 from test_api import Env, RecordingDispatcher, RedScanner
 from test_api_results import make_job, move
 
+from auditing.verdict import INCOMPLETE
 from gate.api import create_app
+from gate.api import metrics as api_metrics
 from gate.storage.audit_log import SYSTEM, transition
-from gate.storage.models import Job
+from gate.storage.models import Job, Verdict, utcnow
 from gate.worker.app import QUEUES, make_celery
 from gate.worker.broker import EmbeddedRedis
 
@@ -199,6 +203,32 @@ def test_intake_rejections_and_validation_time_recorded_in_an_api_process(env, t
     assert samples(families, "ftgate_intake_rejections") == {(("reason", "not_a_zip"),): 2}
     count = samples(families, "ftgate_stage_duration_seconds", "ftgate_stage_duration_seconds_count")
     assert count == {(("stage", "validate"),): 2}
+
+
+def test_waiting_ages_and_incomplete_audits_for_the_alert_rules(env, monkeypatch):
+    """``ftgate_oldest_job_age_seconds`` dates a waiting job from when it entered its status (a later write to
+    the row does not reset it); ``ftgate_verdicts_incomplete`` counts fail-closed verdicts."""
+    assert samples(scrape(env), "ftgate_oldest_job_age_seconds") == {(("status", "queued"),): 0.0,
+                                                                     (("status", "review"),): 0.0}
+    queued = make_job(env, "queued")
+    make_job(env, "withheld")
+    monkeypatch.setattr(api_metrics, "utcnow", lambda: utcnow() + timedelta(hours=1))  # scrape an hour later
+    make_job(env, "review")  # entered review just now
+    with env.sessions() as s:
+        job = s.get(Job, queued)  # a write to the queued job's row 50 minutes after it was queued
+        job.dispatched_at = job.updated_at = utcnow() + timedelta(minutes=50)
+        verdict = s.scalars(select(Verdict).where(Verdict.decision == "block")).one()
+        verdict.reasons = [f"lora scale 1: {INCOMPLETE}: the renderer raised"]
+        s.commit()
+    families = scrape(env)
+    ages = samples(families, "ftgate_oldest_job_age_seconds")
+    assert 3600 <= ages[(("status", "queued"),)] < 3600 + 120
+    assert 3600 <= ages[(("status", "review"),)] < 3600 + 120
+    assert samples(families, "ftgate_verdicts_incomplete") == {(): 1}
+    with env.sessions() as s:  # the queued job starts: it no longer waits
+        transition(s, s.get(Job, queued), "training", SYSTEM)
+        s.commit()
+    assert samples(scrape(env), "ftgate_oldest_job_age_seconds")[(("status", "queued"),)] == 0.0
 
 
 def test_database_families_count_jobs_datasets_and_verdicts(env):

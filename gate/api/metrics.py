@@ -19,10 +19,11 @@ from flask import Blueprint, Response
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from sqlalchemy import func, select
+from sqlalchemy import String, and_, cast, func, select
 
+from auditing.verdict import INCOMPLETE
 from gate.metrics import ProcessFilesCollector
-from gate.storage.models import AuditLogEntry, Dataset, Job, Verdict
+from gate.storage.models import AuditLogEntry, Dataset, Job, Verdict, utcnow
 from gate.worker.app import QUEUES
 from gate.worker.broker import EmbeddedRedis
 
@@ -35,6 +36,8 @@ bp = Blueprint("metrics", __name__)
 # releases or withholds it), or failed / cancelled. A job an operator queues again after a failure
 # counts again when it ends.
 FINISHED = ("released", "withheld", "failed", "cancelled")
+# Where a job waits on the platform rather than on compute: for a worker to take it, for a reviewer.
+WAITING = ("queued", "review")
 BROKER_TIMEOUT_S = 2.0
 
 
@@ -53,6 +56,10 @@ class GateStateCollector:
                 .group_by(Job.method, AuditLogEntry.to_state)).all()
             datasets = session.execute(select(Dataset.status, func.count()).group_by(Dataset.status)).all()
             verdicts = session.execute(select(Verdict.decision, func.count()).group_by(Verdict.decision)).all()
+            incomplete = session.scalar(select(func.count()).select_from(Verdict)
+                                        .where(cast(Verdict.reasons, String).like(f"%{INCOMPLETE}%")))
+            waiting = dict(session.execute(_oldest_entry(WAITING)).all())
+            now = utcnow()
         by_state = GaugeMetricFamily("ftgate_jobs", "Jobs by status and method", labels=["status", "method"])
         submitted = CounterMetricFamily("ftgate_jobs_submitted", "Jobs ever submitted, by method", labels=["method"])
         totals: dict[str, int] = {}
@@ -77,6 +84,26 @@ class GateStateCollector:
         for decision, n in verdicts:
             counter.add_metric([decision], n)
         yield counter
+        unfinished = CounterMetricFamily("ftgate_verdicts_incomplete", "Verdicts taken because an audit could "
+                                         "not finish (blocked, fail-closed)")
+        unfinished.add_metric([], incomplete)
+        yield unfinished
+        age = GaugeMetricFamily("ftgate_oldest_job_age_seconds", "How long the job that has waited longest in "
+                                "a waiting status (queued, review) has been in it; 0 when none waits",
+                                labels=["status"])
+        for status in WAITING:
+            age.add_metric([status], (now - waiting[status]).total_seconds() if status in waiting else 0.0)
+        yield age
+
+
+def _oldest_entry(statuses: tuple[str, ...]):
+    """Per status, when the job that has been in it longest entered it: its latest audit-log entry into the
+    status it holds (``updated_at`` moves on any write, such as a re-dispatch, so it cannot say this)."""
+    entered = (select(Job.status, func.max(AuditLogEntry.at).label("at"))
+               .join(AuditLogEntry, and_(AuditLogEntry.entity_type == Job.__tablename__,
+                                         AuditLogEntry.entity_id == Job.id, AuditLogEntry.to_state == Job.status))
+               .where(Job.status.in_(statuses)).group_by(Job.status, Job.id).subquery())
+    return select(entered.c.status, func.min(entered.c.at)).group_by(entered.c.status)
 
 
 def _redis_client(url: str) -> redis.Redis:
