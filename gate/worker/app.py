@@ -12,6 +12,7 @@
   and host memory when it exits. The parent imports torch and diffusers before forking, so a child
   starts in milliseconds.
 * JSON only: a task message never carries pickles; tasks take ids and reload everything from the database.
+* Task events on, so Flower and ``celery events`` can follow the gate's tasks (``gate.worker.celery``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=True,  # Flower and ``celery events`` follow tasks (gate.worker.celery)
+        task_send_sent_event=True,
     )
     app.ftgate_settings = settings  # read by the tasks (gate.worker.tasks.runtime)
     return app
