@@ -4,7 +4,10 @@ answers (the production configuration; an empty database claimed for the test), 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 from sqlalchemy import select
@@ -68,6 +71,12 @@ def test_a_job_goes_from_upload_to_verdict_through_the_api(tmp_path):
         states = [(e["from_state"], e["to_state"]) for e in gate.get("a", f"/v1/jobs/{job_id}/log").json()["entries"]
                   if e["action"] == "status"]
         assert states == [("queued", "training"), ("training", "auditing"), ("auditing", job["status"])]
+        # Celery's own tools reach the running worker through the module-level app (gate.worker.celery).
+        registered = subprocess.run([sys.executable, "-m", "celery", "-A", "gate.worker", "inspect", "registered",
+                                     "--json", "--timeout", "10"], env=gate.gate.env, capture_output=True, text=True,
+                                    timeout=120, check=True)
+        (tasks,) = json.loads(registered.stdout.strip().splitlines()[-1]).values()
+        assert {"gate.train", "gate.audit", "gate.align"} <= set(tasks)
 
 
 def test_a_worker_killed_mid_training_loses_nothing_and_duplicates_nothing(tmp_path):
