@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FTGATE_"
 CONFIG_ENV = "FTGATE_CONFIG"
+# The customer client's variables (``gate.client``): where the API is and the caller's key. Not settings of the
+# service, but an operator's shell holds them beside the service's, so the loader lets them pass.
+URL_ENV, KEY_ENV = "FTGATE_URL", "FTGATE_API_KEY"
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
 POLICY_SUFFIXES = (".json", ".toml")
@@ -289,7 +292,8 @@ def _read_file(path: Path) -> dict:
 def _read_env(env: Mapping[str, str]) -> dict:
     """Values from ``FTGATE_*`` variables keyed by dotted name; empty variables count as unset."""
     by_env = {env_name(key): key for key in (*_TOP_LEVEL, *(f"limits.{n}" for n in _LIMIT_NAMES))}
-    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k != CONFIG_ENV and k not in by_env)
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in (CONFIG_ENV, URL_ENV, KEY_ENV)
+                     and k not in by_env)
     if unknown:
         raise SettingsError(unknown[0], f"unknown environment setting(s) {unknown}; allowed: "
                                         f"{sorted([*by_env, CONFIG_ENV])}")
