@@ -277,7 +277,7 @@ def broker(tmp_path):
     client.flushdb()
 
 
-def test_queue_lengths_are_read_from_the_broker(env, broker):
+def test_queue_lengths_are_read_from_the_broker(env, broker, monkeypatch):
     """Messages sent through Celery, some with priorities (kombu keeps those under suffixed keys), show as
     the queues' lengths; a broker that does not answer gives ftgate_broker_up 0 and the scrape still works."""
     url, client = broker
@@ -295,9 +295,13 @@ def test_queue_lengths_are_read_from_the_broker(env, broker):
     assert samples(families, "ftgate_queue_messages") == {(("queue", q),): len(sent.get(q, [])) for q in QUEUES}
 
     down = dataclasses.replace(env.settings, broker_url="redis://127.0.0.1:1/0")
+    attempts = []
+    connect = redis.connection.Connection._connect
+    monkeypatch.setattr(redis.connection.Connection, "_connect", lambda self: attempts.append(1) or connect(self))
     families = scrape(env, create_app(down, dispatcher=RecordingDispatcher(), scanner=RedScanner()).test_client())
     assert samples(families, "ftgate_broker_up") == {(): 0}
     assert "ftgate_queue_messages" not in families
+    assert len(attempts) == 1  # one try, not redis-py's default ten with backoff: a scrape must not hang
 
 
 def _free_port() -> int:

@@ -19,6 +19,8 @@ from flask import Blueprint, Response
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import String, and_, cast, func, select
 
 from auditing.verdict import INCOMPLETE
@@ -109,10 +111,12 @@ def _oldest_entry(statuses: tuple[str, ...]):
 def _redis_client(url: str) -> redis.Redis:
     """A client for a broker URL in kombu's forms (``redis+socket:///path?virtual_host=N`` for a socket)."""
     parts = urlsplit(url)
+    once = Retry(NoBackoff(), 0)  # redis-py retries 10 times by default: a scrape would wait seconds on a dead broker
     if parts.scheme == "redis+socket":
         db = int(parse_qs(parts.query).get("virtual_host", ["0"])[0])
-        return redis.Redis(unix_socket_path=parts.path, db=db, socket_timeout=BROKER_TIMEOUT_S)
-    return redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S)
+        return redis.Redis(unix_socket_path=parts.path, db=db, socket_timeout=BROKER_TIMEOUT_S, retry=once)
+    return redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S,
+                                retry=once)
 
 
 def _queue_keys(queue: str) -> list[str]:
