@@ -6,8 +6,9 @@ The server is the real one: ``ftgate serve`` (threaded WSGI) started by a ``Loca
 under the state directory, every accepted job handed to Celery on the embedded Redis. No worker runs:
 training 200 jobs would take hours on a CPU and its load would swamp the API being measured, so the jobs
 stay queued, which also lets the broker's queue be counted. Each client (a thread with its own key and
-HTTP session) submits its share of the jobs, reading the status of one of its jobs after each submission
-``--reads-per-submit`` times, so every status read happens while the other clients submit. Afterwards one
+``gate.client.Client``, the shipped client) submits its share of the jobs, reading the status of one of its
+jobs after each submission ``--reads-per-submit`` times, so every status read happens while the other clients
+submit. Afterwards one
 client alone reads statuses (``idle_read_*``): the same request without the load, to tell the machine's
 own speed (and whatever else runs on it) from the effect of the load.
 
@@ -28,8 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
+from gate.client import Client
 from gate.worker.faults import GateSession
 
 GOAL_P99_MS = 50.0
@@ -41,31 +41,28 @@ def _percentile(values: list[float], q: int) -> float:
 
 def _client(url: str, key: str, body: dict, jobs: int, reads: int, start: threading.Barrier, seed: int) -> dict:
     """One client's submissions and status reads: (latency ms, status code) of each, and the ids it got."""
-    rng, http = random.Random(seed), requests.Session()
-    http.headers["Authorization"] = f"Bearer {key}"
+    rng, client = random.Random(seed), Client(url, key)
     submits, status_reads, ids = [], [], []
     start.wait()
     for _ in range(jobs):
         t0 = time.perf_counter()
-        r = http.post(f"{url}/v1/jobs", json=body, timeout=60)
+        r = client.request("POST", "/v1/jobs", check=False, json=body)
         submits.append(((time.perf_counter() - t0) * 1e3, r.status_code))
         if r.status_code == 201:
             ids.append(r.json()["id"])
         for _ in range(reads if ids else 0):
             job_id = rng.choice(ids)
             t0 = time.perf_counter()
-            r = http.get(f"{url}/v1/jobs/{job_id}", timeout=60)
+            r = client.request("GET", f"/v1/jobs/{job_id}", check=False)
             status_reads.append(((time.perf_counter() - t0) * 1e3, r.status_code))
     return {"submits": submits, "reads": status_reads, "ids": ids}
 
 
 def _read_alone(url: str, key: str, ids: list[str], reads: int) -> list[tuple[float, int]]:
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {key}"
-    timings = []
+    client, timings = Client(url, key), []
     for job_id in random.Random(0).choices(ids, k=reads):
         t0 = time.perf_counter()
-        r = http.get(f"{url}/v1/jobs/{job_id}", timeout=60)
+        r = client.request("GET", f"/v1/jobs/{job_id}", check=False)
         timings.append(((time.perf_counter() - t0) * 1e3, r.status_code))
     return timings
 

@@ -1,7 +1,8 @@
 """``ftgate demo``: the gate end to end on one machine, on the embedded defaults, on CPU.
 
 It starts what a platform runs (an embedded Redis, an ``ftgate worker`` and an ``ftgate serve`` process,
-with SQLite and the artifact store under ``OUT/state``), then plays the three roles over HTTP:
+with SQLite and the artifact store under ``OUT/state``), then plays the three roles over HTTP, each through the
+shipped client (``gate.client``):
 
 * the operator registers the ResAlign-hardened shapes world (``alignment.hardened_world``: the packaged
   result of ``ftgate align`` on the world) as a base model, with its audit profile (the world's unsafe
@@ -29,6 +30,8 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
+
+from gate.client import Client, WaitTimeout
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +64,6 @@ def customer_zip(contamination: float, images: int = DATASET_IMAGES) -> bytes:
     return buf.getvalue()
 
 
-class Client:
-    """The API as its users see it: one key each, JSON in and out; any error status stops the demo."""
-
-    def __init__(self, url: str, key: str):
-        import requests
-
-        self.url, self.session = url, requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def call(self, method: str, path: str, **kwargs):
-        response = self.session.request(method, self.url + path, timeout=60, **kwargs)
-        if not response.ok:
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")
-        return response
-
-
 def _issue_keys(database_url: str) -> dict[str, str]:
     from gate.auth import create_key, ensure_tenant
     from gate.storage.audit_log import SYSTEM
@@ -95,25 +82,27 @@ def _issue_keys(database_url: str) -> dict[str, str]:
 
 
 def _wait(customer: Client, jobs: dict[str, str]) -> dict[str, dict]:
+    """Each job once final, with the seconds it took; one progress bar per job meanwhile."""
     from tqdm.auto import tqdm
 
-    t0, done = time.monotonic(), {}
+    t0, done, names = time.monotonic(), {}, {job_id: name for name, job_id in jobs.items()}
     bars = {name: tqdm(total=100, desc=f"{name:>12}", unit="%", bar_format="{desc}: {bar} {postfix}")
             for name in jobs}
-    while len(done) < len(jobs):
-        if time.monotonic() - t0 > JOB_TIMEOUT_S:
-            raise RuntimeError(f"jobs not finished after {JOB_TIMEOUT_S:g} s: {sorted(set(jobs) - set(done))}")
-        for name, job_id in jobs.items():
-            if name in done:
-                continue
-            job = customer.call("GET", f"/v1/jobs/{job_id}").json()
-            bar = bars[name]
-            bar.n = round(100 * job["progress"])
-            bar.set_postfix_str(f"{job['status']}: {job['stage'] or ''}")
-            if job["status"] in FINAL:
-                done[name] = job | {"seconds": round(time.monotonic() - t0, 1)}
-                bar.close()
-        time.sleep(POLL_S)
+
+    def show(job: dict) -> None:
+        name = names[job["id"]]
+        bar = bars[name]
+        bar.n = round(100 * job["progress"])
+        bar.set_postfix_str(f"{job['status']}: {job['stage'] or ''}")
+        if job["status"] in FINAL:
+            done[name] = job | {"seconds": round(time.monotonic() - t0, 1)}
+            bar.close()
+
+    try:
+        customer.wait_all(jobs.values(), until=lambda job: job["status"] in FINAL, timeout_s=JOB_TIMEOUT_S,
+                          poll_s=POLL_S, max_poll_s=POLL_S, on_poll=show)
+    except WaitTimeout:
+        raise RuntimeError(f"jobs not finished after {JOB_TIMEOUT_S:g} s: {sorted(set(jobs) - set(done))}") from None
     return done
 
 
@@ -158,29 +147,24 @@ def _cmd_demo(args) -> int:
                    "detector_options": {"concept": UNSAFE}, "images_per_prompt": IMAGES_PER_PROBE,
                    "inference_steps": 20, "guidance_scale": 5.0, "batch_size": 64, "secret_pool": str(secret_pool),
                    "model_check": {"references": UNSAFE}}
-        base = operator.call("POST", "/v1/base-models", json={"name": "shapes-world-hardened", "path": str(model),
-                                                              "audit_profile": profile}).json()
+        base = operator.create_base_model("shapes-world-hardened", str(model), profile)
         print(f"operator registered base model {base['id']} (baseline audit queued)")
         jobs = {}
         for name, contamination in DATASETS.items():
             upload = customer_zip(contamination)
-            ds = customer.call("POST", "/v1/datasets", files={"file": (f"{name}.zip", upload)},
-                               data={"name": name}).json()
+            ds = customer.upload_dataset(upload, name=name, filename=f"{name}.zip")
             print(f"customer uploaded {name} dataset {ds['id']}: {ds['status']}, {ds['image_count']} images, "
                   f"contamination (NudeNet) {ds['contamination_ratio']}")
-            job = customer.call("POST", "/v1/jobs", json={"base_model": base["id"], "dataset": ds["id"],
-                                                          "method": "lora", "hyperparameters": HYPERPARAMETERS,
-                                                          "idempotency_key": f"demo-{name}"}).json()
+            job = customer.create_job(base["id"], ds["id"], "lora", HYPERPARAMETERS, idempotency_key=f"demo-{name}")
             jobs[name] = job["id"]
         finished = _wait(customer, jobs)
         reviewer = Client(gate.url, keys["reviewer"])
-        for job in reviewer.call("GET", "/v1/reviews").json()["jobs"]:
+        for job in reviewer.reviews():
             name = next(n for n, i in jobs.items() if i == job["id"])
             decision = "approve" if name == "benign" else "reject"
             reason = (f"demo reviewer: {name} dataset" + (", 30% of its images show the unsafe concept"
                                                            if decision == "reject" else ""))
-            decided = reviewer.call("POST", f"/v1/reviews/{job['id']}",
-                                    json={"decision": decision, "reason": reason}).json()
+            decided = reviewer.decide_review(job["id"], decision, reason)
             print(f"reviewer decided on the flagged {name} job: {decision} -> {decided['status']}")
             finished[name] |= {"status": decided["status"], "review": decided["review"]}
         reports = out / "reports"
@@ -191,7 +175,7 @@ def _cmd_demo(args) -> int:
             if job["verdict"] is not None:
                 for suffix in ("report", "report.html"):
                     target = reports / f"{name}.{'json' if suffix == 'report' else 'html'}"
-                    target.write_bytes(customer.call("GET", f"/v1/jobs/{job['id']}/{suffix}").content)
+                    customer.save_report(job["id"], target, html=suffix == "report.html")
                     entry[suffix] = str(target)
                 metrics = json.loads((reports / f"{name}.json").read_text())["metrics"]
                 entry["unsafe_rate"] = metrics.get("unsafe_rate", {}).get("rate")
@@ -200,8 +184,7 @@ def _cmd_demo(args) -> int:
             if job["status"] == "released":
                 folder = out / "downloads" / name
                 folder.mkdir(parents=True, exist_ok=True)
-                response = customer.call("GET", f"/v1/jobs/{job['id']}/artifact")
-                (folder / "pytorch_lora_weights.safetensors").write_bytes(response.content)
+                customer.download(job["id"], folder / "pytorch_lora_weights.safetensors")
                 entry["download"] = str(folder)
                 entry["sample"] = str(_load_with_diffusers(model, folder, folder / "sample.png"))
             summary[name] = entry

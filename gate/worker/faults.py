@@ -18,8 +18,8 @@ Two halves:
   refusal writes ``refused-database``). Nothing here is imported by ``ftgate worker`` itself.
 * **The driver** (``GateSession``, ``kill_cycle``, ``broker_at_reap_cycle``, ``database_at_start_cycle``,
   ``lost_messages``, ``broker_restart``, ``auditor_failure``): a ``LocalGate`` with an operator, a customer and
-  the shapes world registered as a base model, jobs submitted over HTTP, and each scenario's outcome counted
-  from the database and the artifact store.
+  the shapes world registered as a base model, jobs submitted over HTTP through the shipped client
+  (``gate.client``), and each scenario's outcome counted from the database and the artifact store.
 """
 
 from __future__ import annotations
@@ -204,15 +204,13 @@ class GateSession:
         self._dataset: str | None = None
 
     def __enter__(self) -> GateSession:
-        import requests
-
         from auditing.shapes.cli import PRETRAINED_WORLD
         from gate.auth import create_key, ensure_tenant
+        from gate.client import Client, GateError
         from gate.storage.audit_log import SYSTEM
         from gate.storage.db import make_engine, session_factory
 
         self.faults.mkdir(parents=True, exist_ok=True)
-        self.http = requests.Session()
         try:
             self.gate.start(workers=self._workers)
             self.engine = make_engine(self.gate.settings.database_url)
@@ -223,13 +221,14 @@ class GateSession:
                 self.keys = {"op": create_key(s, "platform", "operator", SYSTEM).key,
                              "a": create_key(s, "acme", "customer", SYSTEM).key}
                 s.commit()
+            self.clients = {who: Client(self.gate.url, key) for who, key in self.keys.items()}
             probes = self.root / "probes.csv"
             probes.write_text(PROBES)
-            r = self.post("op", "/v1/base-models", json={"name": "world", "path": str(PRETRAINED_WORLD),
-                                                         "audit_profile": {"probes": str(probes), **self.profile}})
-            if r.status_code != 201:
-                raise RuntimeError(f"registering the base model: {r.status_code} {r.text}")
-            self.base_model = r.json()["id"]
+            try:
+                self.base_model = self.clients["op"].create_base_model(
+                    "world", str(PRETRAINED_WORLD), {"probes": str(probes), **self.profile})["id"]
+            except GateError as exc:
+                raise RuntimeError(f"registering the base model: {exc}") from None
         except BaseException:
             self.__exit__()
             raise
@@ -240,54 +239,58 @@ class GateSession:
         if hasattr(self, "engine"):
             self.engine.dispose()
 
-    # HTTP, as a client sees the gate
-    def headers(self, who: str) -> dict:
-        return {"Authorization": f"Bearer {self.keys[who]}"}
-
+    # HTTP, as a client sees the gate (``who``: "op", the operator, or "a", the customer)
     def post(self, who: str, path: str, **kwargs):
-        return self.http.post(self.gate.url + path, headers=self.headers(who), timeout=60, **kwargs)
+        """The response, whatever its status (the scenarios check refusals too)."""
+        return self.clients[who].request("POST", path, check=False, **kwargs)
 
     def get(self, who: str, path: str):
-        return self.http.get(self.gate.url + path, headers=self.headers(who), timeout=60)
+        return self.clients[who].request("GET", path, check=False)
 
     def dataset(self) -> str:
         """The customer's dataset (uploaded once; every job trains on it)."""
         if self._dataset is None:
+            from gate.client import GateError
             from gate.demo import customer_zip
 
-            r = self.post("a", "/v1/datasets", files={"file": ("d.zip", customer_zip(0.0, DATASET_IMAGES))})
-            if r.status_code != 201:
-                raise RuntimeError(f"uploading the dataset: {r.status_code} {r.text}")
-            self._dataset = r.json()["id"]
+            try:
+                self._dataset = self.clients["a"].upload_dataset(customer_zip(0.0, DATASET_IMAGES),
+                                                                 filename="d.zip")["id"]
+            except GateError as exc:
+                raise RuntimeError(f"uploading the dataset: {exc}") from None
         return self._dataset
+
+    def _job_body(self, steps: int, seed: int) -> dict:
+        return {"base_model": self.base_model, "dataset": self.dataset(), "method": "lora",
+                "hyperparameters": {**HYPERPARAMETERS, "steps": steps, "seed": seed}}
 
     def request_job(self, steps: int, seed: int = 0):
         """``POST /v1/jobs`` for a LoRA job on the customer's dataset; the response, whatever it is."""
-        return self.post("a", "/v1/jobs", json={"base_model": self.base_model, "dataset": self.dataset(),
-                                                "method": "lora",
-                                                "hyperparameters": {**HYPERPARAMETERS, "steps": steps, "seed": seed}})
+        return self.post("a", "/v1/jobs", json=self._job_body(steps, seed))
 
     def submit(self, steps: int, seed: int = 0) -> str:
-        r = self.request_job(steps, seed)
-        if r.status_code != 201:
-            raise RuntimeError(f"submitting a job: {r.status_code} {r.text}")
-        return r.json()["id"]
+        from gate.client import GateError
+
+        try:
+            return self.clients["a"].create_job(**self._job_body(steps, seed))["id"]
+        except GateError as exc:
+            raise RuntimeError(f"submitting a job: {exc}") from None
 
     def wait(self, job_id: str, until, timeout_s: float = WAIT_S) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = self.get("a", f"/v1/jobs/{job_id}").json()
-            if until(job):
-                return job
-            time.sleep(POLL_S)
-        raise TimeoutError(f"job {job_id} never got there; last seen {job}; logs in {self.gate.log_dir}")
+        from gate.client import WaitTimeout
+
+        try:
+            return self.clients["a"].wait(job_id, until=until, timeout_s=timeout_s, poll_s=POLL_S, max_poll_s=POLL_S)
+        except WaitTimeout as exc:
+            raise TimeoutError(f"job {job_id} never got there; last seen {exc.jobs[job_id]}; "
+                               f"logs in {self.gate.log_dir}") from None
 
     def wait_final(self, job_id: str, timeout_s: float = WAIT_S) -> dict:
         return self.wait(job_id, lambda j: j["status"] in FINAL, timeout_s)
 
     def wait_baseline(self, timeout_s: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout_s
-        while not self.get("op", f"/v1/base-models/{self.base_model}").json()["baseline_ready"]:
+        while not self.clients["op"].base_model(self.base_model)["baseline_ready"]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no baseline after {timeout_s:g} s; logs in {self.gate.log_dir}")
             time.sleep(POLL_S)
