@@ -13,16 +13,9 @@ from werkzeug.exceptions import HTTPException
 
 from gate.auth import Forbidden, NotFound
 from gate.intake import IntakeError, ScanError
+from gate.service.errors import ApiError, bounded_text  # noqa: F401  (the routes import both from here)
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """A request the API refuses; ``extra`` keys are added to the error body (e.g. ``field``, ``allowed``)."""
-
-    def __init__(self, status: int, reason: str, message: str, **extra):
-        super().__init__(message)
-        self.status, self.reason, self.message, self.extra = status, reason, message, extra
 
 
 def json_object(shape: str) -> dict:
@@ -33,15 +26,6 @@ def json_object(shape: str) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", f"send a JSON object {shape}")
     return body
-
-
-def bounded_text(body: dict, field: str, max_chars: int) -> str:
-    """``body[field]`` if it is a string of 1 to ``max_chars`` characters; else a 400 naming the field."""
-    value = body.get(field)
-    if not isinstance(value, str) or not value.strip() or len(value) > max_chars:
-        raise ApiError(400, "invalid_request", f"{field} must be a string of 1 to {max_chars} characters",
-                       field=field)
-    return value
 
 
 def error_response(status: int, reason: str, message: str, **extra):

@@ -1,0 +1,94 @@
+"""Registering the (hardened) base models customers may fine-tune, and finding them.
+
+A base model is a local diffusers folder (``variant`` picks its ``*.fp16.safetensors``-style weights) or a
+single ``.safetensors`` checkpoint with ``config``, a diffusers folder of the same architecture; ``vae``
+replaces its VAE with another folder's. All are checked, and hashed together, at registration.
+
+A base model comes with its audit profile (probes, detector, rendering); registering it dispatches its
+baseline audit, the figures every job on it is compared with. If the broker cannot take that message the
+registration still stands: the first job audited on the model audits its baseline first
+(``gate.pipeline.audit.ensure_baseline``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from auditing.models.hashing import HashCache, weights_sha256
+from auditing.models.sources import ModelSourceError, pipeline_files
+from gate.pipeline.profile import AuditProfile
+from gate.storage.audit_log import SYSTEM, ActorLike, record
+from gate.storage.models import BaseModel
+
+from .errors import ApiError, bounded_text
+
+log = logging.getLogger(__name__)
+
+NAME_MAX_CHARS = 200
+PATH_MAX_CHARS = 4_096
+SOURCE_FIELDS = ("config", "variant", "vae")  # how the model at ``path`` is loaded (gate.pipeline.base_model)
+_FIELDS = {"source": "path"}  # ModelSourceError's field -> the request's
+
+
+def _optional_text(body: dict, field: str) -> str | None:
+    return None if body.get(field) is None else bounded_text(body, field, PATH_MAX_CHARS)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Stored absolute: workers need not share the registering process's working directory."""
+    return None if path is None else str(Path(path).absolute())
+
+
+def register_base_model(session: Session, body: dict, actor: ActorLike, hash_cache: Path, dispatcher) -> BaseModel:
+    """Check, hash and store the base model ``body`` describes (``name``, ``path``, ``audit_profile`` and
+    optionally ``config``, ``variant``, ``vae``), then dispatch its baseline audit. Commits."""
+    name, path = bounded_text(body, "name", NAME_MAX_CHARS), body.get("path")
+    if not isinstance(path, str) or not Path(path).exists():
+        raise ApiError(400, "invalid_request", "path must be an existing local diffusers folder or .safetensors "
+                       f"checkpoint (got {path!r})", field="path")
+    source = {field: _optional_text(body, field) for field in SOURCE_FIELDS}
+    try:
+        profile = AuditProfile.from_dict(body.get("audit_profile"))
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, "invalid_request", str(exc), field="audit_profile") from None
+    if session.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
+        raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
+    try:
+        pipeline_files(path, **source)  # a lone .safetensors file hashes as one, but loads only with config
+        digest = weights_sha256(path, HashCache(hash_cache), **source)
+    except ModelSourceError as exc:
+        raise ApiError(400, "invalid_request", str(exc), field=_FIELDS.get(exc.field, exc.field)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise ApiError(400, "invalid_request", str(exc), field="path") from None
+    row = BaseModel(name=name, path=_absolute(path), config_path=_absolute(source["config"]),
+                    variant=source["variant"], vae_path=_absolute(source["vae"]), weights_sha256=digest,
+                    audit_profile=profile.as_dict())
+    session.add(row)
+    record(session, actor, row, "created",
+           detail={"path": row.path, "config": row.config_path, "variant": row.variant, "vae": row.vae_path,
+                   "weights_sha256": digest, "audit_profile": row.audit_profile})
+    session.commit()
+    log.info("base model %s (%s) registered: %s", row.id, name, digest)
+    try:
+        dispatcher.baseline(row.id)
+    except Exception as exc:  # the broker is down: the model stays registered, its first audit makes the baseline
+        log.exception("baseline of base model %s could not be queued", row.id)
+        record(session, SYSTEM, row, "baseline not queued",
+               reason=f"{type(exc).__name__}; the first job audited on this model audits the baseline first")
+        session.commit()
+    return row
+
+
+def list_base_models(session: Session) -> list[BaseModel]:
+    return list(session.scalars(select(BaseModel).order_by(BaseModel.created_at, BaseModel.id)))
+
+
+def get_base_model(session: Session, base_model_id: str) -> BaseModel:
+    row = session.get(BaseModel, base_model_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no base model {base_model_id!r}")
+    return row
