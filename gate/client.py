@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -54,7 +55,7 @@ class GateError(Exception):
 
     @classmethod
     def from_response(cls, response: requests.Response) -> GateError:
-        path = requests.utils.urlparse(response.request.url).path
+        path = urlsplit(response.request.url).path
         try:
             body = response.json()["error"]
             if not isinstance(body, dict):
@@ -120,6 +121,13 @@ class _MultipartBody:
 def _quoted(text: str) -> str:
     """A multipart header value as browsers write it (HTML's form encoding): quotes and line breaks escaped."""
     return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment; refused if it could name another route (servers decode ``%2F`` back to ``/``)."""
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"not an id: {value!r}")
+    return quote(value, safe="")
 
 
 def _settled(job: dict) -> bool:
@@ -198,7 +206,7 @@ class Client:
         return self._json("POST", "/v1/datasets", data=body, headers={"Content-Type": body.content_type})
 
     def dataset(self, dataset_id: str) -> dict:
-        return self._json("GET", f"/v1/datasets/{dataset_id}")
+        return self._json("GET", f"/v1/datasets/{_segment(dataset_id)}")
 
     # --- jobs -------------------------------------------------------------------------------------------------
 
@@ -213,7 +221,7 @@ class Client:
 
     def job(self, job_id: str) -> dict:
         """The job with its verdict, review and checkpoint (``artifact``: kind, size, sha256, downloadable)."""
-        return self._json("GET", f"/v1/jobs/{job_id}")
+        return self._json("GET", f"/v1/jobs/{_segment(job_id)}")
 
     def jobs(self) -> list[dict]:
         """The caller's jobs (staff: every tenant's), newest first."""
@@ -222,7 +230,7 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         """``POST /v1/jobs/<id>/cancel``: the job as the cancel left it (a running job stops at its next step);
         ``GateError`` ``job_final`` (409) if it had already finished."""
-        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._json("POST", f"/v1/jobs/{_segment(job_id)}/cancel")
 
     def wait(self, job_id: str, *, until: Callable[[dict], bool] = _settled, timeout_s: float = WAIT_S,
              poll_s: float = POLL_S, max_poll_s: float = MAX_POLL_S,
@@ -262,7 +270,8 @@ class Client:
     def events(self, job_id: str, after: int | None = None) -> dict:
         """``GET /v1/jobs/<id>/events``: ``{"events": [{seq, at, kind, data}], "next": seq}``, the events after
         ``after`` (all when None); pass ``next`` as ``after`` to read on."""
-        return self._json("GET", f"/v1/jobs/{job_id}/events", params={} if after is None else {"after": after})
+        params = {} if after is None else {"after": after}
+        return self._json("GET", f"/v1/jobs/{_segment(job_id)}/events", params=params)
 
     def follow_events(self, job_id: str, after: int | None = None, *, timeout_s: float = WAIT_S,
                       poll_s: float = POLL_S, max_poll_s: float = MAX_POLL_S) -> Iterator[dict]:
@@ -292,19 +301,19 @@ class Client:
         ``artifact`` (a DreamBooth zip is assembled on the fly, so only its transfer is checked)."""
         artifact = self.job(job_id)["artifact"]
         expect = artifact if artifact is not None and artifact["kind"] == "lora" else None
-        return self._save(f"/v1/jobs/{job_id}/artifact", out, progress, expect)
+        return self._save(f"/v1/jobs/{_segment(job_id)}/artifact", out, progress, expect)
 
     def report(self, job_id: str) -> dict:
         """The audit report as the caller may read it (a customer's view: verdict and figures)."""
-        return self._json("GET", f"/v1/jobs/{job_id}/report")
+        return self._json("GET", f"/v1/jobs/{_segment(job_id)}/report")
 
     def save_report(self, job_id: str, out: str | Path, *, html: bool = False) -> Path:
         """The report's bytes as served (JSON, or the page with ``html``) into ``out``."""
-        return self._save(f"/v1/jobs/{job_id}/report{'.html' if html else ''}", out)
+        return self._save(f"/v1/jobs/{_segment(job_id)}/report{'.html' if html else ''}", out)
 
     def log(self, job_id: str) -> list[dict]:
         """The job's audit-log entries, oldest first."""
-        return self._json("GET", f"/v1/jobs/{job_id}/log")["entries"]
+        return self._json("GET", f"/v1/jobs/{_segment(job_id)}/log")["entries"]
 
     # --- operators and reviewers ------------------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class Client:
                                                            "audit_profile": audit_profile, **fields})
 
     def base_model(self, base_model_id: str) -> dict:
-        return self._json("GET", f"/v1/base-models/{base_model_id}")
+        return self._json("GET", f"/v1/base-models/{_segment(base_model_id)}")
 
     def reviews(self) -> list[dict]:
         """Jobs waiting for a reviewer, oldest first (reviewers, operators)."""
@@ -322,4 +331,4 @@ class Client:
 
     def decide_review(self, job_id: str, decision: str, reason: str) -> dict:
         """A reviewer's ``approve`` or ``reject`` of a job in review."""
-        return self._json("POST", f"/v1/reviews/{job_id}", json={"decision": decision, "reason": reason})
+        return self._json("POST", f"/v1/reviews/{_segment(job_id)}", json={"decision": decision, "reason": reason})

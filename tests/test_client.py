@@ -91,6 +91,8 @@ def test_refusals_raise_gate_error_with_the_api_body(gate):
     with pytest.raises(GateError) as missing:
         customer(gate, "b").job(new_job(gate, client)["id"])
     assert (missing.value.status, missing.value.reason) == (404, "not_found")
+    with pytest.raises(ValueError, match="not an id"):
+        client.job("../datasets/x")  # never another route
     with pytest.raises(GateError) as unauthorized:
         Client(gate.url, "ftg_bad_key").jobs()
     assert (unauthorized.value.status, unauthorized.value.reason) == (401, "unauthorized")
