@@ -146,12 +146,17 @@ def _run(command):
     from gate.client import Client, DownloadError, GateError
 
     def run(args) -> int:
+        client = Client(args.url)
         try:
-            result = command(Client(args.url), args)
+            result = command(client, args)
         except GateError as exc:
             if args.json:
                 print(_dumps({"error": {"status": exc.status, **exc.body}}))
             print(f"ftgate: error: {printable(str(exc))}", file=sys.stderr)
+            return 1
+        except requests.ConnectionError as exc:
+            print(f"ftgate: error: cannot reach the gate at {printable(client.url)} ({exc.__class__.__name__}: "
+                  f"{printable(str(exc))})", file=sys.stderr)
             return 1
         except (DownloadError, requests.RequestException) as exc:
             print(f"ftgate: error: {printable(str(exc))}", file=sys.stderr)

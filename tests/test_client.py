@@ -208,10 +208,13 @@ def test_cli_json_output_for_scripts(gate, tmp_path, capsys, monkeypatch):
     assert code == 0 and out.startswith(f"job {job['id']}: released") and "downloadable" in out
 
 
-def test_cli_without_a_key_says_where_it_comes_from(capsys, monkeypatch):
+def test_cli_without_a_key_or_a_gate_says_so(capsys, monkeypatch):
     monkeypatch.delenv("FTGATE_API_KEY", raising=False)
     code, _, err = ftgate(capsys, "jobs", "show", "x", "--url", "http://127.0.0.1:9")
     assert code == 2 and "FTGATE_API_KEY" in err
+    monkeypatch.setenv("FTGATE_API_KEY", "ftg_k_s")
+    code, out, err = ftgate(capsys, "jobs", "show", "x", "--url", "http://127.0.0.1:9", "--json")
+    assert code == 1 and out == "" and "cannot reach the gate at http://127.0.0.1:9" in err
 
 
 # --- cancel and events, against their contract ----------------------------------------------------------------
