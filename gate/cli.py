@@ -9,7 +9,7 @@ import sys
 from alignment import cli as alignment_cli
 from auditing import cli as auditing_cli
 from auditing.shapes import cli as shapes_cli
-from gate import base_models_cli, client_cli, demo, keys_cli, logs
+from gate import client_cli, demo, keys_cli, logs, operator_cli
 from gate.storage import cli as storage_cli
 from gate.worker import cli as worker_cli
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     client_cli.register(sub)
     keys_cli.register(sub)
-    base_models_cli.register(sub)
+    operator_cli.register(sub)
     storage_cli.register(sub)
     worker_cli.register(sub)
     return parser

@@ -1,8 +1,12 @@
-"""``ftgate base-models register|list|show``: an operator at the gate's host registers the base models
-customers may fine-tune, with the same checks as ``POST /v1/base-models`` (``gate.service.base_models``).
+"""The operator's commands at the gate's host, with the API's own rules (``gate.service``) and no API key:
 
-``register`` takes the audit profile as a JSON file (docs/gate-storage.md lists its fields) and queues the
-model's baseline audit on the configured broker. ``--json`` prints the row as the API shows it to staff.
+* ``ftgate base-models register|list|show``: the base models customers may fine-tune, checked as
+  ``POST /v1/base-models`` checks them. ``register`` takes the audit profile as a JSON file (docs/api.md lists
+  its fields) and queues the model's baseline audit on the configured broker.
+* ``ftgate reviews list``: what waits for a reviewer, flagged jobs and flagged datasets, longest-waiting first
+  (decisions are taken on the reviewer pages or through the API, with a reviewer's key).
+
+``--json`` prints one JSON object per row, as the API shows it to staff.
 """
 
 from __future__ import annotations
@@ -82,13 +86,35 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _cmd_reviews(args) -> int:
+    from .api.serialize import dataset_json, job_json
+    from .service.reviews import WAITING_DATASETS, WAITING_JOBS
+
+    with _sessions(load_settings(path=args.config_file))() as session:
+        jobs, datasets = session.scalars(WAITING_JOBS).all(), session.scalars(WAITING_DATASETS).all()
+        for kind, rows, as_dict in (("job", jobs, job_json), ("dataset", datasets, dataset_json)):
+            for row in rows:
+                if args.json:
+                    print(json.dumps({"kind": kind, **as_dict(row)}))
+                else:
+                    waiting = (row.updated_at if kind == "job" else row.created_at).strftime("%Y-%m-%d %H:%M")
+                    print(f"{kind:<8} {row.id}  tenant {row.tenant_id:<20} waiting since {waiting}")
+    if not args.json:
+        print(f"{len(jobs)} job(s) and {len(datasets)} dataset(s) wait for a reviewer", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``base-models`` subcommand to the ``ftgate`` parser."""
-    models = sub.add_parser("base-models", help="base models customers may fine-tune: register, list, show")
-    msub = models.add_subparsers(dest="base_models_command", required=True)
+    """Add the ``base-models`` and ``reviews`` subcommands to the ``ftgate`` parser."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config-file", help="the gate's settings file (default $FTGATE_CONFIG)")
-    common.add_argument("--json", action="store_true", help="one JSON object per model, as the API shows staff")
+    common.add_argument("--json", action="store_true", help="one JSON object per row, as the API shows staff")
+    reviews = sub.add_parser("reviews", help="what waits for a reviewer: list")
+    rsub = reviews.add_subparsers(dest="reviews_command", required=True)
+    rsub.add_parser("list", parents=[common], help="flagged jobs and datasets, longest-waiting first") \
+        .set_defaults(func=_cmd_reviews)
+    models = sub.add_parser("base-models", help="base models customers may fine-tune: register, list, show")
+    msub = models.add_subparsers(dest="base_models_command", required=True)
     reg = msub.add_parser("register", parents=[common], help="check, hash and register a model; queue its baseline")
     reg.add_argument("--name", required=True, help="unique name customers choose it by")
     reg.add_argument("--path", required=True, help="a local diffusers folder or a single .safetensors checkpoint")

@@ -1,5 +1,6 @@
-"""``ftgate base-models``: an operator at the gate's host registers, lists and shows base models with the
-API's own checks (``gate.service.base_models``); refusals are one line naming the field, exit 2."""
+"""The operator's commands at the gate's host (``gate.operator_cli``): ``ftgate base-models`` registers, lists
+and shows base models with the API's own checks (``gate.service.base_models``), refusals one line naming the
+field with exit 2; ``ftgate reviews list`` shows what waits for a reviewer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import shutil
 
 import pytest
 from sqlalchemy import select
+from test_api import Env, good_zip
+from test_api_results import make_job
 
 from gate.cli import main
 from gate.storage.db import make_engine, session_factory
@@ -68,3 +71,18 @@ def test_refusals_name_the_field_and_exit_2(gate_env, capsys):
     assert "no base model" in capsys.readouterr().err
     with sessions() as s:
         assert [r.name for r in s.scalars(select(BaseModel))] == ["one"]
+
+
+def test_reviews_list_shows_flagged_jobs_and_datasets_oldest_first(tmp_path, migrated, monkeypatch, capsys):
+    env = Env(tmp_path, migrated)
+    waiting = [make_job(env, "review"), make_job(env, "review", who="b")]
+    make_job(env, "released")
+    flagged = env.upload(good_zip(n=20, red=1)).json["id"]
+    monkeypatch.setenv("FTGATE_STATE_DIR", str(env.state))
+    monkeypatch.setenv("FTGATE_DATABASE_URL", env.settings.database_url)
+    assert main(["reviews", "list", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r["id"]) for r in rows] == [("job", waiting[0]), ("job", waiting[1]), ("dataset", flagged)]
+    assert main(["reviews", "list"]) == 0
+    out = capsys.readouterr()
+    assert "2 job(s) and 1 dataset(s) wait for a reviewer" in out.err and len(out.out.splitlines()) == 3

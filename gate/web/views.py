@@ -24,19 +24,22 @@ from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
 from gate.api import gate
-from gate.api.dataset_reviews import (
+from gate.api.errors import ApiError
+from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
+from gate.api.serialize import verdict_json
+from gate.auth import Forbidden, NotFound, authenticate, get_for_principal, scoped
+from gate.pipeline.audit import finished_audit
+from gate.service.reviews import (
+    REASON_MAX_CHARS,
+    REVIEWER,
     WAITING_DATASETS,
     dataset_refusal,
     dataset_review,
     decide_dataset,
     intake_record,
+    refusal,
+    take_decision,
 )
-from gate.api.errors import ApiError
-from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
-from gate.api.reviews import REASON_MAX_CHARS, REVIEWER, refusal, take_decision
-from gate.api.serialize import verdict_json
-from gate.auth import Forbidden, NotFound, authenticate, get_for_principal, scoped
-from gate.pipeline.audit import finished_audit
 from gate.storage.models import METHODS, BaseModel, Dataset, Job, Verdict, utcnow
 
 from .filters import JobFilter
