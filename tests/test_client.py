@@ -261,3 +261,14 @@ def test_cancel_and_events_follow_their_contract():
         assert client.events("j1", after=3) == {"events": EVENTS[3:5], "next": 5}
         assert list(client.follow_events("j1", poll_s=0.01)) == EVENTS
     assert fake.afters[:4] == [3, 0, 2, 4]
+
+
+def test_cli_cancel_and_followed_events(capsys, monkeypatch):
+    monkeypatch.setenv("FTGATE_API_KEY", "ftg_k_s")
+    with served(FakeEvents()) as url:
+        code, out, _ = ftgate(capsys, "jobs", "events", "j1", "--follow", "--json", "--url", url)
+        assert code == 0 and [json.loads(line) for line in out.splitlines()] == EVENTS
+        code, out, _ = ftgate(capsys, "jobs", "events", "j1", "--after", "4", "--url", url)
+        assert code == 0 and out.split()[:3] == ["5", EVENTS[4]["at"], "verdict"]
+        code, out, err = ftgate(capsys, "jobs", "cancel", "done", "--json", "--url", url)
+        assert code == 1 and json.loads(out)["error"]["reason"] == "job_final" and "409 job_final" in err
