@@ -46,10 +46,12 @@ REVIEW_DECISIONS = ("approve", "reject")
 TENANT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # Job life cycle. ``failed`` means no verdict, hence nothing released (the gate fails closed); an
-# operator may queue it again. ``released``, ``withheld`` and ``cancelled`` are final.
+# operator may queue it again. ``released``, ``withheld`` and ``cancelled`` are final. A customer cancels a
+# queued job at once and a training one at its next step (``gate.pipeline.cancel``); a cancelled job has no
+# verdict, so nothing of it is released.
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"training", "cancelled", "failed"}),
-    "training": frozenset({"auditing", "queued", "failed"}),
+    "training": frozenset({"auditing", "queued", "cancelled", "failed"}),
     "auditing": frozenset({"released", "review", "withheld", "failed"}),
     "review": frozenset({"released", "withheld"}),
     "failed": frozenset({"queued"}),
@@ -76,6 +78,7 @@ DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
 TRAINABLE_DATASET = "accepted"
 # A job in one of these may still train or audit: it holds a worker's scratch folder and a share of the queues.
 ACTIVE_JOB_STATES = ("queued", "training", "auditing")
+EVENT_KINDS = ("stage", "loss", "sample", "checkpoint", "verdict")  # a job's events (``JobEvent``)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -248,6 +251,10 @@ class Job(TenantOwned, Base):
     # dispatches again a job that waits past dispatch_grace_seconds for its stage (gate.pipeline.leases).
     dispatched_at: Mapped[datetime | None] = mapped_column(default=db_time())
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # sha256 of the creating request's canonical parameters: a replay of its idempotency key must match it.
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Set by the customer's cancel of a training job; the worker stops at its next progress report.
+    cancel_requested_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -357,6 +364,22 @@ class AlignmentRun(Base):
     requested_by: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class JobEvent(TenantOwned, Base):
+    """What a customer may follow of a running job (``gate.pipeline.events``): append-only, numbered 1, 2, ...
+    per job; the unique ``(job_id, seq)`` makes two writers racing for a number retry rather than interleave."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (_tenant_fk("job_id", "jobs"), UniqueConstraint("job_id", "seq"), _one_of("kind", EVENT_KINDS))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class AuditLogEntry(Base):
