@@ -35,9 +35,10 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket")
 POLICY_SUFFIXES = (".json", ".toml")
 LEASE_SECONDS_RANGE = (2, 86_400)
-# An audit of one checkpoint must end within this; the audit task's own hard time limit is 6 h
-# (gate.worker.app.TIME_LIMITS_S), so a longer deadline could never fire.
-AUDIT_DEADLINE_SECONDS_RANGE = (1, 6 * 3600)
+# The ceiling of one checkpoint's audit deadline; the audit task's Celery time limits are set above it
+# (gate.worker.app.time_limits), so any deadline up to it fires before Celery would kill the task.
+AUDIT_DEADLINE_SECONDS_RANGE = (1, 24 * 3600)
+AUDIT_SECONDS_PER_IMAGE_RANGE = (0.001, 3600.0)
 DISPATCH_GRACE_SECONDS_RANGE = (1, 7 * 86_400)
 MAX_ATTEMPTS_RANGE = (1, 100)
 RETENTION_HOURS_RANGE = (1, 24 * 365)
@@ -151,7 +152,12 @@ class Settings:
     # worker that never finishes it (a checkpoint that kills every auditor, say).
     max_attempts: int = 3
     # How long the auditor may take to load, render and score one checkpoint; past it the audit stops and
-    # blocks the job as "audit incomplete" (fail closed). Default 5 h: under the audit task's soft time limit.
+    # blocks the job as "audit incomplete" (fail closed). The deadline is ``audit_deadline_base_seconds`` +
+    # ``audit_seconds_per_image`` x the images that checkpoint's audit can render (gate.pipeline.audit.
+    # audit_images), capped at ``audit_deadline_seconds``, the ceiling, above which the audit task's Celery time
+    # limits are set (docs/operations.md, "Audit deadline").
+    audit_deadline_base_seconds: int = 1800
+    audit_seconds_per_image: float = 10.0
     audit_deadline_seconds: int = 5 * 3600
     # Where processes keep their Prometheus figures between scrapes (gate.metrics); None: <state_dir>/metrics.
     metrics_dir: Path | None = None
@@ -185,6 +191,16 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise SettingsError(name, f"{name} must be an integer in [{lo}, {hi}] (got {value!r})")
+        base = self.audit_deadline_base_seconds  # within the ceiling it is added under
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= self.audit_deadline_seconds:
+            raise SettingsError("audit_deadline_base_seconds",
+                                f"audit_deadline_base_seconds must be an integer in [0, audit_deadline_seconds = "
+                                f"{self.audit_deadline_seconds}] (got {base!r})")
+        lo, hi = AUDIT_SECONDS_PER_IMAGE_RANGE
+        per_image = self.audit_seconds_per_image
+        if isinstance(per_image, bool) or not isinstance(per_image, (int, float)) or not lo <= per_image <= hi:
+            raise SettingsError("audit_seconds_per_image",
+                                f"audit_seconds_per_image must be a number in [{lo}, {hi}] (got {per_image!r})")
         _check_rate(self.rate_limit)
         if self.render_cache_retention_hours > self.scratch_retention_hours:
             raise SettingsError("render_cache_retention_hours",
@@ -233,9 +249,10 @@ class Settings:
                 f"v{self.verdict_policy.version}; config file {self.config_file or 'none'}")
 
 
-# Settings that are not limits, with how they are given: a path, a string or an integer.
+# Settings that are not limits, with how they are given: a path, a string, an integer or a number.
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
+              "audit_deadline_base_seconds": "int", "audit_seconds_per_image": "float",
               "dispatch_grace_seconds": "int", "max_attempts": "int",
               "metrics_dir": "path", "rate_limit": "str", **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
@@ -280,7 +297,7 @@ def _read_file(path: Path) -> dict:
                                         f"and [limits] {list(_LIMIT_NAMES)}")
     values = {f"limits.{k}": v for k, v in limits.items()}
     for key, value in data.items():
-        if _TOP_LEVEL[key] == "int":
+        if _TOP_LEVEL[key] in ("int", "float"):
             values[key] = value  # Settings checks it
             continue
         if not isinstance(value, str):
@@ -349,8 +366,8 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,
             config_file=config_file,
-            **{key: _number("int", values[key]) for key, kind in _TOP_LEVEL.items()
-               if kind == "int" and key in values},
+            **{key: _number(kind, values[key]) for key, kind in _TOP_LEVEL.items()
+               if kind in ("int", "float") and key in values},
         )
     except SettingsError as exc:
         key = exc.field
