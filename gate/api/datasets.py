@@ -75,7 +75,7 @@ def upload():
         g.db.rollback()
         shutil.rmtree(folder, ignore_errors=True)
         if stored_new:
-            (app.store.root / app.store.key(principal.tenant_id, digest, UPLOAD_SUFFIX)).unlink(missing_ok=True)
+            app.store.delete(principal.tenant_id, app.store.key(principal.tenant_id, digest, UPLOAD_SUFFIX))
         raise
     log.info("dataset %s of %s %s: %d images, contamination %.3f", row.id, row.tenant_id, row.status,
              row.image_count, row.contamination_ratio)

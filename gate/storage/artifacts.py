@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,22 +50,72 @@ class StoredArtifact:
     key: str  # relative to the store root; what the database records
 
 
-class ArtifactStore:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+class Store(ABC):
+    """What every store does, and the key scheme they share: this module's folder store (the embedded default)
+    and ``gate.storage.s3.S3ArtifactStore`` (a bucket that several hosts share)."""
+
+    @abstractmethod
+    def put(self, tenant_id: str, source: BinaryIO, *, suffix: str = "",
+            max_bytes: int | None = None) -> StoredArtifact:
+        """Stream ``source`` into the store, atomically; raises ``ArtifactTooLarge`` past ``max_bytes``."""
+
+    @abstractmethod
+    def path(self, tenant_id: str, key: str) -> Path:
+        """A local file holding ``key``'s bytes; ``key`` must be one of ``tenant_id``'s keys."""
+
+    @abstractmethod
+    def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool: ...
+
+    @abstractmethod
+    def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
+        """Whether the bytes still hash to the sha256 the key names (before auditing or releasing them)."""
+
+    @abstractmethod
+    def delete(self, tenant_id: str, key: str) -> None:
+        """Remove one of ``tenant_id``'s files (a put whose row never committed); missing is fine."""
+
+    @abstractmethod
+    def stored_files(self) -> Iterator[tuple[str, float]]:
+        """Every stored file, every tenant's: its key and when it was last written or named again (what the
+        sweep compares with the rows)."""
+
+    @abstractmethod
+    def partial_files(self) -> Iterator[tuple[str, float]]:
+        """The temporary files of puts in progress, or of puts killed before their cleanup ran, with times."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Remove a stored or temporary file by its name (the sweep's, which checks no tenant)."""
 
     def key(self, tenant_id: str, sha256: str, suffix: str = "") -> str:
-        _check_name(tenant_id, suffix)
+        check_name(tenant_id, suffix)
         if not SHA256_PATTERN.fullmatch(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return f"tenants/{tenant_id}/sha256/{sha256[:2]}/{sha256}{suffix}"
 
-    def path(self, tenant_id: str, key: str) -> Path:
-        """The file for ``key``, which must be one of ``tenant_id``'s keys (else ValueError, whatever exists)."""
+    @staticmethod
+    def checked(tenant_id: str, key: str) -> str:
+        """``key`` if it is one of ``tenant_id``'s keys (else ValueError, whatever exists)."""
         match = KEY_PATTERN.fullmatch(key)
         if match is None or match.group(1) != check_tenant_id(tenant_id):
             raise ValueError(f"{key!r} is not an artifact key of tenant {tenant_id!r}")
-        return self.root / key
+        return key
+
+    @staticmethod
+    def digest_of(key: str) -> str:
+        """The sha256 a (checked) key names."""
+        return KEY_PATTERN.fullmatch(key).group(3)
+
+
+class ArtifactStore(Store):
+    """The store in a local folder (the embedded default; one host, or a filesystem every host mounts)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, tenant_id: str, key: str) -> Path:
+        """The local file for ``key``, which must be one of ``tenant_id``'s keys."""
+        return self.root / self.checked(tenant_id, key)
 
     def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool:
         return (self.root / self.key(tenant_id, sha256, suffix)).is_file()
@@ -75,21 +126,30 @@ class ArtifactStore:
         is not read again, which is what each download of a released checkpoint needs."""
         path = self.path(tenant_id, key)
         digest = cache.sha256(path) if cache else sha256_file(path)
-        return digest == KEY_PATTERN.fullmatch(key).group(3)
+        return digest == self.digest_of(key)
 
-    def stored_files(self) -> Iterator[tuple[str, Path]]:
-        """Every stored file, every tenant's, with its key (what the sweep compares with the rows)."""
-        for path in (self.root / "tenants").glob("*/sha256/*/*"):
-            yield str(path.relative_to(self.root)), path
+    def delete(self, tenant_id: str, key: str) -> None:
+        self.path(tenant_id, key).unlink(missing_ok=True)
 
-    def partial_files(self) -> Iterator[Path]:
-        """The temporary files of puts in progress, or of puts killed before their cleanup ran."""
-        return (self.root / "tenants").glob(f"*/{TMP_DIR}/*{PARTIAL_SUFFIX}")
+    def stored_files(self) -> Iterator[tuple[str, float]]:
+        return self._dated((self.root / "tenants").glob("*/sha256/*/*"))
+
+    def partial_files(self) -> Iterator[tuple[str, float]]:
+        return self._dated((self.root / "tenants").glob(f"*/{TMP_DIR}/*{PARTIAL_SUFFIX}"))
+
+    def _dated(self, paths) -> Iterator[tuple[str, float]]:
+        for path in paths:
+            try:
+                yield str(path.relative_to(self.root)), path.stat().st_mtime
+            except FileNotFoundError:  # removed meanwhile (another sweeper)
+                continue
+
+    def remove(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
 
     def put(self, tenant_id: str, source: BinaryIO, *, suffix: str = "",
             max_bytes: int | None = None) -> StoredArtifact:
-        """Stream ``source`` into the store; raises ``ArtifactTooLarge`` past ``max_bytes``."""
-        _check_name(tenant_id, suffix)  # before touching the disk
+        check_name(tenant_id, suffix)  # before touching the disk
         tmp_dir = self.root / "tenants" / tenant_id / TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=PARTIAL_SUFFIX)
@@ -121,7 +181,7 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
 
 
-def _check_name(tenant_id: str, suffix: str) -> None:
+def check_name(tenant_id: str, suffix: str) -> None:
     check_tenant_id(tenant_id)
     if not SUFFIX_PATTERN.fullmatch(suffix):
         raise ValueError(f"artifact suffix must match {SUFFIX_PATTERN.pattern} (e.g. '.safetensors'); got {suffix!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, union
 from sqlalchemy.orm import Session, sessionmaker
 
-from .artifacts import ArtifactStore
+from .artifacts import Store
 from .models import Artifact, Audit, Dataset
 
 log = logging.getLogger(__name__)
@@ -39,26 +39,23 @@ def referenced_keys(session: Session) -> set[str]:
     return {key for key in session.scalars(named) if key}
 
 
-def sweep(store: ArtifactStore, sessions: sessionmaker[Session], grace_s: float = GRACE_S) -> Swept:
+def sweep(store: Store, sessions: sessionmaker[Session], grace_s: float = GRACE_S) -> Swept:
     """Remove stored files no row names and temporary files, both older than ``grace_s`` seconds."""
     cutoff = time.time() - grace_s  # taken before the keys: a file stored after the query is newer than it
     with sessions() as session:
         keys = referenced_keys(session)
-    unreferenced = [path for key, path in store.stored_files() if key not in keys]
+    unreferenced = [(key, at) for key, at in store.stored_files() if key not in keys]
     return Swept(_remove_older(store, unreferenced, cutoff, "no row names it"),
                  _remove_older(store, store.partial_files(), cutoff, "a put that never finished"))
 
 
-def _remove_older(store: ArtifactStore, paths, cutoff: float, why: str) -> int:
-    """Remove the ``paths`` last touched before ``cutoff``; how many."""
+def _remove_older(store: Store, files, cutoff: float, why: str) -> int:
+    """Remove the ``(name, time)`` files last touched before ``cutoff``; how many."""
     removed = 0
-    for path in paths:
-        try:
-            if path.stat().st_mtime >= cutoff:
-                continue
-        except FileNotFoundError:  # another sweeper got there first
+    for name, at in files:
+        if at >= cutoff:
             continue
-        path.unlink(missing_ok=True)
+        store.remove(name)
         removed += 1
-        log.warning("swept %s: %s", path.relative_to(store.root), why)
+        log.warning("swept %s: %s", name, why)
     return removed
