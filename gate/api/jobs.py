@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
+from gate.pipeline.cancel import request_cancel
 from gate.settings import Limits
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job
@@ -165,6 +166,14 @@ def get(job_id: str):
 
     principal = current_principal()
     return job_detail(get_for_principal(g.db, Job, job_id, principal), principal.cross_tenant)
+
+
+@bp.post("/<job_id>/cancel")
+@login_required(CUSTOMER)
+def cancel(job_id: str):
+    """202: a queued job is ``cancelled`` now, a training one stops at its next step (``gate.pipeline.cancel``)."""
+    principal = current_principal()
+    return job_json(request_cancel(g.db, get_for_principal(g.db, Job, job_id, principal), principal)), 202
 
 
 @bp.get("")

@@ -184,6 +184,12 @@ PATHS = {
         "summary": "A job's status, stage, progress, verdict, review and checkpoint (tenant-scoped)",
         "parameters": [_id_param("job_id")],
         "responses": {"200": _json(_ref["JobDetail"], "the job"), **_errors("401", "404")}}},
+    "/v1/jobs/{job_id}/cancel": {"post": {
+        "summary": "Cancel a job (customer): a queued one ends cancelled at once, a training one stops at its next "
+                   "step; 409 reason job_final (or not_cancellable once auditing), with the job's state",
+        "parameters": [_id_param("job_id")],
+        "responses": {"202": _json(_ref["Job"], "cancelled, or cancel requested (status still training)"),
+                      **_errors("401", "403", "404", "409")}}},
     "/v1/jobs/{job_id}/report": {"get": {
         "summary": "The job's audit report (JSON record): as stored for staff; for customers the allow-listed "
                    "view (view: customer): verdict, reasons and aggregate figures, no prompts, seeds, per-image "

@@ -21,9 +21,11 @@ from sqlalchemy.exc import IntegrityError
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.clock import db_time
-from gate.storage.models import TRAINABLE_DATASET, Artifact, Job
+from gate.storage.models import TRAINABLE_DATASET, Artifact, Job, utcnow
 
+from . import events
 from .base_model import load_base
+from .cancel import CANCELLED, JobCancelled, should_stop
 from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime, device
 
@@ -39,11 +41,15 @@ class DatasetNotAccepted(RuntimeError):
 
 
 def _report_progress(rt: Runtime, job_id: str, worker: str, heartbeat: Heartbeat):
-    """A ``progress(fraction, stage)`` callback that writes to the job row, throttled, while the lease holds."""
+    """A ``progress(fraction, stage)`` callback that writes to the job row, throttled, while the lease holds,
+    and stops the training (``JobCancelled``) once the customer has cancelled the job."""
     last = [0.0]
 
     def progress(fraction: float, stage: str) -> None:
         heartbeat.check()
+        with rt.sessions() as session:
+            if should_stop(session, job_id):
+                raise JobCancelled(f"job {job_id} was cancelled by its customer")
         now = time.monotonic()
         if now - last[0] < PROGRESS_EVERY_S and fraction < 1.0:
             return
@@ -62,8 +68,26 @@ def _discard_unless_referenced(rt: Runtime, tenant_id: str, key: str) -> None:
             rt.store.path(tenant_id, key).unlink(missing_ok=True)
 
 
+def _cancel(rt: Runtime, job_id: str, worker: str, state_dir) -> None:
+    """The lease holder ends a job its customer cancelled: ``cancelled``, lease released, nothing stored and
+    nothing kept to resume."""
+    with rt.sessions() as session:
+        job = session.get(Job, job_id)
+        try:
+            transition(session, job, CANCELLED, SYSTEM, reason="cancelled by the customer during training",
+                       where=still_held(Job, job_id, worker),
+                       changes={"worker": None, "lease_expires_at": None, "stage": None, "finished_at": utcnow()})
+            session.commit()
+        except (StaleState, IllegalTransition) as exc:
+            raise LeaseLost(f"job {job_id} moved on while this worker cancelled it") from exc
+        events.stage(session, job.tenant_id, job_id, CANCELLED)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("job %s cancelled during training on %s", job_id, worker)
+
+
 def train(rt: Runtime, job_id: str, worker: str) -> bool:
-    """Run the training stage; False if the job is not (or no longer) this worker's to train."""
+    """Run the training stage; False if the job is not (or no longer) this worker's to train, or its customer
+    cancelled it (the job is then ``cancelled``; its GPU memory goes with the stage's frames)."""
     from auditing.layouts import load_examples
     from gate.training import train_job
 
@@ -84,9 +108,17 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
-        result = train_job(method, load_base(base, device=device()), examples, hyperparameters, out / "train",
-                           progress=progress, state_dir=state_dir)
+        try:
+            result = train_job(method, load_base(base, device=device()), examples, hyperparameters, out / "train",
+                               progress=progress, state_dir=state_dir)
+        except JobCancelled:
+            _cancel(rt, job_id, worker, state_dir)
+            return False
         heartbeat.check()
+        with rt.sessions() as session:  # cancelled after the last progress report: nothing to audit
+            if should_stop(session, job_id):
+                _cancel(rt, job_id, worker, state_dir)
+                return False
         with open(result.weights, "rb") as weights:
             stored = rt.store.put(tenant, weights, suffix=".safetensors")
         try:

@@ -1,0 +1,46 @@
+"""A job's events: what its customer follows while it runs (``GET /v1/jobs/<id>/events``).
+
+Stage changes, the training loss at each progress report, sample grids, checkpoints and the verdict, each a
+``JobEvent`` row numbered 1, 2, ... per job. A number is the job's highest plus one; two writers that race
+for it collide on the unique ``(job_id, seq)`` and the loser takes the next, so a reader that asks for the
+events after ``seq`` never skips one that commits later. ``data`` is what the customer may read: the
+verdict's reasons go through ``customer_reason`` before they are written, never the audit's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gate.storage.models import EVENT_KINDS, JobEvent
+
+ATTEMPTS = 5  # writers racing for one job's next number; more than a handful means something else is wrong
+
+
+def append(session: Session, tenant_id: str, job_id: str, kind: str, data: dict[str, Any]) -> int:
+    """Write and commit one event (commit the state change it reports first); returns its ``seq``."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"event kind {kind!r} is not one of {EVENT_KINDS}")
+    for _ in range(ATTEMPTS):
+        seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
+        session.add(JobEvent(tenant_id=tenant_id, job_id=job_id, seq=seq, kind=kind, data=data))
+        try:
+            session.commit()
+            return seq
+        except IntegrityError:
+            session.rollback()
+    raise RuntimeError(f"job {job_id}: no event number after {ATTEMPTS} tries")
+
+
+def stage(session: Session, tenant_id: str, job_id: str, status: str, **data) -> int:
+    """The job reached ``status`` (``data``: e.g. the reason a cancel gives)."""
+    return append(session, tenant_id, job_id, "stage", {"status": status, **data})
+
+
+def after(session: Session, job_id: str, seq: int, limit: int) -> list[JobEvent]:
+    """The job's events numbered above ``seq``, oldest first, at most ``limit``."""
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)
+                                .order_by(JobEvent.seq).limit(limit)))
