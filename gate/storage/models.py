@@ -348,7 +348,7 @@ class AlignmentRun(Base):
     """An operator's ResAlign hardening run (``ftgate align`` on a worker); platform-wide, no tenant."""
 
     __tablename__ = "alignment_runs"
-    __table_args__ = (_one_of("status", ALIGNMENT_TRANSITIONS),)
+    __table_args__ = (_one_of("status", ALIGNMENT_TRANSITIONS), CheckConstraint("attempts >= 0", name="attempts"))
     TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = ALIGNMENT_TRANSITIONS
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -359,6 +359,7 @@ class AlignmentRun(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     dispatched_at: Mapped[datetime | None] = mapped_column(default=db_time())  # as Job.dispatched_at
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # starts, as Job.attempts
     output_path: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     requested_by: Mapped[str | None] = mapped_column(String(16))

@@ -20,10 +20,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("alignment_runs") as batch:
         batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
-        batch.create_check_constraint("attempts", "attempts >= 0")
+        batch.create_check_constraint(op.f("ck_alignment_runs_attempts"), "attempts >= 0")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("alignment_runs") as batch:
-        batch.drop_constraint("attempts", type_="check")
+        batch.drop_constraint(op.f("ck_alignment_runs_attempts"), type_="check")
         batch.drop_column("attempts")
