@@ -256,3 +256,44 @@ def test_a_job_lost_before_its_last_attempt_is_handed_back_counting_the_attempt(
     job = _row(sessions, Job, trained)
     assert (job.status, job.worker, job.attempts) == ("auditing", None, MAX_ATTEMPTS)
     assert reconcile(sessions, broker, GRACE_S) == 0  # the hand-back recorded its dispatch
+
+
+@pytest.mark.parametrize("attempts", [MAX_ATTEMPTS - 1, MAX_ATTEMPTS])
+def test_a_hardening_run_lost_in_its_last_attempt_fails_like_a_job(sessions, attempts):
+    """Hardening runs count their starts too: one that keeps losing its worker fails after ``max_attempts``
+    instead of being handed back for ever; before that it is queued and dispatched again."""
+    with sessions() as s:
+        run = AlignmentRun(name="h", config={})
+        s.add(run)
+        s.flush()
+        transition(s, run, "running", SYSTEM)
+        s.execute(update(AlignmentRun).where(AlignmentRun.id == run.id)
+                  .values(worker="w2/dead", lease_expires_at=db_time(-1), attempts=attempts))
+        s.commit()
+    broker = Broker()
+    assert reap(sessions, broker, MAX_ATTEMPTS) == 1
+    row = _row(sessions, AlignmentRun, run.id)
+    if attempts < MAX_ATTEMPTS:
+        assert row.status == "queued" and broker.sent == [("alignment", run.id, "align")]
+        return
+    assert (row.status, row.worker, row.lease_expires_at, broker.sent) == ("failed", None, None, [])
+    assert row.error == (f"gave up after {MAX_ATTEMPTS} attempts (max_attempts {MAX_ATTEMPTS}); the last: "
+                         "lease of worker w2/dead expired") and row.finished_at
+    assert _log(sessions, run.id)[-1] == ("status", "running", "failed", row.error)
+
+
+def test_starting_a_hardening_run_counts_an_attempt(rt, monkeypatch):  # noqa: F811
+    import alignment.run
+    from gate.pipeline.hardening import harden
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the GPU fell over")
+
+    monkeypatch.setattr(alignment.run, "run_alignment", broken)
+    with rt.sessions() as s:
+        run = AlignmentRun(name="h", config={})
+        s.add(run)
+        s.commit()
+    harden(rt, run.id, "w1")
+    row = _row(rt.sessions, AlignmentRun, run.id)
+    assert (row.status, row.attempts, row.error) == ("failed", 1, "RuntimeError: the GPU fell over")

@@ -29,7 +29,8 @@ def harden(rt: Runtime, run_id: str, worker: str) -> bool:
 
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
-        run = take(session, AlignmentRun, run_id, "queued", worker, lease, to_state="running")
+        run = take(session, AlignmentRun, run_id, "queued", worker, lease, to_state="running",
+                   changes={"attempts": AlignmentRun.attempts + 1})
         if run is None:
             return False
         config = dict(run.config)

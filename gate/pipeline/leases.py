@@ -138,8 +138,8 @@ def _send(requeue: Callable[[str, str, str], None], again: list[tuple[str, str, 
 def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None], max_attempts: int) -> int:
     """Hand every expired lease back: training jobs and hardening runs return to ``queued``, audits lose
     their lease (and count one more attempt); then ``requeue(kind, id, stage)`` dispatches them again (kind
-    "job" from stage "train" or "audit", or "alignment"). A job lost in its ``max_attempts``-th attempt is
-    failed instead, naming the attempts and the last loss. Returns how many were handed back or failed."""
+    "job" from stage "train" or "audit", or "alignment"). A job or run lost in its ``max_attempts``-th attempt
+    is failed instead, naming the attempts and the last loss. Returns how many were handed back or failed."""
     again: list[tuple[str, str, str]] = []
     given_up = 0
     with sessions() as session:
@@ -177,14 +177,25 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
         expired_runs = select(AlignmentRun).where(AlignmentRun.status == "running",
                                                   AlignmentRun.lease_expires_at < db_time())
         for run in session.scalars(expired_runs).all():
+            reason = f"lease of worker {run.worker} expired"
             try:
-                transition(session, run, "queued", SYSTEM, reason=f"lease of worker {run.worker} expired",
-                           changes={"worker": None, "lease_expires_at": None, "dispatched_at": db_time()})
+                if run.attempts >= max_attempts:
+                    reason = f"gave up after {run.attempts} attempts (max_attempts {max_attempts}); the last: {reason}"
+                    transition(session, run, "failed", SYSTEM, reason=reason,
+                               changes={"worker": None, "lease_expires_at": None, "error": reason,
+                                        "finished_at": utcnow()})
+                else:
+                    transition(session, run, "queued", SYSTEM, reason=reason,
+                               changes={"worker": None, "lease_expires_at": None, "dispatched_at": db_time()})
                 session.commit()
             except StaleState:
                 session.rollback()
                 continue
-            again.append(("alignment", run.id, "align"))
+            if run.status == "failed":
+                log.error("hardening run %s failed: %s", run.id, reason)
+                given_up += 1
+            else:
+                again.append(("alignment", run.id, "align"))
     for kind, row_id, stage in again:
         log.warning("reaped %s %s: dispatching it again from %s", kind, row_id, stage)
     _send(requeue, again)
