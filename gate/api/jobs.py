@@ -2,13 +2,16 @@
 
 Everything a job asks for is checked against the platform limits before the row exists, so workers can
 trust a queued job. The row and its audit entry are committed before the dispatcher is called: a worker
-that picks the id up always finds the row. A retried POST with the same ``idempotency_key`` gets the
-job it already created (200) and dispatches nothing. A job the queues cannot take (the broker is down)
-is failed at once with a 503 (``gate.api.queueing``).
+that picks the id up always finds the row. A retried POST with the same ``Idempotency-Key`` (header, or
+the body's ``idempotency_key``) and the same parameters gets the job it already created (200) and
+dispatches nothing; the same key with other parameters is a 409. A job the queues cannot take (the broker
+is down) is failed at once with a 503 (``gate.api.queueing``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -43,6 +46,8 @@ HYPERPARAMETER_LIMITS = {"steps": "max_steps", "rank": "max_rank", "learning_rat
 PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt", "validation_prompt")  # held to max_caption_chars
 IDEMPOTENCY_KEY_MAX_CHARS = 200
 FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key")
+KEY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"  # Stripe's name: set on the answer to a replay
 
 
 def _bad(field: str, message: str, **extra) -> ApiError:
@@ -104,6 +109,37 @@ def _existing(principal, key: str | None) -> Job | None:
         .one_or_none()
 
 
+def request_sha256(body: dict) -> str:
+    """The hash a replay is checked against: the job's parameters as canonical JSON (keys sorted, no spaces)."""
+    params = {name: body.get(name) for name in FIELDS if name != "idempotency_key"}
+    params["hyperparameters"] = body.get("hyperparameters", {})
+    return hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _idempotency_key(body: dict) -> tuple[str | None, str]:
+    """The request's idempotency key and the field it came in: the ``Idempotency-Key`` header or the body's
+    ``idempotency_key`` (both: they must agree)."""
+    header, field = request.headers.get(KEY_HEADER), "idempotency_key"
+    key = body.get(field)
+    if header is not None:
+        if key is not None and key != header:
+            raise _bad(KEY_HEADER, f"the {KEY_HEADER} header and idempotency_key differ; send one of them")
+        key, field = header, KEY_HEADER
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= IDEMPOTENCY_KEY_MAX_CHARS):
+        raise _bad(field, f"{field} must be a string of 1 to {IDEMPOTENCY_KEY_MAX_CHARS} characters",
+                   maximum=IDEMPOTENCY_KEY_MAX_CHARS)
+    return key, field
+
+
+def _replay(job: Job, sha256: str, field: str):
+    """The answer to a replayed key: the job it created (200), if the parameters are the first request's; a job
+    from before parameters were hashed (``request_sha256`` null) cannot be checked and is returned."""
+    if job.request_sha256 is not None and job.request_sha256 != sha256:
+        raise ApiError(409, "idempotency_conflict", f"{field} {job.idempotency_key!r} was first used for job "
+                                                    f"{job.id} with other parameters; use a new key", field=field)
+    return job_json(job), 200, {REPLAYED_HEADER: "true"}
+
+
 @bp.post("")
 @login_required(CUSTOMER)
 def create():
@@ -114,12 +150,10 @@ def create():
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise _bad(unknown[0], f"unknown field(s) {unknown}; allowed: {list(FIELDS)}", allowed=list(FIELDS))
-    key = body.get("idempotency_key")
-    if key is not None and not (isinstance(key, str) and 0 < len(key) <= IDEMPOTENCY_KEY_MAX_CHARS):
-        raise _bad("idempotency_key", f"idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_MAX_CHARS} "
-                                      "characters")
+    key, key_field = _idempotency_key(body)
+    sha256 = request_sha256(body)
     if (job := _existing(principal, key)) is not None:
-        return job_json(job), 200
+        return _replay(job, sha256, key_field)
     method = body.get("method")
     if method not in METHODS:
         raise _bad("method", f"method must be one of {list(METHODS)} (got {method!r})", allowed=list(METHODS))
@@ -142,7 +176,8 @@ def create():
                        field="dataset")
     check_job_quota(g.db, principal.tenant_id, app.settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,
-              hyperparameters=hyperparameters, status="queued", idempotency_key=key)
+              hyperparameters=hyperparameters, status="queued", idempotency_key=key,
+              request_sha256=sha256)
     g.db.add(job)
     try:
         record(g.db, principal, job, "created", to_state="queued",
@@ -152,7 +187,7 @@ def create():
         # A concurrent POST with the same idempotency key committed first: return its job.
         g.db.rollback()
         if (job := _existing(principal, key)) is not None:
-            return job_json(job), 200
+            return _replay(job, sha256, key_field)
         raise
     log.info("job %s of %s queued (%s on %s)", job.id, job.tenant_id, method, base_model.name)
     hand_to_queues(job, lambda: app.dispatcher.job(job.id), "job")

@@ -171,10 +171,17 @@ PATHS = {
         "responses": {"200": _json({"type": "object", "properties": {"datasets": {
             "type": "array", "items": _ref["DatasetDetail"]}}}, "the queue"), **_errors("401", "403")}}},
     "/v1/jobs": {
-        "post": {"summary": "Queue a fine-tuning job (customer); same idempotency_key returns the existing job",
+        "post": {"summary": "Queue a fine-tuning job (customer); the same Idempotency-Key (or idempotency_key) "
+                            "with the same parameters returns the existing job, with others a 409 "
+                            "idempotency_conflict",
+                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                                 "description": "a client's key for this request, per tenant; the body's "
+                                                "idempotency_key is the same key (if both, they must agree)"}],
                  "requestBody": {"required": True, "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
-                 "responses": {"201": _json(_ref["Job"], "queued"), "200": _json(_ref["Job"], "existing job"),
+                 "responses": {"201": _json(_ref["Job"], "queued"),
+                               "200": _json(_ref["Job"], "existing job (a replay; header Idempotent-Replayed: true)"),
                                **_errors("400", "401", "403", "404", "409", "429", "503")}},
         "get": {"summary": "The caller's jobs (reviewers and operators: all tenants')",
                 "responses": {"200": _json({"type": "object", "properties": {
