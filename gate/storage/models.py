@@ -380,7 +380,8 @@ class JobEvent(TenantOwned, Base):
     seq: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))
-    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what the customer reads
+    artifact_key: Mapped[str | None] = mapped_column(Text)  # a stored file the event shows (a sample grid)
 
 
 class AuditLogEntry(Base):

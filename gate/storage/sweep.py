@@ -19,7 +19,7 @@ from sqlalchemy import select, union
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import Store
-from .models import Artifact, Audit, Dataset
+from .models import Artifact, Audit, Dataset, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ class Swept:
 
 
 def referenced_keys(session: Session) -> set[str]:
-    """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads."""
+    """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads, job events'
+    sample grids."""
     named = union(select(Artifact.path), select(Audit.report_path), select(Audit.html_path),
-                  select(Dataset.artifact_path))
+                  select(Dataset.artifact_path), select(JobEvent.artifact_key))
     return {key for key in session.scalars(named) if key}
 
 
