@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from .service.errors import ApiError
@@ -92,7 +93,7 @@ def _cmd_reviews(args) -> int:
 
     with _sessions(load_settings(path=args.config_file))() as session:
         jobs, datasets = session.scalars(WAITING_JOBS).all(), session.scalars(WAITING_DATASETS).all()
-        for kind, rows, as_dict in (("job", jobs, job_json), ("dataset", datasets, dataset_json)):
+        for kind, rows, as_dict in (("job", jobs, partial(job_json, staff=True)), ("dataset", datasets, dataset_json)):
             for row in rows:
                 if args.json:
                     print(json.dumps({"kind": kind, **as_dict(row)}))

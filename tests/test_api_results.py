@@ -30,6 +30,7 @@ from auditing.detectors.base import DetectorResult
 from auditing.probes import load_probe_set
 from auditing.report import render_html
 from auditing.verdict import INCOMPLETE
+from gate.api.redaction import FAILED_FOR_CUSTOMER
 from gate.auth import create_key
 from gate.storage.artifacts import ArtifactStore
 from gate.storage.audit_log import SYSTEM, transition
@@ -413,6 +414,24 @@ def test_review_of_a_job_not_in_review_is_409(env, state):
                         json={"decision": "approve", "reason": "ok"})
     assert r.status_code == 409 and error(r)["reason"] == "not_in_review"
     assert status_of(env, job_id) == state and env.count(Review) == 0
+
+
+@pytest.mark.parametrize(("error", "shown"), [
+    ("RuntimeError: /srv/ftgate/jobs/x/training-state: No space left on device", FAILED_FOR_CUSTOMER),
+    ("gave up after 3 attempts (max_attempts 3); the last: lease of worker ftgate-train@gpu7 expired at ...",
+     FAILED_FOR_CUSTOMER),
+    ("could not be queued (OperationalError); submit it again", None),  # written for the customer: verbatim
+])
+def test_a_failed_jobs_error_reaches_the_customer_only_as_written_for_them(env, error, shown):
+    """An exception's text or a worker's name is the operator's; the customer reads that the job failed."""
+    job_id = make_job(env, "failed")
+    with env.sessions() as s:
+        s.get(Job, job_id).error = error
+        s.commit()
+    shown = error if shown is None else shown
+    assert get(env, f"/v1/jobs/{job_id}", "a").json["error"] == shown
+    assert [j["error"] for j in get(env, "/v1/jobs", "a").json["jobs"]] == [shown]
+    assert get(env, f"/v1/jobs/{job_id}", "op").json["error"] == error
 
 
 def test_review_of_a_missing_job_is_404(env):

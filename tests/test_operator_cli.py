@@ -59,7 +59,8 @@ def test_refusals_name_the_field_and_exit_2(gate_env, capsys):
     assert main([*register, "--name", "one"]) == 0
     capsys.readouterr()
     assert main([*register, "--name", "one"]) == 2
-    assert capsys.readouterr().err.strip() == "ftgate: error: a base model named 'one' exists (field name)"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "ftgate: error: a base model named 'one' exists (field name)"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"probes": str(tmp_path / "probes.csv"), "detector": "nope"}))
     assert main(["base-models", "register", "--name", "two", "--path", str(model), "--profile", str(bad)]) == 2

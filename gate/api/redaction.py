@@ -17,6 +17,11 @@ from typing import Any
 from auditing.verdict import INCOMPLETE
 
 VIEW = "customer"
+# Job errors the gate writes for the customer to act on; every other error (an exception's text, a worker's
+# name, a lease's expiry) is for the operator, and a customer reads only that the job failed.
+CUSTOMER_ERRORS = ("could not be queued",)
+FAILED_FOR_CUSTOMER = ("the job failed inside the gate and nothing was released; submit it again, or give the "
+                       "operator the job id")
 
 
 def customer_reason(reason: str) -> str:
@@ -25,6 +30,13 @@ def customer_reason(reason: str) -> str:
     the probe file), so the customer reads only that the audit was incomplete (and at which LoRA scale or on
     which probe family)."""
     return reason[:reason.index(INCOMPLETE) + len(INCOMPLETE)] if INCOMPLETE in reason else reason
+
+
+def customer_error(error: str | None) -> str | None:
+    """A job's error as its customer reads it."""
+    if error is None or error.startswith(CUSTOMER_ERRORS):
+        return error
+    return FAILED_FOR_CUSTOMER
 
 
 def _leaves(*names: str) -> dict:

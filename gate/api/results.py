@@ -63,7 +63,7 @@ def job_detail(job: Job, staff: bool) -> dict:
     """A job with its verdict, review and checkpoint: everything a customer or reviewer checks (the verdict's
     reasons as ``staff`` may read them)."""
     artifact = _artifact(job)
-    return job_json(job) | {
+    return job_json(job, staff) | {
         "verdict": verdict_json(g.db.scalars(select(Verdict).where(Verdict.job_id == job.id)).one_or_none(), staff),
         "review": review_json(g.db.scalars(select(Review).where(Review.job_id == job.id)).one_or_none()),
         "artifact": None if artifact is None else {"kind": artifact.kind, "sha256": artifact.sha256,

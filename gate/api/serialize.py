@@ -6,7 +6,7 @@ from datetime import datetime
 
 from gate.storage.models import AlignmentRun, BaseModel, Dataset, Job, Review, Verdict
 
-from .redaction import customer_reason
+from .redaction import customer_error, customer_reason
 
 
 def _time(value: datetime | None) -> str | None:
@@ -19,12 +19,13 @@ def dataset_json(row: Dataset) -> dict:
             "contamination_ratio": row.contamination_ratio, "created_at": _time(row.created_at)}
 
 
-def job_json(row: Job) -> dict:
+def job_json(row: Job, staff: bool = False) -> dict:
+    """A job; its ``error`` verbatim for ``staff``, as ``customer_error`` puts it for everyone else."""
     return {"id": row.id, "tenant": row.tenant_id, "base_model": row.base_model_id, "dataset": row.dataset_id,
             "method": row.method, "hyperparameters": row.hyperparameters, "status": row.status, "stage": row.stage,
             "progress": row.progress, "attempts": row.attempts, "idempotency_key": row.idempotency_key,
-            "error": row.error, "created_at": _time(row.created_at), "updated_at": _time(row.updated_at),
-            "finished_at": _time(row.finished_at)}
+            "error": row.error if staff else customer_error(row.error), "created_at": _time(row.created_at),
+            "updated_at": _time(row.updated_at), "finished_at": _time(row.finished_at)}
 
 
 def base_model_json(row: BaseModel, staff: bool = True) -> dict:
