@@ -9,7 +9,9 @@ judged too only under a policy with ``judge_us``). I2P probe sets also get both 
 category. With a baseline report of the base model on the same probes, images are paired
 by (probe, image index, seed) and the rebound is judged as well. In sequential mode
 (``auditing.sequential``) the images are rendered look by look and the audit stops as soon
-as the verdict is settled.
+as the verdict is settled. Scoring overlaps rendering: while the pipeline renders one batch, a background
+thread scores the previous one and writes it to the render cache, in the same order and with the same
+results as scoring them one after the other.
 
 Fail closed: any error while rendering, scoring or pairing yields a *block* verdict
 whose reason starts with "audit incomplete"; the report still records what happened.
@@ -21,7 +23,9 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from .detectors.base import Detector
 from .files import atomic_write
 from .job_probes import FAMILIES, PROFILE
 from .probes import ProbeSet
-from .render import Renderer, RenderSettings
+from .render import RenderedChunk, Renderer, RenderSettings
 from .sequential import SequentialPlan, judge, render_order
 from .stats import rate
 from .verdict import DECISIONS, Verdict, VerdictPolicy, combine, incomplete, is_incomplete
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 MODEL_CHECK = "model check"  # the verdict's ``family`` when the model-side check decided
 REPORT_KIND = "ftgate.audit-report"
 REPORT_VERSION = 2  # 2: US (us_classifier, samples[].us, us_* metrics), categories, render dtype
+# Rendered batches that may wait for the scoring thread: enough that neither side idles on a jitter, few enough
+# that the images in flight stay bounded.
+SCORING_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -113,11 +120,54 @@ class AuditOutcome:
     images: list = field(default_factory=list)
 
 
+class _Scorer:
+    """Runs scoring jobs on one background thread, in the order submitted, while the caller renders the next
+    batch; at most ``depth`` wait, so memory stays bounded. ``depth`` 0 runs each in the caller's thread (the
+    serial reference the overlap is checked against). A job's error is raised by the next ``submit`` or
+    ``drain``, so it fails the audit like an error in rendering."""
+
+    def __init__(self, depth: int):
+        if depth < 0:
+            raise ValueError(f"scoring depth must be >= 0 (got {depth})")
+        self._depth, self._pending = depth, deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="audit-scoring") if depth else None
+
+    def submit(self, job: Callable, *args) -> None:
+        if self._pool is None:
+            job(*args)
+            return
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(job, *args))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _Scorer:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._pool is not None:  # after a failure, queued jobs are dropped and a running one is not waited for
+            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+
+
+def _score(renderer: Renderer, detector: Detector, us_classifier: Detector | None, chunk: RenderedChunk,
+           results: list, us_results: list) -> None:
+    """Cache a chunk's fresh renders and score them, into ``results`` and ``us_results`` at the chunk's indices."""
+    renderer.store(chunk)
+    ip = _detect(detector, chunk.images)
+    us = _detect(us_classifier, chunk.images) if us_classifier else [None] * len(chunk.images)
+    for i, a, b in zip(chunk.indices, ip, us):
+        results[i], us_results[i] = a, b
+
+
 def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Path | None = None,
-              us_classifier: Detector | None = None) -> AuditOutcome:
+              us_classifier: Detector | None = None, scoring_depth: int = SCORING_DEPTH) -> AuditOutcome:
     """Render, detect, compare, decide. Never raises for audit failures: they block.
 
-    ``detector`` gives IP; ``us_classifier``, when given, scores the same images for US.
+    ``detector`` gives IP; ``us_classifier``, when given, scores the same images for US. ``scoring_depth``:
+    rendered batches that may wait for the scoring thread (0: score in this thread, between renders).
     """
     t0 = time.perf_counter()
     report = {
@@ -152,33 +202,37 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
             report["baseline"] = {"model_sha256": inputs.baseline["model"]["sha256"],
                                   "report_sha256": report_sha256(inputs.baseline)}
         samples = report["samples"]
-        for k, upto in enumerate(looks):
-            batch = probes[len(images):upto]
-            rendered = renderer.render(batch, desc=f"audit: render {upto}/{len(probes)}")
-            results = _detect(detector, rendered)
-            us_results = _detect(us_classifier, rendered) if us_classifier else [None] * len(rendered)
-            for probe, image, result, us_result in zip(batch, rendered, results, us_results):
-                samples.append({
-                    "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
-                    "seed": probe.seed, "categories": list(probe.categories), "image_sha256": _image_sha256(image),
-                    **result.as_dict(), "us": us_result.as_dict() if us_result else None,
-                })
-            images += rendered
-            for who, scored in ((detector, results), (us_classifier, us_results)):
-                unscored = [r for r in scored if r is not None and r.score is None]
-                if unscored:  # recorded above, then the audit is incomplete
-                    raise RuntimeError(f"{len(unscored)} image(s) could not be scored by {who.name}, "
-                                       f"first: {unscored[0].error}")
-            final = k == len(looks) - 1
-            policy = inputs.policy if final else interim
-            ip = judge(policy, [bool(s["unsafe"]) for s in samples],
-                       None if partners is None else [bool(partners[_pairing_key(s)]["unsafe"]) for s in samples])
-            us = None if us_classifier is None else judge(
-                policy, [bool(s["us"]["unsafe"]) for s in samples],
-                None if partners is None else [bool(partners[_pairing_key(s)]["us"]["unsafe"]) for s in samples])
-            verdict = combine({"IP": ip.verdict, "US": us.verdict}) if us and policy.judge_us else ip.verdict
-            if final or verdict.decision != "flag":
-                break
+        with _Scorer(scoring_depth) as scorer:
+            for k, upto in enumerate(looks):
+                batch = probes[len(images):upto]
+                rendered, results, us_results = [None] * len(batch), [None] * len(batch), [None] * len(batch)
+                for chunk in renderer.chunks(batch, desc=f"audit: render {upto}/{len(probes)}"):
+                    for i, image in zip(chunk.indices, chunk.images):
+                        rendered[i] = image
+                    scorer.submit(_score, renderer, detector, us_classifier, chunk, results, us_results)
+                scorer.drain()
+                for probe, image, result, us_result in zip(batch, rendered, results, us_results):
+                    samples.append({
+                        "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
+                        "seed": probe.seed, "categories": list(probe.categories), "image_sha256": _image_sha256(image),
+                        **result.as_dict(), "us": us_result.as_dict() if us_result else None,
+                    })
+                images += rendered
+                for who, scored in ((detector, results), (us_classifier, us_results)):
+                    unscored = [r for r in scored if r is not None and r.score is None]
+                    if unscored:  # recorded above, then the audit is incomplete
+                        raise RuntimeError(f"{len(unscored)} image(s) could not be scored by {who.name}, "
+                                           f"first: {unscored[0].error}")
+                final = k == len(looks) - 1
+                policy = inputs.policy if final else interim
+                ip = judge(policy, [bool(s["unsafe"]) for s in samples],
+                           None if partners is None else [bool(partners[_pairing_key(s)]["unsafe"]) for s in samples])
+                us = None if us_classifier is None else judge(
+                    policy, [bool(s["us"]["unsafe"]) for s in samples],
+                    None if partners is None else [bool(partners[_pairing_key(s)]["us"]["unsafe"]) for s in samples])
+                verdict = combine({"IP": ip.verdict, "US": us.verdict}) if us and policy.judge_us else ip.verdict
+                if final or verdict.decision != "flag":
+                    break
         report["metrics"] = _metrics(ip, us, samples, partners, policy)
         if plan is not None:
             report["sequential"] = {"plan": asdict(plan), "looks": looks, "stopped_at_look": k + 1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def render_batch(pipe, prompts: list[str], seeds: list[int], guidance_scale: flo
                 num_inference_steps=inference_steps, width=width, height=height, output_type="pil").images
 
 
+@dataclass(frozen=True)
+class RenderedChunk:
+    """Some of the images asked for: their positions in the request, the images, and for each the cache key
+    to store it under (None: it came from the cache)."""
+
+    indices: list[int]
+    images: list[Image.Image]
+    fresh: list[str | None]
+
+
 class Renderer:
     """Renders probe images for one (model, adapter) pair, through an optional disk cache."""
 
@@ -92,35 +103,51 @@ class Renderer:
             return None
         return Image.open(self._path(key)).convert("RGB")
 
-    def _store(self, key: str, image: Image.Image) -> None:
+    def store(self, chunk: RenderedChunk) -> None:
+        """Write the chunk's fresh renders to the cache (nothing without one)."""
         if self.cache_dir is None:
             return
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        atomic_write(self._path(key), buf.getvalue())
+        for key, image in zip(chunk.fresh, chunk.images):
+            if key is None:
+                continue
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            atomic_write(self._path(key), buf.getvalue())
 
-    def render(self, probes: list[ProbeImage], desc: str = "render") -> list[Image.Image]:
-        """Images in the order of ``probes``; cached ones are not re-rendered."""
+    def chunks(self, probes: list[ProbeImage], desc: str = "render") -> Iterator[RenderedChunk]:
+        """The images of ``probes``, a chunk at a time as they become ready: the cached ones first, then one
+        chunk per pipeline call. Lazy, so a caller can score one chunk while the next renders; it must
+        ``store`` each chunk for the cache to keep it."""
         keys = [self.key(p) for p in probes]
-        images: list[Image.Image | None] = [self._cached(k) for k in keys]
-        todo = [i for i, im in enumerate(images) if im is None]
+        cached = [self._cached(k) for k in keys]
+        hits = [i for i, im in enumerate(cached) if im is not None]
+        if hits:
+            yield RenderedChunk(hits, [cached[i] for i in hits], [None] * len(hits))
         # Batch only images sharing the settings one pipeline call takes.
         groups: dict[tuple, list[int]] = {}
-        for i in todo:
-            p = probes[i]
-            groups.setdefault((self._guidance(p), p.width, p.height), []).append(i)
+        for i, image in enumerate(cached):
+            if image is None:
+                p = probes[i]
+                groups.setdefault((self._guidance(p), p.width, p.height), []).append(i)
         bs = self.settings.batch_size
-        with tqdm(total=len(todo), desc=desc, unit="img", disable=not todo) as bar:
+        todo = len(probes) - len(hits)
+        with tqdm(total=todo, desc=desc, unit="img", disable=not todo) as bar:
             for (guidance, width, height), idx in groups.items():
                 for start in range(0, len(idx), bs):
                     chunk = idx[start:start + bs]
                     out = render_batch(self.pipe, [probes[i].prompt for i in chunk],
                                        [probes[i].seed for i in chunk], guidance,
                                        self.settings.inference_steps, width, height)
-                    for i, image in zip(chunk, out):
-                        images[i] = image
-                        self._store(keys[i], image)
+                    yield RenderedChunk(chunk, list(out), [keys[i] for i in chunk])
                     bar.update(len(chunk))
+
+    def render(self, probes: list[ProbeImage], desc: str = "render") -> list[Image.Image]:
+        """Images in the order of ``probes``; cached ones are not re-rendered, fresh ones are cached."""
+        images: list[Image.Image | None] = [None] * len(probes)
+        for chunk in self.chunks(probes, desc):
+            self.store(chunk)
+            for i, image in zip(chunk.indices, chunk.images):
+                images[i] = image
         return images  # type: ignore[return-value]
 
     def info(self) -> dict:

@@ -147,13 +147,17 @@ def test_baseline_pairing_and_mismatch(world, world_data):
     assert "baseline lacks" in other["verdict"]["reasons"][0]
 
 
-def _probe_images(n):
+def _probe_set(n):
     import tempfile
     from pathlib import Path
 
     path = Path(tempfile.mkdtemp()) / "p.csv"
     path.write_text("prompt\n" + "".join(f"prompt number {i}\n" for i in range(n)))
-    return list(load_probe_set(path).images)
+    return load_probe_set(path)
+
+
+def _probe_images(n):
+    return list(_probe_set(n).images)
 
 
 def test_pixels_do_not_depend_on_batch_size():
@@ -343,3 +347,84 @@ def test_a_lora_audited_at_several_scales_keeps_the_strictest_verdict():
     assert tie.images == ["flag@1"] and tie.report["verdict"]["reasons"] == ["at LoRA scale 1: flag reason"]
     single = strictest_scale([_scaled("pass", 1.0)])
     assert "lora_scales" not in single.report and single.report["verdict"]["reasons"] == ["pass reason"]
+
+
+class _Brightness(Detector):
+    """Scores an image by its mean brightness, recording which thread scored which images, in order."""
+
+    name, version, rule, threshold = "brightness", "1", "mean brightness >= 0.5", 0.5
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.calls: list[tuple[str, list[str]]] = []
+        self.fail_on_call = fail_on_call
+
+    def detect(self, images):
+        import hashlib
+        import threading
+
+        self.calls.append((threading.current_thread().name, [hashlib.sha256(im.tobytes()).hexdigest()
+                                                             for im in images]))
+        if len(self.calls) == self.fail_on_call:
+            raise RuntimeError("detector crashed mid-audit")
+        scores = [float(np.asarray(im, dtype=float).mean() / 255) for im in images]
+        return [DetectorResult(s, s >= self.threshold, {"mean": s}) for s in scores]
+
+
+def _tiny_audit(detector, scoring_depth, cache_dir=None, n=7):
+    inputs = AuditInputs("tiny", "tiny-sha", _probe_set(n), render=RenderSettings(inference_steps=2, batch_size=2))
+    return run_audit(build_tiny_pipeline(seed=0), detector, inputs, cache_dir=cache_dir,
+                     us_classifier=load_detector("shapes", concept="red triangle"), scoring_depth=scoring_depth)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_overlapped_scoring_gives_the_serial_scores_and_verdict(depth, tmp_path):
+    serial_detector, overlapped_detector = _Brightness(), _Brightness()
+    serial = _tiny_audit(serial_detector, 0, tmp_path / "serial").report
+    overlapped = _tiny_audit(overlapped_detector, depth, tmp_path / "overlapped").report
+    assert len(serial["samples"]) == 7 and serial["samples"] == overlapped["samples"]
+    assert serial["verdict"] == overlapped["verdict"] and serial["metrics"] == overlapped["metrics"]
+    # The detector saw the same batches in the same order, on the scoring thread rather than the renderer's.
+    assert [c[1] for c in serial_detector.calls] == [c[1] for c in overlapped_detector.calls]
+    assert len(serial_detector.calls) == 4  # 7 images, 2 per pipeline call
+    assert {c[0] for c in serial_detector.calls} == {"MainThread"}
+    assert all(c[0].startswith("audit-scoring") for c in overlapped_detector.calls)
+    # The background thread wrote the same cache.
+    files = {p.name for p in (tmp_path / "serial").rglob("*.png")}
+    assert len(files) == 7 and files == {p.name for p in (tmp_path / "overlapped").rglob("*.png")}
+
+
+def test_a_detector_raising_mid_audit_fails_the_overlapped_audit_closed():
+    detector = _Brightness(fail_on_call=2)
+    outcome = _tiny_audit(detector, 2)
+    verdict = outcome.report["verdict"]
+    assert verdict["decision"] == "block"
+    assert verdict["reasons"][0].startswith("audit incomplete")
+    assert "detector crashed mid-audit" in verdict["reasons"][0]
+    # Nothing judged; of the 4 batches, at most the one queued behind the failure was scored after it.
+    assert outcome.report["samples"] == [] and 2 <= len(detector.calls) <= 3
+
+
+def test_the_deadline_cuts_off_an_audit_waiting_on_a_hung_detector():
+    """A detector that never returns holds the scoring thread; the renderer's thread, waiting on it, is still
+    interrupted by the deadline, and the audit blocks."""
+    import threading
+    import time
+
+    from gate.pipeline.audit import deadline
+
+    release = threading.Event()
+
+    class Hangs(_Brightness):
+        def detect(self, images):
+            release.wait(60)
+            return super().detect(images)
+
+    t0 = time.monotonic()
+    try:
+        with deadline(1.0):
+            outcome = _tiny_audit(Hangs(), 2, n=3)
+    finally:
+        release.set()
+    reasons = outcome.report["verdict"]["reasons"]
+    assert time.monotonic() - t0 < 20 and outcome.report["verdict"]["decision"] == "block"
+    assert reasons[0].startswith("audit incomplete") and "AuditDeadlineExceeded" in reasons[0], reasons
