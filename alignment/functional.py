@@ -22,11 +22,11 @@ result theta* is a point in the same effective-weight space as theta.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SCOPES = ("attention-lora", "attention", "full")
@@ -66,17 +66,35 @@ class Batch:
         return Batch(self.latents[index], self.cond[index])
 
 
-class Denoiser:
-    """Noise prediction ``f(params, x_t, t, c)``; parameters absent from ``params`` are the original's."""
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, unet):
+
+class Denoiser:
+    """Noise prediction ``f(params, x_t, t, c)``; parameters absent from ``params`` are the original's.
+
+    ``precision`` below fp32 runs the forward pass under autocast while the parameters (the master
+    copy every optimiser and the hypergradient work on) stay fp32. ``checkpointing`` recomputes each
+    down, mid and up block in the backward pass instead of keeping its activations.
+    """
+
+    def __init__(self, unet, precision: str = "fp32", checkpointing: bool = False):
         if getattr(unet.config, "addition_embed_type", None):
             raise ValueError("hardening supports SD 1.x / 2.x UNets; this UNet needs added conditioning (SDXL)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} not in {tuple(PRECISIONS)}")
         self.unet = unet.eval().requires_grad_(False)
+        self.precision = precision
+        if checkpointing:
+            blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+            for block in blocks:
+                block.forward = _checkpointed(block)
 
     def __call__(self, params: Params, noisy: torch.Tensor, timesteps: torch.Tensor,
                  cond: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.unet, params, (noisy, timesteps), {"encoder_hidden_states": cond}).sample
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(noisy.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = functional_call(self.unet, params, (noisy, timesteps), {"encoder_hidden_states": cond}).sample
+        return out.float()
 
     def original(self, names: list[str]) -> Params:
         """Detached copies of the original parameters ``names``."""
@@ -84,12 +102,47 @@ class Denoiser:
         return {n: own[n].detach().clone() for n in names}
 
 
+def _checkpointed(block):
+    """``block.forward`` under activation checkpointing that recomputes with the weights of *this* call.
+
+    ``functional_call`` swaps the caller's tensors (theta*, or theta* +- r v in an HVP) into the module
+    only while the forward runs; a recomputation in the backward pass that read the module's attributes
+    would see the original weights. So the block's current tensors are handed to the checkpoint as
+    inputs, and the recomputation puts exactly those back before running the block.
+    """
+    forward = block.forward
+    names = [n for n, _ in block.named_parameters()]
+    inside = False
+
+    def run(*args, **kwargs):
+        nonlocal inside
+        if inside or not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        current = dict(block.named_parameters())  # during functional_call: the swapped-in tensors
+
+        def recompute(*tensors):
+            nonlocal inside
+            inside = True
+            try:
+                return functional_call(block, dict(zip(names, tensors)), args, kwargs)
+            finally:
+                inside = False
+
+        return checkpoint(recompute, *(current[n] for n in names), use_reentrant=False)
+
+    return run
+
+
 def lora_init(weights: Params, rank: int, generator: torch.Generator) -> Params:
-    """Fresh LoRA factors for each weight: A ~ peft's Kaiming-uniform default, B = 0."""
+    """Fresh LoRA factors for each weight as customers' adapters start: A ~ N(0, 1/rank^2), B = 0.
+
+    diffusers' LoRA training scripts create their adapters with peft's ``init_lora_weights="gaussian"``,
+    which is ``normal_(lora_A, std=1 / r)`` and ``zeros_(lora_B)`` (peft ``tuners/lora/layer.py``).
+    Drawn on the CPU from the run's generator, so a run draws the same factors on every device.
+    """
     factors: Params = {}
     for name, w in weights.items():
-        bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] matrix
-        a = (torch.rand((rank, w.shape[1]), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        a = torch.randn((rank, w.shape[1]), generator=generator, dtype=torch.float32) / rank
         factors[f"{name}::A"] = a.to(w)
         factors[f"{name}::B"] = torch.zeros((w.shape[0], rank), dtype=w.dtype, device=w.device)
     return factors

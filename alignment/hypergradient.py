@@ -3,18 +3,21 @@
 Fine-tuning is modelled as the proximal map ``theta* = argmin L_FT(theta') + ||theta' - theta||^2 / (2 gamma)``.
 By the implicit function theorem, ``d theta*/d theta = (I + gamma H)^-1`` with H the
 Hessian of L_FT at theta*, so the hypergradient of L_harm(theta*) is the solution x of
-``(H + I/gamma) x = (1/gamma) g`` with ``g = grad L_harm(theta*)``. Richardson's
-iteration ``x <- g - gamma H x`` from ``x = g`` needs only Hessian-vector products.
+``(I + gamma H) x = g`` with ``g = grad L_harm(theta*)``. Richardson's iteration
+``x <- x + omega (g - x - gamma H x)`` needs only Hessian-vector products. As in the paper's
+Alg. 1 it starts from ``x = 0``: with ``omega = 1`` its k-th step adds the Neumann term
+``(-gamma H)^(k-1) g``, so K steps keep K terms and cost K - 1 products (the first is of zero).
 
-Its k-th step adds the Neumann term ``(-gamma H)^k g``, so it converges exactly when the
-spectral radius of gamma H is below 1 (for this step size; plain Richardson on H with step
-gamma has the familiar bound gamma * lambda_max < 2). For a symmetric H the ratio of
-successive step norms ``||x_{k+1} - x_k|| / ||x_k - x_{k-1}||`` never decreases and tends to
-that radius, so a final ratio of 1 or more proves the series is growing. Then gamma is
-backed off (the Moreau model with a smaller step) by ``backoff_factor``, or further, to
-where the measured ratio would be 1/2, and the solve repeated; after
-``max_backoffs`` the first-order answer ``x = g`` is used. Every occurrence is logged and
-returned, never silent.
+With ``omega = 1`` it converges exactly when the spectral radius of gamma H is below 1. For a
+symmetric H the ratio of successive step norms never decreases and tends to the spectral radius
+of the iteration map, so a final ratio of 1 or more proves the series is growing. Then the step is
+damped (relaxation): ``omega = 2 / (1 + mu)``, with mu the largest eigenvalue of ``I + gamma H``
+the ratio implies, contracts for every eigenvalue in ``(0, mu]`` and keeps the fixed point
+``(I + gamma H)^-1 g``, so the Moreau model is unchanged. Only after ``max_relaxations`` damped
+solves still diverge (H has a direction of curvature below ``-1/gamma``, where no damping helps)
+is gamma backed off as a last resort, and after ``max_backoffs`` the first-order answer ``x = g``
+is used; a back-off scales gamma by ``backoff_factor``, or further, to where the undamped ratio
+would be 1/2. Every occurrence is logged and returned, never silent.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from .hvp import HVP_BACKENDS
 log = logging.getLogger(__name__)
 
 METHODS = ("moreau", "first-order", "unrolled")
+DIVERGED = 1e6  # a step this many times the first proves growth: the solve stops before it overflows
+SETTLED = 1e-6  # a step this small against the first has converged to rounding; its ratio is noise
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class HypergradientConfig:
     hvp: str = "finite-difference"
     richardson_steps: int = 5
     gamma: float = 1.0
-    fd_epsilon: float = 1e-3
+    fd_epsilon: float | None = None  # absent: the precision's own (hvp.FD_EPSILON)
+    max_relaxations: int = 3
     max_backoffs: int = 3
     backoff_factor: float = 0.5
 
@@ -50,8 +56,10 @@ class HypergradientConfig:
             raise ValueError(f"hypergradient.richardson_steps must be in [1, 100] (got {self.richardson_steps})")
         if not 0 < self.gamma <= 1e6:
             raise ValueError(f"hypergradient.gamma must be in (0, 1e6] (got {self.gamma})")
-        if not 0 < self.fd_epsilon <= 0.1:
-            raise ValueError(f"hypergradient.fd_epsilon must be in (0, 0.1] (got {self.fd_epsilon})")
+        if self.fd_epsilon is not None and not 0 < self.fd_epsilon <= 0.1:
+            raise ValueError(f"hypergradient.fd_epsilon must be in (0, 0.1] or absent (got {self.fd_epsilon})")
+        if not 0 <= self.max_relaxations <= 20:
+            raise ValueError(f"hypergradient.max_relaxations must be in [0, 20] (got {self.max_relaxations})")
         if not 0 <= self.max_backoffs <= 20:
             raise ValueError(f"hypergradient.max_backoffs must be in [0, 20] (got {self.max_backoffs})")
         if not 0 < self.backoff_factor < 1:
@@ -62,45 +70,68 @@ class HypergradientConfig:
 class Solution:
     x: Params
     gamma: float
-    contraction: float | None  # last ratio of successive step norms, an estimate of rho(gamma H)
+    contraction: float | None  # last ratio of successive step norms, an estimate of the iteration's radius
+    omega: float = 1.0  # the relaxation the accepted solve used
+    relaxations: list[dict] = field(default_factory=list)
     backoffs: list[dict] = field(default_factory=list)
     fallback: bool = False
 
 
-def richardson(hvp, g: Params, gamma: float, steps: int) -> tuple[Params, list[float]]:
-    """``steps`` iterations of ``x <- g - gamma H x`` from ``x = g``; returns x and the step norms."""
-    x = g
-    norms = []
-    for _ in range(steps):
-        x_next = axpy(-gamma, hvp(x), g)
-        norms.append(float(flat_norm({k: x_next[k] - x[k] for k in x})))
-        x = x_next
+def richardson(hvp, g: Params, gamma: float, steps: int, omega: float = 1.0) -> tuple[Params, list[float]]:
+    """``steps`` iterations of ``x <- x + omega (g - x - gamma H x)`` from ``x = 0``; returns x and the step norms."""
+    x = {k: omega * t for k, t in g.items()}  # the first step: H 0 = 0 needs no product
+    norms = [float(flat_norm(x))]
+    for _ in range(steps - 1):
+        hx = hvp(x)
+        step = {k: omega * (g[k] - x[k] - gamma * hx[k]) for k in x}
+        norms.append(float(flat_norm(step)))
+        x = axpy(1.0, step, x)
+        if not norms[-1] <= DIVERGED * norms[0]:  # also stops on NaN
+            break
     return x, norms
 
 
 def _contraction(norms: list[float]) -> float | None:
-    if len(norms) < 2 or norms[-2] == 0.0:
+    if len(norms) < 3 or norms[-2] == 0.0:  # the first step is g itself, not a step of the iteration map
         return None
     return norms[-1] / norms[-2]
 
 
 def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
-    """Richardson with divergence detection, gamma back-off and first-order fallback."""
-    gamma = config.gamma
-    backoffs = []
-    for _ in range(config.max_backoffs + 1):
-        x, norms = richardson(hvp, g, gamma, config.richardson_steps)
+    """Richardson with divergence detection: relaxation first (same fixed point), then gamma back-off, then
+    the first-order fallback."""
+    gamma, omega, relaxed = config.gamma, 1.0, 0  # relaxations so far at this gamma
+    relaxations, backoffs = [], []
+    while True:
+        x, norms = richardson(hvp, g, gamma, config.richardson_steps, omega)
         ratio = _contraction(norms)
         finite = all(math.isfinite(n) for n in norms)
-        if finite and (ratio is None or ratio < 1.0):
-            return Solution(x, gamma, ratio, backoffs)
-        new_gamma = gamma * (min(config.backoff_factor, 0.5 / ratio) if finite and ratio else config.backoff_factor)
-        event = {"gamma": gamma, "contraction": ratio if finite else None, "finite": finite, "new_gamma": new_gamma}
-        log.warning("Richardson iteration diverging at gamma=%.3g (step-norm ratio %s); backing off to gamma=%.3g",
-                    gamma, f"{ratio:.3f}" if finite and ratio else "non-finite", new_gamma)
+        if finite and (ratio is None or ratio < 1.0 or norms[-1] <= SETTLED * norms[0]):
+            return Solution(x, gamma, ratio, omega, relaxations, backoffs)
+        if omega == 1.0:
+            plain = ratio if finite else None  # gamma * rho(H): what a back-off at this gamma scales by
+        if finite and relaxed < config.max_relaxations:
+            # the ratio is |1 - omega mu| at the top of the spectrum of I + gamma H: mu = (1 + ratio) / omega
+            mu = (1.0 + ratio) / omega
+            new_omega = 2.0 / (1.0 + mu)
+            relaxations.append({"gamma": gamma, "omega": omega, "contraction": ratio, "new_omega": new_omega})
+            log.warning("Richardson iteration diverging at gamma=%.3g, omega=%.3g (step-norm ratio %.3f); "
+                        "relaxing to omega=%.3g", gamma, omega, ratio, new_omega)
+            omega, relaxed = new_omega, relaxed + 1
+            continue
+        if len(backoffs) >= config.max_backoffs:
+            break
+        new_gamma = gamma * (min(config.backoff_factor, 0.5 / plain) if plain else config.backoff_factor)
+        event = {"gamma": gamma, "omega": omega, "contraction": ratio if finite else None, "finite": finite,
+                 "new_gamma": new_gamma}
+        log.warning("Richardson iteration diverging at gamma=%.3g after %d relaxations (step-norm ratio %s); "
+                    "last resort: backing off to gamma=%.3g", gamma, relaxed,
+                    f"{ratio:.3f}" if finite and ratio else "non-finite", new_gamma)
         backoffs.append(event)
-        gamma = new_gamma
-    log.warning("Richardson iteration still diverging after %d back-offs; using the first-order hypergradient",
-                config.max_backoffs)
-    backoffs[-1]["fallback"] = "first-order"
-    return Solution(g, 0.0, None, backoffs, fallback=True)
+        gamma, omega, relaxed = new_gamma, 1.0, 0
+    log.warning("Richardson iteration still diverging after %d relaxations and %d back-offs; using the "
+                "first-order hypergradient", len(relaxations), config.max_backoffs)
+    events = backoffs or relaxations
+    if events:
+        events[-1]["fallback"] = "first-order"
+    return Solution(g, 0.0, None, 1.0, relaxations, backoffs, fallback=True)

@@ -38,7 +38,7 @@ from .config import AlignConfig
 from .data import AlignmentData
 from .functional import Batch, Denoiser, Params, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
 from .functional import scope_names as names_for_scope
-from .hvp import gradient, make_hvp
+from .hvp import FD_EPSILON, gradient, make_hvp
 from .hypergradient import solve
 from .losses import Draw, FineTuneBatch, HarmLoss, finetune_loss, preservation_loss
 
@@ -48,17 +48,17 @@ CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_META = "state.json"
 
 
-def peak_memory_mb() -> float:
-    """Peak accelerator memory of this step where there is one, else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this step on the device it ran on: the CUDA allocator's peak, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
 
 
 def _no_solve() -> dict:
     """What a sample records when no Richardson solve ran (first-order, unrolled)."""
-    return {"gamma": None, "contraction": None, "backoffs": [], "fallback": False}
+    return {"gamma": None, "contraction": None, "omega": None, "relaxations": [], "backoffs": [], "fallback": False}
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,16 @@ class SampleResult:
     hypergradient_norm: float
     gamma: float | None
     contraction: float | None
+    omega: float | None
+    relaxations: list
     backoffs: list
     fallback: bool
 
     def as_dict(self) -> dict:
         return {"config": self.config.as_dict(), "L_harm_star": self.harm_after,
                 "hypergradient_norm": self.hypergradient_norm, "gamma": self.gamma,
-                "contraction": self.contraction, "backoffs": self.backoffs, "fallback": self.fallback}
+                "contraction": self.contraction, "omega": self.omega, "relaxations": self.relaxations,
+                "backoffs": self.backoffs, "fallback": self.fallback}
 
 
 class Aligner:
@@ -83,13 +86,16 @@ class Aligner:
     def __init__(self, pipe, data: AlignmentData, config: AlignConfig):
         self.config = config
         self.data = data
-        self.model = Denoiser(pipe.unet)
+        self.model = Denoiser(pipe.unet, config.precision, config.gradient_checkpointing)
+        self.device = pipe.unet.device
         self.scheduler = training_scheduler(pipe.scheduler.config)
         own = dict(pipe.unet.named_parameters())
         self.names = names_for_scope(pipe.unet, config.outer.scope)
         self.lora_names = attention_weight_names(pipe.unet)
         # The original weights, by reference: the module is never modified, so it is the frozen teacher.
         self.base = {n: own[n].detach() for n in self.names}
+        # The rest of the UNet, by reference: what a "full" configuration of pi(C) also trains.
+        self.rest = {n: t.detach() for n, t in own.items() if n not in self.base}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
         if config.outer.scope == "attention-lora":
@@ -156,28 +162,33 @@ class Aligner:
             return self.harm(self.model, params, {}, harm_batch, harm_draw)
 
         theta_d = {k: t.detach() for k, t in theta.items()}
+        # A customer's full fine-tune trains every UNet parameter, not only the hardened scope: ADAPT and the
+        # Hessian then live in the whole weight space, and theta's hypergradient is x's scope part.
+        rest = self.rest if config.method == "full" else {}
         if hcfg.method == "unrolled":  # double backward through every step: the math attention kernel
             leaves = {k: t.clone().requires_grad_() for k, t in theta_d.items()}
             with sdpa_kernel(SDPBackend.MATH):
-                star = adapt(leaves, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma,
-                             differentiable=True)
+                star = adapt({**rest, **leaves}, loss_at, config, self.generator, self.lora_names,
+                             cfg.proximal_gamma, differentiable=True)
                 harm_star = harm_at(star)
                 x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
             return harm_star.item(), x, _no_solve()
-        star = adapt(theta_d, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
+        star = adapt({**rest, **theta_d}, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
         harm_star, g = gradient(harm_at, star)
         if hcfg.method == "first-order":
-            return float(harm_star), g, _no_solve()
+            return float(harm_star), {k: g[k] for k in theta_d}, _no_solve()
         hessian_batch = self._finetune_batch(config, rng, generator)
-        hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, hcfg.fd_epsilon)
+        epsilon = hcfg.fd_epsilon or FD_EPSILON[cfg.precision]
+        hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, epsilon)
         sol = solve(hvp, g, hcfg)
-        return float(harm_star), sol.x, {"gamma": sol.gamma, "contraction": sol.contraction,
-                                         "backoffs": sol.backoffs, "fallback": sol.fallback}
+        return float(harm_star), {k: sol.x[k] for k in theta_d}, {
+            "gamma": sol.gamma, "contraction": sol.contraction, "omega": sol.omega,
+            "relaxations": sol.relaxations, "backoffs": sol.backoffs, "fallback": sol.fallback}
 
     def step(self) -> dict:
         cfg = self.config
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         theta = self.theta()
@@ -212,7 +223,8 @@ class Aligner:
             "samples": [s.as_dict() for s in samples],
             "hypergradient_norm": float(flat_norm(meta)) if meta else 0.0,
             "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
-            "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
+            "relaxations": sum(len(s.relaxations) for s in samples),
+            "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
         }
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -110,8 +110,10 @@ def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int
 
     model = _model_path(config, base_dir)
     resolved = _resolve_data(config, base_dir, paths.work, model)
+    device = config.torch_device()
     torch.manual_seed(config.seed)
-    pipe = load_pipeline(model)
+    # fp32 weights are the master copy; config.precision is the forward passes' autocast dtype
+    pipe = load_pipeline(model, torch_dtype=torch.float32, device=device)
     if is_sdxl(pipe):
         raise ValueError(f"model: {model} is an SDXL pipeline; hardening supports SD 1.x and 2.x UNets (SDXL's "
                          "pooled-text and time-id conditioning is not implemented in alignment/)")
@@ -164,7 +166,7 @@ def _write_output(pipe, aligner: Aligner, config: AlignConfig, resolved: AlignCo
             "torch": torch.__version__, "diffusers": version("diffusers"),
             "base_model": {"path": str(model), "sha256": model_sha},
             "config": config.as_dict(), "resolved_data": asdict(resolved.data), "seed": config.seed,
-            "inputs": sources, "steps": aligner.step_index,
+            "inputs": sources, "steps": aligner.step_index, "device": str(aligner.device),
             "backoffs": sum(r["backoffs"] for r in records),
             "seconds_this_session": round(seconds, 1),
             "final": {k: records[-1][k] for k in ("L_harm", "L_harm_star_mean", "R")} if records else {},

@@ -120,32 +120,67 @@ def test_richardson_converges_to_the_exact_moreau_solution():
     assert cos[1] < cos[5] <= cos[30]
 
 
-def test_richardson_divergence_backs_off_gamma_and_is_reported(caplog):
+def _quadratic(n=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = m @ m.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    return gen, a, torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def test_richardson_starts_from_zero_so_k_steps_keep_k_neumann_terms():
+    _, a, g = _quadratic()
+    gamma = 0.3 / torch.linalg.eigvalsh(a).max().item()
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return {"w": a @ v["w"]}
+
+    for k in (1, 2, 4):
+        calls.clear()
+        sol = solve(hvp, {"w": g}, HypergradientConfig(richardson_steps=k, gamma=gamma, hvp="autograd"))
+        terms = sum(torch.linalg.matrix_power(-gamma * a, i) @ g for i in range(k))
+        assert torch.allclose(sol.x["w"], terms, atol=1e-12), f"K={k} is not the {k}-term Neumann series"
+        assert len(calls) == k - 1  # the first step is of x = 0: no product
+
+
+def test_richardson_divergence_is_damped_and_keeps_gamma(caplog):
+    """rho(gamma H) = 4 on a positive-definite H: relaxation converges to (I + gamma H)^-1 g at the same gamma."""
+    _, a, g = _quadratic()
+    gamma = 4.0 / torch.linalg.eigvalsh(a).max().item()
+    config = HypergradientConfig(richardson_steps=60, gamma=gamma, hvp="autograd")
+    sol = solve(lambda v: {"w": a @ v["w"]}, {"w": g}, config)
+    assert sol.relaxations and not sol.backoffs and not sol.fallback
+    assert sol.gamma == gamma and sol.omega < 1 and "relaxing" in caplog.text
+    exact = torch.linalg.solve(torch.eye(len(a), dtype=a.dtype) + gamma * a, g)
+    assert float(torch.nn.functional.cosine_similarity(sol.x["w"], exact, dim=0)) > 0.9999
+
+
+def test_richardson_backs_off_gamma_only_as_a_last_resort(caplog):
+    """The tanh network's Hessian has curvature below -1/gamma, where no damping converges."""
     params, ft_loss, harm_loss = _mlp_problem()
     hessian = _exact_hessian(ft_loss, params)
     lam = torch.linalg.eigvalsh(hessian).abs().max().item()
     _, g = gradient(harm_loss, params)
     config = HypergradientConfig(richardson_steps=8, gamma=4.0 / lam, hvp="autograd")
     sol = solve(AutogradHVP(ft_loss, params), g, config)
+    assert len(sol.relaxations) >= config.max_relaxations and sol.relaxations[0]["gamma"] == config.gamma
     assert sol.backoffs and sol.backoffs[0]["gamma"] == config.gamma
     assert sol.gamma < config.gamma and sol.gamma * lam < 1 and not sol.fallback
-    assert "diverging" in caplog.text
+    assert "last resort" in caplog.text
     exact = torch.linalg.solve(hessian + torch.eye(len(hessian), dtype=hessian.dtype) / sol.gamma, flat(g) / sol.gamma)
     assert float(torch.nn.functional.cosine_similarity(flat(sol.x), exact, dim=0)) > 0.99
 
     fallback = solve(AutogradHVP(ft_loss, params), g, HypergradientConfig(richardson_steps=8, gamma=4.0 / lam,
                                                                            hvp="autograd", max_backoffs=0))
     assert fallback.fallback and torch.equal(flat(fallback.x), flat(g))
-    assert fallback.backoffs[-1]["fallback"] == "first-order"
+    assert fallback.relaxations[-1]["fallback"] == "first-order"
 
 
 # -- Moreau = unrolled on a quadratic with proximal ADAPT -------------------------------------
 def test_moreau_hypergradient_equals_unrolled_on_a_quadratic():
-    gen = torch.Generator().manual_seed(1)
-    n = 6
-    m = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    a = m @ m.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
-    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    gen, a, b = _quadratic()
+    n = len(a)
     theta = {"w": torch.randn(n, generator=gen, dtype=torch.float64)}
     gamma = 0.5
 

@@ -3,6 +3,8 @@
 The run's config (validated by the API with the same loader the CLI uses) is written next to its output
 under the state directory. A run whose worker was lost is queued again by the reaper and resumes from
 its last checkpoint (``run_alignment(resume=True)``), bit for bit as the CLI's ``--resume`` does.
+The device and precision are the config's own ``device`` (default ``auto``: the worker's GPU when it has
+one, as every job's pipeline) and ``precision``; ``run_alignment`` moves the pipeline there.
 """
 
 from __future__ import annotations
