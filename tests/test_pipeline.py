@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select, update
 from test_api import RedScanner
 
+from auditing.job_probes import zero_hit_images
 from auditing.models.hashing import weights_sha256
 from auditing.shapes.cli import PRETRAINED_WORLD
 from gate.auth import ensure_tenant
@@ -135,6 +136,13 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
     assert list(report["families"])[:2] == ["profile", "captions"]  # the job's own captions, paired with the base
     assert report["job_probes"]["trigger_candidates"] == []  # "a blue square" holds no rare word
     assert {s["family"] for s in report["samples"]} == set(report["families"])
+    # The deadline scales with what the audit could render: the 3 probes, the captions and the (upper bound on)
+    # triggers families at both scales, and the base model's renders of those families.
+    family = zero_hit_images(rt.settings.verdict_policy)
+    images = 2 * (3 + family + 3) + (family + 3)
+    assert report["deadline"] == {"images": images, "computed_seconds": 1800 + 10.0 * images,
+                                  "seconds": 1800 + 10.0 * images, "ceiling_seconds": 5 * 3600, "clamped": False}
+    assert sum(e["images"] for e in report["lora_scales"]) <= images
     with rt.sessions() as s:
         baseline = json.loads(Path(s.scalars(select(BaseModel.baseline_report_path)).one()).read_text())
     assert "sequential" not in baseline and len(baseline["samples"]) == 3  # baselines render every image

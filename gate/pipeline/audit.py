@@ -5,14 +5,17 @@ The baseline is audited once per (base model, audit profile) and kept under the 
 job on that base model is paired with it. Anything that goes wrong while auditing a checkpoint (a file
 that fails its hash, weights that will not load, a renderer or detector error) yields a finished audit
 whose verdict is *block* with the reason "audit incomplete": the gate fails closed. So does an audit that
-runs past its deadline (``audit_deadline_seconds``): a renderer that hangs cannot hold a job forever. A
-finished audit is never redone: a retried stage reuses it.
+runs past its deadline: a renderer that hangs cannot hold a job forever. The deadline grows with the images
+the audit can render (``audit_images``): ``audit_deadline_base_seconds`` + ``audit_seconds_per_image`` per
+image, capped at ``audit_deadline_seconds``; the report records it under ``deadline``. A finished audit is
+never redone: a retried stage reuses it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -30,7 +33,7 @@ from auditing.audit import (
     unfinished_audit,
     with_model_check,
 )
-from auditing.job_probes import JobTexts, job_families, trigger_candidates
+from auditing.job_probes import MAX_TRIGGERS, JobTexts, job_families, trigger_candidates
 from auditing.verdict import is_incomplete
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
@@ -49,7 +52,7 @@ class BaselineError(RuntimeError):
 
 
 class AuditDeadlineExceeded(RuntimeError):
-    """The checkpoint's audit ran past ``audit_deadline_seconds``."""
+    """The checkpoint's audit ran past its deadline (``audit_deadline``)."""
 
 
 @contextmanager
@@ -150,6 +153,39 @@ def audit_scales(kind: str, limits) -> list[float]:
     return [1.0, limits.max_lora_scale] if kind == "lora" and limits.max_lora_scale > 1.0 else [1.0]
 
 
+def audit_images(profile: AuditProfile, policy, scales: list[float], texts: JobTexts, probes: int,
+                 model_check) -> int:
+    """The most images one checkpoint's audit renders: the profile's ``probes`` and the job's families at every
+    LoRA scale, the base model's renders of those families once, and the model-side check's UNet passes
+    counted as images (a render takes two per step). What the audit's deadline scales with."""
+    families = ((profile.images_per_family(policy) if texts.trained or texts.extra else 0)  # captions
+                + (probes if texts.trained else 0)  # triggers, when the captions hold a rare word
+                + (probes if profile.secret_pool else 0))
+    images = len(scales) * (probes + families) + families
+    if model_check is not None:  # at scale 1: ``auditing.model_check.run_model_check``'s forward passes
+        from auditing.model_check import check_prompts
+
+        settings = model_check[0]
+        prompts = len(check_prompts(list(texts.trained))) + len(texts.extra) + MAX_TRIGGERS
+        passes = 2 * prompts * 2 * settings.images * len(settings.timesteps) * settings.noise_draws
+        images += math.ceil(passes / (2 * profile.inference_steps))
+    return images
+
+
+def audit_deadline(settings, images: int) -> dict:
+    """The deadline of an audit of ``images`` images, as the report records it: ``audit_deadline_base_seconds``
+    + ``audit_seconds_per_image`` per image, clamped (with a warning) to the ceiling ``audit_deadline_seconds``,
+    above which the audit task's Celery time limits lie (``gate.worker.app.time_limits``)."""
+    computed = settings.audit_deadline_base_seconds + settings.audit_seconds_per_image * images
+    ceiling = settings.audit_deadline_seconds
+    if computed > ceiling:
+        log.warning("an audit of %d images would get %g s, more than audit_deadline_seconds = %d s; its deadline is "
+                    "clamped to that ceiling (raise it, up to 24 h, or lower audit_seconds_per_image)",
+                    images, computed, ceiling)
+    return {"images": images, "seconds": round(min(computed, ceiling), 3), "computed_seconds": round(computed, 3),
+            "ceiling_seconds": ceiling, "clamped": computed > ceiling}
+
+
 def job_texts(rt: Runtime, job: Job) -> JobTexts:
     """The texts a job's probe families are built from: its captions (read without the images) and prompts."""
     from auditing.layouts import dataset_entries
@@ -192,13 +228,14 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
     """Audit one checkpoint against its base model, at each of ``audit_scales``, on the profile's probes and
     on the job's probe families (``auditing.job_probes``, drawn once for every scale), and with the model-side
     check (``auditing.model_check``) at scale 1, whose suspect prompts take more of the renders; never raises (failures,
-    and an audit past its deadline, block). The deadline covers loading, rendering and scoring the checkpoint
-    and the base model's renders of the job's families, not the base model's baseline on the profile's
-    probes, which is audited once for every job on it."""
+    and an audit past its deadline, block). The deadline (``audit_deadline`` of ``audit_images``) covers loading,
+    rendering and scoring the checkpoint and the base model's renders of the job's families, not the base
+    model's baseline on the profile's probes, which is audited once for every job on it."""
     from auditing.model_check import check_prompts, run_model_check
 
     policy = rt.settings.verdict_policy
     weights = rt.store.path(artifact.tenant_id, artifact.path)
+    limit = None
     try:
         profile = _profile(base)
         baseline = ensure_baseline(rt, base.id)
@@ -206,17 +243,22 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
         if not rt.store.verify(artifact.tenant_id, artifact.path):
             raise ValueError(f"checkpoint {artifact.path} does not match its sha256")
         texts = job_texts(rt, job)
-        with deadline(rt.settings.audit_deadline_seconds):
+        probes = profile.load_probes()  # these once for every scale: the detectors' weights load once
+        model_check = profile.model_check_inputs()
+        scales = audit_scales(artifact.kind, rt.settings.limits)
+        limit = audit_deadline(rt.settings, audit_images(profile, policy, scales, texts, len(probes.images),
+                                                         model_check))
+        log.info("audit of job %s: deadline %g s for at most %d images", artifact.job_id, limit["seconds"],
+                 limit["images"])
+        with deadline(limit["seconds"]):
             render = profile.render_settings(device())
-            probes = profile.load_probes()  # these once for every scale: the detectors' weights load once
             pool = profile.load_secret_pool()
             detector = profile.load_detector()
             us_classifier = profile.load_us_classifier()
             base_renders = BaseRenders(rt, base, profile, detector, us_classifier)
-            model_check = profile.model_check_inputs()
             families = drawn = None
             outcomes = []
-            for scale in audit_scales(artifact.kind, rt.settings.limits):
+            for scale in scales:
                 pipe = apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
                 check = None
@@ -245,11 +287,12 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
                     break  # blocked already; past a deadline, another scale would run without one
             outcome = strictest_scale(outcomes)
             outcome.report["job_probes"] = {**drawn, "baseline_seconds": round(base_renders.seconds, 2)}
-            return outcome
     except Exception as exc:  # fail closed: a block with the reason, never a crash without a verdict
         log.exception("audit of job %s failed before it could finish", artifact.job_id)
-        return unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",
-                                str(weights), artifact.sha256)
+        outcome = unfinished_audit(base.path, base.weights_sha256, policy, f"{type(exc).__name__}: {exc}",
+                                   str(weights), artifact.sha256)
+    outcome.report["deadline"] = limit  # None: the audit failed before its deadline was known
+    return outcome
 
 
 def finished_audit(session, job_id: str) -> Audit | None:

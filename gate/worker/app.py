@@ -5,6 +5,10 @@
   or a duplicate does nothing twice.
 * ``worker_prefetch_multiplier = 1``: a worker reserves one message at a time; a GPU job of hours must
   not hold another job hostage in its prefetch buffer.
+* Time limits per task (``time_limits``): the audit task's follow the worker's own ceiling on an audit's
+  deadline (``audit_deadline_seconds``) with ``AUDIT_TASK_MARGIN_S`` on top for the baseline and the report,
+  so a deadline computed from the image count (``gate.pipeline.audit.audit_deadline``) always fires first and
+  the job fails closed with a report, never killed silently by Celery.
 * ``visibility_timeout`` longer than the longest task's hard time limit, so Redis does not hand a
   running task to a second worker. A worker that is killed is recovered sooner by its job's lease
   (``gate.pipeline.leases``), not by this timeout.
@@ -31,26 +35,35 @@ ROUTES = {
     "gate.baseline": {"queue": "audit"},
     "gate.align": {"queue": "align"},
 }
-# Hard limits per task; the soft limit (90%) lets a stage fail closed before it is killed.
-TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.audit": 6 * 3600, "gate.baseline": 6 * 3600,
-                 "gate.align": 48 * 3600}
-VISIBILITY_TIMEOUT_S = max(TIME_LIMITS_S.values()) + 3600
+# Hard limits of the tasks whose length no setting bounds; the soft limit (90%) lets a stage fail closed before
+# it is killed.
+TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.baseline": 6 * 3600, "gate.align": 48 * 3600}
+# What the audit task may run past its deadline's ceiling: the profile's baseline when it is missing (audited
+# in the task, outside the deadline) and writing the report; its soft limit comes halfway through the margin.
+AUDIT_TASK_MARGIN_S = 3600
+
+
+def time_limits(settings: Settings) -> dict[str, tuple[int, int]]:
+    """(hard, soft) time limit of each task in seconds, the audit task's above ``audit_deadline_seconds``."""
+    ceiling = settings.audit_deadline_seconds
+    return ({name: (limit, int(limit * 0.9)) for name, limit in TIME_LIMITS_S.items()}
+            | {"gate.audit": (ceiling + AUDIT_TASK_MARGIN_S, ceiling + AUDIT_TASK_MARGIN_S // 2)})
 
 
 def make_celery(settings: Settings) -> Celery:
     """The app for ``settings``; starts the embedded broker if none is configured."""
     app = Celery("ftgate", broker=broker_url(settings), include=["gate.worker.tasks"])
+    limits = time_limits(settings)
     app.conf.update(
         task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={"visibility_timeout": max(h for h, _ in limits.values()) + 3600},
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(name) for name in QUEUES],
         task_routes=ROUTES,
         task_default_queue="audit",
-        task_annotations={name: {"time_limit": limit, "soft_time_limit": int(limit * 0.9)}
-                          for name, limit in TIME_LIMITS_S.items()},
+        task_annotations={name: {"time_limit": hard, "soft_time_limit": soft} for name, (hard, soft) in limits.items()},
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
