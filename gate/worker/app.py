@@ -5,10 +5,11 @@
   or a duplicate does nothing twice.
 * ``worker_prefetch_multiplier = 1``: a worker reserves one message at a time; a GPU job of hours must
   not hold another job hostage in its prefetch buffer.
-* Time limits per task (``time_limits``): the audit task's follow the worker's own ceiling on an audit's
-  deadline (``audit_deadline_seconds``) with ``AUDIT_TASK_MARGIN_S`` on top for the baseline and the report,
-  so a deadline computed from the image count (``gate.pipeline.audit.audit_deadline``) always fires first and
-  the job fails closed with a report, never killed silently by Celery.
+* Time limits per task (``time_limits``): the audit task's follow the ceiling on an audit's deadline
+  (``audit_deadline_seconds``) with ``AUDIT_TASK_MARGIN_S`` on top for a missing baseline and the report, so
+  a deadline computed from the image count (``gate.pipeline.audit.audit_deadline``) always fires first and the
+  job fails closed with a report, never killed silently by Celery. The worker sets them from its own settings,
+  the ones its deadline is computed from, rather than the sender of the message from the sender's.
 * ``visibility_timeout`` longer than the longest task's hard time limit, so Redis does not hand a
   running task to a second worker. A worker that is killed is recovered sooner by its job's lease
   (``gate.pipeline.leases``), not by this timeout.
@@ -39,8 +40,9 @@ ROUTES = {
 # it is killed.
 TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.baseline": 6 * 3600, "gate.align": 48 * 3600}
 # What the audit task may run past its deadline's ceiling: the profile's baseline when it is missing (audited
-# in the task, outside the deadline) and writing the report; its soft limit comes halfway through the margin.
-AUDIT_TASK_MARGIN_S = 3600
+# in the task, outside the deadline, as long as the baseline task may take) and writing the report; its soft
+# limit comes halfway through the margin.
+AUDIT_TASK_MARGIN_S = TIME_LIMITS_S["gate.baseline"]
 
 
 def time_limits(settings: Settings) -> dict[str, tuple[int, int]]:
