@@ -173,6 +173,11 @@ class Settings:
     # ("600/minute", "10/second;600/minute"); counted in the broker's Redis when broker_url is set, else in each
     # API process's memory (gate.api.ratelimit). /healthz and /metrics are not counted.
     rate_limit: str = "600/minute"
+    # Where checkpoints, reports and uploads are stored: None, the folder ``artifacts_dir`` (one host, or a
+    # filesystem every host mounts); or an S3-compatible bucket, "s3://bucket[/prefix]", that API and worker hosts
+    # share (gate.storage.s3; credentials from the standard AWS configuration, ``s3_endpoint_url`` for MinIO etc.).
+    artifact_store: str | None = None
+    s3_endpoint_url: str | None = None
 
     def __post_init__(self):
         if self.metrics_dir is None:
@@ -199,6 +204,14 @@ class Settings:
             raise SettingsError("audit_seconds_per_image",
                                 f"audit_seconds_per_image must be a number in [{lo}, {hi}] (got {per_image!r})")
         _check_rate(self.rate_limit)
+        if self.artifact_store is not None:
+            parts = urlsplit(self.artifact_store)
+            if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+                raise SettingsError("artifact_store", "artifact_store must be unset (the folder artifacts_dir) or "
+                                                      f"s3://bucket[/prefix]; got {self.artifact_store!r}")
+        if self.s3_endpoint_url is not None and urlsplit(self.s3_endpoint_url).scheme not in ("http", "https"):
+            raise SettingsError("s3_endpoint_url",
+                                f"s3_endpoint_url must be an http(s) URL; got {self.s3_endpoint_url!r}")
         if self.render_cache_retention_hours > self.scratch_retention_hours:
             raise SettingsError("render_cache_retention_hours",
                                 f"render_cache_retention_hours ({self.render_cache_retention_hours}) must not exceed "
@@ -234,6 +247,11 @@ class Settings:
         return self.state_dir / "hash-cache.json"
 
     @property
+    def store_cache_dir(self) -> Path:
+        """Local copies of objects read from an S3 artifact store, each checked against its key's sha256."""
+        return self.state_dir / "store-cache"
+
+    @property
     def baselines_dir(self) -> Path:
         """Base models' baseline audit reports, shared by every tenant's jobs."""
         return self.state_dir / "baselines"
@@ -242,7 +260,7 @@ class Settings:
         """One line for start-up logs; passwords hidden."""
         broker = redact(self.broker_url) if self.broker_url else f"embedded redis under {self.embedded_broker_dir}"
         return (f"state {self.state_dir}; database {redact(self.database_url)}; broker {broker}; "
-                f"artifacts {self.artifacts_dir}; verdict policy {self.verdict_policy.name} "
+                f"artifacts {self.artifact_store or self.artifacts_dir}; verdict policy {self.verdict_policy.name} "
                 f"v{self.verdict_policy.version}; config file {self.config_file or 'none'}")
 
 
@@ -251,7 +269,8 @@ _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
               "audit_deadline_base_seconds": "int", "audit_seconds_per_image": "float",
               "dispatch_grace_seconds": "int", "max_attempts": "int",
-              "metrics_dir": "path", "rate_limit": "str", **dict.fromkeys(RETENTION_SETTINGS, "int")}
+              "metrics_dir": "path", "rate_limit": "str", "artifact_store": "str", "s3_endpoint_url": "str",
+              **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 
 

@@ -1,6 +1,5 @@
 """The S3-compatible artifact store (``gate.storage.s3``) against a real S3 wire-protocol server: moto's server
-mode, started on 127.0.0.1 by the test. What moto does not model is in docs/gate-storage.md (notably S3's
-eventual consistency of listings, which AWS and MinIO no longer show, and real network failures)."""
+mode, started on 127.0.0.1 by the test (what it does not model: docs/gate-storage.md, *S3-compatible store*)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,11 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 from sqlalchemy import select
+from test_pipeline import job_id  # noqa: F401  (a queued job on the world, on this module's ``rt``)
 
+from gate.pipeline import audit, train, verdict
+from gate.pipeline.runtime import Runtime
+from gate.settings import Settings, SettingsError
 from gate.storage.artifacts import ArtifactTooLarge
 from gate.storage.db import make_engine, session_factory, upgrade
 from gate.storage.models import Artifact
@@ -115,3 +118,41 @@ def test_a_put_of_stored_bytes_renews_the_object_and_the_sweep_keeps_named_ones(
     swept = sweep(store, sessions, grace_s=-60)  # as if an hour had passed
     assert (swept.unreferenced, swept.partial) == (1, 1)
     assert objects(client) == [f"gate-a/{named.key}"] and not store.exists("acme", orphan.sha256)
+
+
+@pytest.fixture
+def rt(tmp_path, s3_endpoint, client) -> Runtime:
+    """The pipeline's runtime with its artifact store in the bucket (``artifact_store``), as on several hosts."""
+    state = tmp_path / "state"
+    settings = Settings(state_dir=state, database_url=f"sqlite:///{tmp_path / 'ftgate.db'}", broker_url=None,
+                        artifacts_dir=state / "artifacts", lease_seconds=30,
+                        artifact_store=f"s3://{BUCKET}/gate-b", s3_endpoint_url=s3_endpoint)
+    upgrade(settings.database_url)
+    rt = Runtime.open(settings)
+    yield rt
+    rt.engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_job_is_trained_audited_and_decided_with_its_files_in_the_bucket(rt, job_id, client):  # noqa: F811
+    assert isinstance(rt.store, S3ArtifactStore)
+    assert train.train(rt, job_id, "w1/a") and audit.audit(rt, job_id, "w1/b")
+    assert verdict.decide(rt, job_id) in ("released", "review", "withheld")
+    stored = objects(client)
+    assert {"html", "json", "safetensors"} <= {k.rpartition(".")[2] for k in stored}, stored
+    assert all(k.startswith("gate-b/tenants/acme/sha256/") for k in stored)
+    assert not (rt.settings.artifacts_dir).exists()  # nothing went to the folder store
+    with rt.sessions() as s:
+        artifact = s.scalars(select(Artifact)).one()
+    assert rt.store.verify("acme", artifact.path)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"artifact_store": "gs://bucket"}, "artifact_store"), ({"artifact_store": "s3://"}, "artifact_store"),
+    ({"artifact_store": "s3://b?region=x"}, "artifact_store"), ({"s3_endpoint_url": "ftp://x"}, "s3_endpoint_url"),
+])
+def test_bad_store_settings_name_the_field(tmp_path, changes, field):
+    with pytest.raises(SettingsError) as caught:
+        Settings(state_dir=tmp_path, database_url="sqlite:///x.db", broker_url=None, artifacts_dir=tmp_path / "a",
+                 **changes)
+    assert caught.value.field == field
