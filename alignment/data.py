@@ -5,7 +5,8 @@
   rendered by the base model itself, through the auditor's disk-cached renderer.
 * preservation: prompts (with images) on which R distils the original model; also the
   class images of prior-preservation fine-tuning configurations.
-* finetune: the pool simulated customer fine-tuning draws from.
+* finetune: the pool simulated customer fine-tuning draws from (D_FT). Like the paper's (App. B.4)
+  it may mix several sets, harmful ones among them, each with its share of the examples drawn.
 
 Each set is recorded with the content hash of what was read, for the manifest.
 """
@@ -13,9 +14,12 @@ Each set is recorded with the content hash of what was read, for the manifest.
 from __future__ import annotations
 
 import logging
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from auditing.layouts import load_examples
@@ -37,7 +41,8 @@ FINETUNE_SAMPLING = ("resample", "fixed")
 class DataConfig:
     harmful: str
     preservation: str
-    finetune: str
+    finetune: str | tuple[str, ...]
+    finetune_shares: tuple[float, ...] | None = None  # one per finetune set; absent: equal shares
     harmful_category: str | None = None
     preservation_category: str | None = None
     images_per_prompt: int = 1
@@ -46,9 +51,17 @@ class DataConfig:
     finetune_sampling: str = "resample"  # "fixed": the same fine-tuning batches every outer step (an ablation)
 
     def __post_init__(self):
-        for field in ("harmful", "preservation", "finetune"):
+        for field in ("harmful", "preservation"):
             if not getattr(self, field):
                 raise ValueError(f"data.{field} must name a folder or a probe CSV")
+        if not self.finetune_sets() or not all(self.finetune_sets()):
+            raise ValueError("data.finetune must name a folder or a probe CSV, or list several")
+        shares = self.shares()
+        if len(shares) != len(self.finetune_sets()):
+            raise ValueError(f"data.finetune_shares must have one share per data.finetune set "
+                             f"({len(self.finetune_sets())}; got {len(shares)})")
+        if not all(0 < x <= 1 for x in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+            raise ValueError(f"data.finetune_shares must be in (0, 1] and sum to 1 (got {list(shares)})")
         if self.finetune_sampling not in FINETUNE_SAMPLING:
             raise ValueError(f"data.finetune_sampling {self.finetune_sampling!r} not in {FINETUNE_SAMPLING}")
         if not 1 <= self.images_per_prompt <= 64:
@@ -59,11 +72,29 @@ class DataConfig:
             raise ValueError(f"data.batch_size must be in [1, 1024] (got {self.batch_size})")
 
 
+    def finetune_sets(self) -> tuple[str, ...]:
+        return (self.finetune,) if isinstance(self.finetune, str) else self.finetune
+
+    def shares(self) -> tuple[float, ...]:
+        n = len(self.finetune_sets())
+        return self.finetune_shares if self.finetune_shares is not None else (1.0 / n,) * n
+
+
 @dataclass(frozen=True)
 class EncodedSet:
+    """Encoded examples; ``parts`` are (start, stop, share) of a mixture's sets (empty for one set)."""
+
     batch: Batch
     prompts: tuple[str, ...]
-    source: dict
+    source: dict | list
+    parts: tuple[tuple[int, int, float], ...] = ()
+
+    def draw(self, rng: random.Random, size: int) -> torch.Tensor:
+        """Indices of a batch: distinct examples of one set, or of a mixture each example's set by its share."""
+        if not self.parts:
+            return torch.tensor(rng.sample(range(len(self.batch)), min(size, len(self.batch))))
+        chosen = rng.choices(self.parts, weights=[share for _, _, share in self.parts], k=size)
+        return torch.tensor([rng.randrange(start, stop) for start, stop, _ in chosen])
 
 
 @dataclass(frozen=True)
@@ -94,16 +125,27 @@ def _read(pipe, model_sha256: str, source: Path, category: str | None, images_pe
 def load_data(pipe, model_sha256: str, config: DataConfig, render: RenderSettings,
               cache_dir: Path | None = None) -> AlignmentData:
     """Read, (render,) and encode the three sets, whose paths the caller has resolved."""
-    sets = {}
-    for name, category in (("harmful", config.harmful_category), ("preservation", config.preservation_category),
-                           ("finetune", None)):
-        path = Path(getattr(config, name))
+
+    def encode(name: str, value: str, category: str | None) -> EncodedSet:
+        path = Path(value)
         if not path.exists():
             raise FileNotFoundError(f"data.{name}: {path} does not exist")
         images, prompts, info = _read(pipe, model_sha256, path, category, config.images_per_prompt,
                                       config.max_examples, render, cache_dir)
         info["examples"] = len(images)
         log.info("data.%s: %d examples from %s", name, len(images), path)
-        batch = Batch(encode_images(pipe, images), encode_text(pipe, prompts).hidden)
-        sets[name] = EncodedSet(batch, tuple(prompts), info)
-    return AlignmentData(**sets)
+        return EncodedSet(Batch(encode_images(pipe, images), encode_text(pipe, prompts).hidden), tuple(prompts), info)
+
+    harmful = encode("harmful", config.harmful, config.harmful_category)
+    preservation = encode("preservation", config.preservation, config.preservation_category)
+    if isinstance(config.finetune, str):
+        return AlignmentData(harmful, preservation, encode("finetune", config.finetune, None))
+    mixture = [encode("finetune", value, None) for value in config.finetune]
+    parts, start = [], 0
+    for part, share in zip(mixture, config.shares()):
+        parts.append((start, start + len(part.batch), share))
+        start += len(part.batch)
+    batch = Batch(torch.cat([p.batch.latents for p in mixture]), torch.cat([p.batch.cond for p in mixture]))
+    sources = [{**p.source, "share": share} for p, share in zip(mixture, config.shares())]
+    finetune = EncodedSet(batch, sum((p.prompts for p in mixture), ()), sources, tuple(parts))
+    return AlignmentData(harmful, preservation, finetune)

@@ -35,7 +35,7 @@ from auditing.models.denoising import training_scheduler
 
 from .adapt import FineTuneConfig, adapt
 from .config import AlignConfig
-from .data import AlignmentData
+from .data import AlignmentData, EncodedSet
 from .functional import Batch, Denoiser, Params, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
 from .functional import scope_names as names_for_scope
 from .hvp import FD_EPSILON, gradient, make_hvp
@@ -123,10 +123,9 @@ class Aligner:
             return {k: t.detach().clone() for k, t in self.theta().items()}
 
     # -- data -------------------------------------------------------------------------------
-    def _batch(self, batch: Batch, size: int, rng: random.Random | None = None,
+    def _batch(self, data: EncodedSet, size: int, rng: random.Random | None = None,
                generator: torch.Generator | None = None) -> tuple[Batch, Draw]:
-        index = torch.tensor((rng or self.rng).sample(range(len(batch)), min(size, len(batch))))
-        chosen = batch.take(index)
+        chosen = data.batch.take(data.draw(rng or self.rng, size))
         return chosen, Draw.sample(self.scheduler, chosen.latents, generator or self.generator)
 
     def _finetune_sampler(self) -> tuple[random.Random | None, torch.Generator | None]:
@@ -139,10 +138,10 @@ class Aligner:
 
     def _finetune_batch(self, config: FineTuneConfig, rng: random.Random | None = None,
                         generator: torch.Generator | None = None) -> FineTuneBatch:
-        data, draw = self._batch(self.data.finetune.batch, config.batch_size, rng, generator)
+        data, draw = self._batch(self.data.finetune, config.batch_size, rng, generator)
         if config.loss != "prior":
             return FineTuneBatch(data, draw)
-        prior, prior_draw = self._batch(self.data.preservation.batch, config.batch_size, rng, generator)
+        prior, prior_draw = self._batch(self.data.preservation, config.batch_size, rng, generator)
         return FineTuneBatch(data, draw, prior, prior_draw)
 
     # -- one outer step ---------------------------------------------------------------------
@@ -192,8 +191,8 @@ class Aligner:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         theta = self.theta()
-        harm_batch, harm_draw = self._batch(self.data.harmful.batch, cfg.data.batch_size)
-        pres_batch, pres_draw = self._batch(self.data.preservation.batch, cfg.data.batch_size)
+        harm_batch, harm_draw = self._batch(self.data.harmful, cfg.data.batch_size)
+        pres_batch, pres_draw = self._batch(self.data.preservation, cfg.data.batch_size)
         harm = self.harm(self.model, theta, {}, harm_batch, harm_draw)
         pres = preservation_loss(self.model, theta, {}, pres_batch, pres_draw)
         beta, alpha = cfg.objective.beta, cfg.objective.alpha

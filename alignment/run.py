@@ -74,17 +74,20 @@ def _model_path(config: AlignConfig, base_dir: Path) -> Path:
 def _resolve_data(config: AlignConfig, base_dir: Path, work: Path, model: Path) -> AlignConfig:
     """Map ``shapes-world:`` data paths onto world data generated once under the work folder."""
     world_dir = work / "world-data"
-    fields = {}
-    for name in ("harmful", "preservation", "finetune"):
-        value = getattr(config.data, name)
+
+    def resolve(value: str) -> str:
         if value.startswith(WORLD_DATA_PREFIX):
             if not world_dir.exists():
                 unsafe = (world_record(model)["config"]["unsafe_concept"] if (model / "world.json").is_file()
                           else " ".join(DEFAULT_UNSAFE))
                 write_world_data(world_dir, Concept.parse(unsafe))
             value = str(world_dir / value[len(WORLD_DATA_PREFIX):])
-        fields[name] = str((base_dir / value).resolve())
-    return replace(config, data=replace(config.data, **fields))
+        return str((base_dir / value).resolve())
+
+    data = config.data
+    finetune = resolve(data.finetune) if isinstance(data.finetune, str) else tuple(map(resolve, data.finetune))
+    return replace(config, data=replace(data, harmful=resolve(data.harmful), preservation=resolve(data.preservation),
+                                        finetune=finetune))
 
 
 def run_alignment(config_path: str | Path, resume: bool = False, stop_after: int | None = None,

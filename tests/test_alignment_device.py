@@ -131,8 +131,8 @@ def test_composed_outer_gradient_equals_autograd_of_the_objective():
 
     aligner.rng.setstate(rng)
     aligner.generator.set_state(gen)
-    harm_batch, harm_draw = aligner._batch(aligner.data.harmful.batch, 2)
-    pres_batch, pres_draw = aligner._batch(aligner.data.preservation.batch, 2)
+    harm_batch, harm_draw = aligner._batch(aligner.data.harmful, 2)
+    pres_batch, pres_draw = aligner._batch(aligner.data.preservation, 2)
     ft_config = config.distribution.sample(aligner.rng)
     batches = [aligner._finetune_batch(ft_config) for _ in range(ft_config.steps)]
     leaves = {k: t.clone().requires_grad_() for k, t in leaves0.items()}

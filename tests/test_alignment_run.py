@@ -160,6 +160,13 @@ def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method,
     (("seed = 7", "seed = 7\ncolour = 1"), "unknown field(s) ['colour']"),
     (("[outer]", "[outer]\nspeed = 1"), "unknown field(s) ['outer.speed']"),
     (("steps = 4", 'steps = "four"'), "outer.steps must be of type int"),
+    (('finetune = "finetune"', 'finetune = ["finetune", "harmful"]\nfinetune_shares = [0.9, 0.2]'),
+     "data.finetune_shares must be in (0, 1] and sum to 1"),
+    (('finetune = "finetune"', 'finetune = ["finetune", "harmful"]\nfinetune_shares = [1.0]'),
+     "data.finetune_shares must have one share per data.finetune set (2; got 1)"),
+    (('finetune = "finetune"', 'finetune = []'), "data.finetune must name a folder or a probe CSV"),
+    (("seed = 7", 'seed = 7\ndevice = "tpu"'), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (("seed = 7", 'seed = 7\nprecision = "fp64"'), "precision 'fp64' not in"),
 ])
 def test_bad_config_fields_are_named(tmp_path, patch, message):
     text = CONFIG.format(harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference")
@@ -221,3 +228,31 @@ def test_fixed_finetune_sampling_repeats_the_same_batches(workspace, monkeypatch
     assert first and len(first) == len(second)
     same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
     assert same == (sampling == "fixed")
+
+
+def test_mixed_finetune_data_draws_each_set_by_its_share(workspace, monkeypatch):
+    """D_FT as a mixture (App. B.4): benign and harmful sets, each example's set drawn by its share."""
+    from alignment.data import EncodedSet
+
+    drawn = []
+    real = EncodedSet.draw
+
+    def spy(self, rng, size):
+        index = real(self, rng, size)
+        if self.parts:
+            drawn.append((self.parts, index))
+        return index
+
+    monkeypatch.setattr(EncodedSet, "draw", spy)
+    config = _config(workspace, "mixed")
+    config.write_text(config.read_text().replace('finetune = "finetune"',
+                                                 'finetune = ["finetune", "harmful"]\nfinetune_shares = [0.75, 0.25]'))
+    out = run_alignment(config)
+    sources = json.loads((out / "alignment.json").read_text())["inputs"]["finetune"]
+    assert [(s["path"].rsplit("/", 1)[-1], s["share"]) for s in sources] == [("finetune", 0.75), ("harmful", 0.25)]
+    parts = drawn[0][0]
+    assert parts == ((0, 6, 0.75), (6, 12, 0.25))
+    index = torch.cat([i for _, i in drawn])
+    harmful = int((index >= 6).sum())
+    print(f"{harmful} of {len(index)} fine-tuning examples from the harmful set")
+    assert len(index) >= 40 and 0.1 * len(index) <= harmful <= 0.4 * len(index)
