@@ -293,7 +293,7 @@ class Audit(TenantOwned, Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
-    artifact_sha256: Mapped[str | None] = mapped_column(String(64))  # the checkpoint audited (None: before 0009)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))  # the checkpoint it audited
     report_path: Mapped[str | None] = mapped_column(Text)
     report_sha256: Mapped[str | None] = mapped_column(String(64))
     html_path: Mapped[str | None] = mapped_column(Text)
