@@ -96,6 +96,13 @@ SCHEMAS = {
         "artifact": {"type": ["object", "null"], "properties": {
             "kind": {"enum": ["lora", "unet"]}, "sha256": {"type": "string"}, "size_bytes": {"type": "integer"},
             "downloadable": {"type": "boolean"}}}}}]},
+    "JobEvent": {"type": "object", "required": ["seq", "at", "kind", "data"], "properties": {
+        "seq": {"type": "integer", "minimum": 1, "description": "1, 2, ... per job"},
+        "at": {"type": "string", "format": "date-time"},
+        "kind": {"enum": ["stage", "loss", "sample", "checkpoint", "verdict"]},
+        "data": {"type": "object", "description": "stage: status (and attempt); loss: step, loss; sample: step, "
+                                                  "sha256, url (the PNG, served once the job is released); "
+                                                  "checkpoint: step; verdict: decision, reasons, policy"}}},
     "AuditProfile": {"type": "object", "required": ["probes"], "additionalProperties": False, "properties": {
         "probes": {"type": "string", "description": "a probe CSV on the gate's machines"},
         "category": {"type": ["string", "null"]}, "images_per_prompt": {"type": "integer", "minimum": 1},
@@ -197,6 +204,22 @@ PATHS = {
         "parameters": [_id_param("job_id")],
         "responses": {"202": _json(_ref["Job"], "cancelled, or cancel requested (status still training)"),
                       **_errors("401", "403", "404", "409")}}},
+    "/v1/jobs/{job_id}/events": {"get": {
+        "summary": "The job's events after the seq in after, oldest first (tenant-scoped): stage changes, training "
+                   "loss, sample grids, checkpoints, the verdict as the customer reads it",
+        "parameters": [_id_param("job_id"), {"name": "after", "in": "query", "required": False,
+                                             "schema": {"type": "integer", "minimum": 0, "default": 0}}],
+        "responses": {"200": _json({"type": "object", "required": ["events", "next"], "properties": {
+            "events": {"type": "array", "maxItems": 500, "items": {"$ref": "#/components/schemas/JobEvent"}},
+            "next": {"type": "integer", "description": "send as after next time"}}}, "events"),
+            **_errors("400", "401", "404")}}},
+    "/v1/jobs/{job_id}/events/{seq}/image": {"get": {
+        "summary": "The sample grid a sample event shows; to a customer only once the job is released (403 "
+                   "sample_withheld before)",
+        "parameters": [_id_param("job_id"), {"name": "seq", "in": "path", "required": True,
+                                             "schema": {"type": "integer"}}],
+        "responses": {"200": {"description": "PNG", "content": {"image/png": {"schema": {
+            "type": "string", "contentMediaType": "image/png"}}}}, **_errors("401", "403", "404")}}},
     "/v1/jobs/{job_id}/report": {"get": {
         "summary": "The job's audit report (JSON record): as stored for staff; for customers the allow-listed "
                    "view (view: customer): verdict, reasons and aggregate figures, no prompts, seeds, per-image "

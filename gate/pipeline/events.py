@@ -20,13 +20,16 @@ from gate.storage.models import EVENT_KINDS, JobEvent
 ATTEMPTS = 5  # writers racing for one job's next number; more than a handful means something else is wrong
 
 
-def append(session: Session, tenant_id: str, job_id: str, kind: str, data: dict[str, Any]) -> int:
-    """Write and commit one event (commit the state change it reports first); returns its ``seq``."""
+def append(session: Session, tenant_id: str, job_id: str, kind: str, data: dict[str, Any],
+           artifact_key: str | None = None) -> int:
+    """Write and commit one event (commit the state change it reports first); returns its ``seq``.
+    ``artifact_key``: a file in the tenant's store that the event shows (a sample grid)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"event kind {kind!r} is not one of {EVENT_KINDS}")
     for _ in range(ATTEMPTS):
         seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
-        session.add(JobEvent(tenant_id=tenant_id, job_id=job_id, seq=seq, kind=kind, data=data))
+        session.add(JobEvent(tenant_id=tenant_id, job_id=job_id, seq=seq, kind=kind, data=data,
+                             artifact_key=artifact_key))
         try:
             session.commit()
             return seq

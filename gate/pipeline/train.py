@@ -12,6 +12,7 @@ job's one artifact row names it. Every attempt keeps its resumable training stat
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 
@@ -62,6 +63,24 @@ def _report_progress(rt: Runtime, job_id: str, worker: str, heartbeat: Heartbeat
     return progress
 
 
+def _record_events(rt: Runtime, tenant_id: str, job_id: str, heartbeat: Heartbeat):
+    """A ``notify(kind, data)`` callback (``gate.training.loop.Notify``) that writes the job's events: losses,
+    checkpoints, and sample grids stored in the tenant's store (an event shows one by its key)."""
+    def notify(kind: str, data: dict) -> None:
+        heartbeat.check()
+        key = None
+        if kind == "sample":
+            with open(data["path"], "rb") as grid:
+                stored = rt.store.put(tenant_id, grid, suffix=".png")
+            data, key = {"step": data["step"], "sha256": stored.sha256}, stored.key
+        elif kind == "loss" and not math.isfinite(data["loss"]):
+            data = {**data, "loss": None}  # JSON has no NaN; the job's own checks fail it later
+        with rt.sessions() as session:
+            events.append(session, tenant_id, job_id, kind, data, artifact_key=key)
+
+    return notify
+
+
 def _discard_unless_referenced(rt: Runtime, tenant_id: str, key: str) -> None:
     with rt.sessions() as session:
         if session.scalars(select(Artifact.id).where(Artifact.path == key)).first() is None:
@@ -103,14 +122,16 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                                      "dataset is trained")
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base, dataset_id, attempt = job.base_model, job.dataset_id, job.attempts
+        events.stage(session, tenant, job_id, "training", attempt=attempt)
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
     state_dir = rt.settings.jobs_dir / job_id / TRAINING_STATE  # shared by attempts: a retry resumes
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
+        notify = _record_events(rt, tenant, job_id, heartbeat)
         examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
         try:
             result = train_job(method, load_base(base, device=device()), examples, hyperparameters, out / "train",
-                               progress=progress, state_dir=state_dir)
+                               progress=progress, state_dir=state_dir, notify=notify)
         except JobCancelled:
             _cancel(rt, job_id, worker, state_dir)
             return False
@@ -133,6 +154,8 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                            changes={"worker": None, "lease_expires_at": None, "stage": "waiting for audit",
                                     "progress": 0.0, "dispatched_at": db_time()})
                 session.commit()
+            with rt.sessions() as session:
+                events.stage(session, tenant, job_id, "auditing")
         except (StaleState, IllegalTransition, IntegrityError) as exc:
             _discard_unless_referenced(rt, tenant, stored.key)
             raise LeaseLost(f"job {job_id} moved on while this worker trained it") from exc

@@ -13,9 +13,11 @@ import logging
 from sqlalchemy.exc import IntegrityError
 
 from gate import metrics
+from gate.api.redaction import customer_reason
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import Job, Verdict, utcnow
 
+from . import events
 from .audit import finished_audit
 from .runtime import Runtime
 
@@ -52,6 +54,11 @@ def decide(rt: Runtime, job_id: str) -> str | None:
             session.rollback()
             log.info("job %s was decided by another worker", job_id)
             return None
+        # What a customer may read of the verdict, as GET /v1/jobs/<id> shows it (gate.api.serialize.verdict_json).
+        events.append(session, job.tenant_id, job_id, "verdict",
+                      {"decision": audit.decision, "reasons": [customer_reason(r) for r in audit.reasons],
+                       "policy": f"{policy['name']} v{policy['version']}"})
+        events.stage(session, job.tenant_id, job_id, to_state)
     log.info("job %s: verdict %s -> %s", job_id, audit.decision, to_state)
     return to_state
 
@@ -72,5 +79,6 @@ def fail(rt: Runtime, job_id: str, worker: str, error: str) -> bool:
         except (IllegalTransition, StaleState):
             session.rollback()
             return False
+        events.stage(session, job.tenant_id, job_id, "failed")
     log.error("job %s failed: %s", job_id, error)
     return True

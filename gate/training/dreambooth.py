@@ -24,7 +24,17 @@ from auditing.models.examples import TrainingImages
 from auditing.render import render_batch
 
 from .job import TrainingResult
-from .loop import GUIDANCE_SCALE, Progress, autocast, batch_indices, begin, run_fingerprint, run_steps, staged_output
+from .loop import (
+    GUIDANCE_SCALE,
+    Notify,
+    Progress,
+    autocast,
+    batch_indices,
+    begin,
+    run_fingerprint,
+    run_steps,
+    staged_output,
+)
 from .settings import DreamBoothSettings
 
 CLASS_IMAGE_INFERENCE_STEPS = 25
@@ -51,7 +61,8 @@ def class_images(pipe, settings: DreamBoothSettings, size: int) -> list[Image.Im
 
 
 def train_dreambooth(pipe, examples: list[tuple[Image.Image, str]], settings: DreamBoothSettings, out: str | Path,
-                     progress: Progress | None = None, state_dir: Path | None = None) -> TrainingResult:
+                     progress: Progress | None = None, state_dir: Path | None = None,
+                     notify: Notify | None = None) -> TrainingResult:
     """Fine-tune the UNet on the images (captions ignored) into the new folder ``out``."""
     started = time.perf_counter()
     out = Path(out)
@@ -93,6 +104,7 @@ def train_dreambooth(pipe, examples: list[tuple[Image.Image, str]], settings: Dr
         weights, samples, checkpoints, resumed = run_steps(
             pipe, settings, [(pipe.unet, settings.learning_rate)], step_loss, lambda folder: save_unet(pipe, folder),
             settings.validation_prompt or settings.instance_prompt, size, work, progress, desc="train: dreambooth",
-            state=None if state_dir is None else (Path(state_dir), run_fingerprint(settings, examples)))
+            state=None if state_dir is None else (Path(state_dir), run_fingerprint(settings, examples)),
+            notify=notify)
     return TrainingResult(out / weights, "unet", [out / p for p in samples], [out / p for p in checkpoints],
                           time.perf_counter() - started, resumed)

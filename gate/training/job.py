@@ -35,19 +35,21 @@ class TrainingResult:
 
 
 def train_job(method: str, pipe, examples: list[tuple[Image.Image, str]], hyperparameters: dict, out: Path,
-              progress: Callable[[float, str], None] | None = None, state_dir: Path | None = None) -> TrainingResult:
+              progress: Callable[[float, str], None] | None = None, state_dir: Path | None = None,
+              notify: Callable[[str, dict], None] | None = None) -> TrainingResult:
     """Validate the customer's hyperparameters, train with ``method``, write ``out``.
 
     ``out`` appears only when training succeeded; ``progress(fraction, stage)`` is called
     at most about once per 1% of the steps. With ``state_dir``, each checkpoint step saves resumable
     state there, and a run given the folder of an interrupted run with the same settings and data
-    continues where it stopped.
+    continues where it stopped. ``notify(kind, data)`` hears of losses, sample grids and checkpoints as they
+    come (``gate.training.loop.Notify``).
     """
     settings = settings_for(method, hyperparameters)
     if method == "lora":
         from .lora import train_lora as train
     else:
         from .dreambooth import train_dreambooth as train
-    result = train(pipe, examples, settings, Path(out), progress, state_dir)
+    result = train(pipe, examples, settings, Path(out), progress, state_dir, notify)
     log.info("%s job wrote %s in %.1f s", method, result.weights, result.seconds)
     return result

@@ -44,6 +44,9 @@ GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default, for samples and class
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Progress = Callable[[float, str], None]
+# ``notify(kind, data)``: "loss" {step, loss} at each progress report, "sample" {step, path} once a sample grid
+# is written, "checkpoint" {step} once a checkpoint is; the caller decides what to record (gate.pipeline.events).
+Notify = Callable[[str, dict], None]
 StepLoss = Callable[[random.Random, torch.Generator], torch.Tensor]
 Save = Callable[[Path], Path]
 
@@ -120,12 +123,14 @@ def render_grid(pipe, prompt: str, seed: int, count: int, inference_steps: int, 
 
 def run_steps(pipe, settings: TrainingSettings, groups: list[tuple[torch.nn.Module, float]], step_loss: StepLoss,
               save: Save, sample_prompt: str, size: int, work: Path, progress: Progress | None, desc: str,
-              state: tuple[Path, str] | None = None) -> tuple[Path, list[Path], list[Path], int]:
+              state: tuple[Path, str] | None = None,
+              notify: Notify | None = None) -> tuple[Path, list[Path], list[Path], int]:
     """Optimise the trainable parameters of each (module, learning rate) with AdamW; return the final
     weights, sample and checkpoint files (relative to ``work``) and the step resumed from.
 
     ``state`` is (folder, fingerprint): where resumable state is kept, and which run it must belong to."""
     report = progress or (lambda fraction, stage: None)
+    tell = notify or (lambda kind, data: None)
     named = {f"{i}.{name}": p for i, (m, _) in enumerate(groups) for name, p in m.named_parameters()
              if p.requires_grad}
     for p in named.values():  # master weights in fp32 whatever the frozen weights are in
@@ -168,12 +173,16 @@ def run_steps(pipe, settings: TrainingSettings, groups: list[tuple[torch.nn.Modu
                 grid = render_grid(pipe, sample_prompt, settings.seed, SAMPLE_IMAGES, SAMPLE_INFERENCE_STEPS, size)
             grid.save(work / sample)
             samples.append(sample)
+            tell("sample", {"step": step, "path": work / sample})
             if step < settings.steps:
                 checkpoints.append(save(work / "checkpoints" / f"step-{step}").relative_to(work))
+                tell("checkpoint", {"step": step})
                 if state_dir is not None:
                     save_state(state_dir, step, fingerprint, named, opt, scaler, rng, gen)
             for m in modules:
                 m.train()
+        if step % report_every == 0 or step == settings.steps:
+            tell("loss", {"step": step, "loss": loss.item()})
         if step % report_every == 0 and step < settings.steps:
             report(step / settings.steps, "training")
     for m in modules:

@@ -19,7 +19,7 @@ from auditing.models.denoising import add_noise, denoising_loss, min_snr_weights
 from auditing.models.examples import TrainingImages
 
 from .job import TrainingResult
-from .loop import Progress, batch_indices, begin, run_fingerprint, run_steps, staged_output
+from .loop import Notify, Progress, batch_indices, begin, run_fingerprint, run_steps, staged_output
 from .settings import LoraSettings
 
 __all__ = ["LORA_WEIGHTS", "LoraSettings", "train_lora"]
@@ -45,7 +45,8 @@ def save_lora(pipe, folder: Path, with_text_encoder: bool) -> Path:
 
 
 def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSettings, out: str | Path,
-               progress: Progress | None = None, state_dir: Path | None = None) -> TrainingResult:
+               progress: Progress | None = None, state_dir: Path | None = None,
+               notify: Notify | None = None) -> TrainingResult:
     """Train LoRA adapters on (image, caption) pairs into the new folder ``out``."""
     started = time.perf_counter()
     out = Path(out)
@@ -84,6 +85,7 @@ def train_lora(pipe, examples: list[tuple[Image.Image, str]], settings: LoraSett
         weights, samples, checkpoints, resumed = run_steps(
             pipe, settings, groups, step_loss, lambda folder: save_lora(pipe, folder, settings.train_text_encoder),
             settings.validation_prompt or captions[0], size, work, progress, desc="train: lora",
-            state=None if state_dir is None else (Path(state_dir), run_fingerprint(settings, examples)))
+            state=None if state_dir is None else (Path(state_dir), run_fingerprint(settings, examples)),
+            notify=notify)
     return TrainingResult(out / weights, "lora", [out / p for p in samples], [out / p for p in checkpoints],
                           time.perf_counter() - started, resumed)
