@@ -46,6 +46,9 @@ RETENTION_HOURS_RANGE = (1, 24 * 365)
 RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours")
 
 
+WEBHOOK_PRIVATE_TARGETS = ("refuse", "allow")
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; ``field`` is its dotted name (``limits.max_steps``)."""
 
@@ -178,6 +181,9 @@ class Settings:
     # share (gate.storage.s3; credentials from the standard AWS configuration, ``s3_endpoint_url`` for MinIO etc.).
     artifact_store: str | None = None
     s3_endpoint_url: str | None = None
+    # Customers' webhook targets (gate.webhooks) on loopback, link-local or private addresses: "refuse" (a
+    # customer's URL must not reach the gate's own network), or "allow" for a private deployment and tests.
+    webhook_private_targets: str = "refuse"
 
     def __post_init__(self):
         if self.metrics_dir is None:
@@ -209,6 +215,9 @@ class Settings:
             if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
                 raise SettingsError("artifact_store", "artifact_store must be unset (the folder artifacts_dir) or "
                                                       f"s3://bucket[/prefix]; got {self.artifact_store!r}")
+        if self.webhook_private_targets not in WEBHOOK_PRIVATE_TARGETS:
+            raise SettingsError("webhook_private_targets", f"webhook_private_targets must be one of "
+                                f"{list(WEBHOOK_PRIVATE_TARGETS)}; got {self.webhook_private_targets!r}")
         if self.s3_endpoint_url is not None and urlsplit(self.s3_endpoint_url).scheme not in ("http", "https"):
             raise SettingsError("s3_endpoint_url",
                                 f"s3_endpoint_url must be an http(s) URL; got {self.s3_endpoint_url!r}")
@@ -270,6 +279,7 @@ _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "
               "audit_deadline_base_seconds": "int", "audit_seconds_per_image": "float",
               "dispatch_grace_seconds": "int", "max_attempts": "int",
               "metrics_dir": "path", "rate_limit": "str", "artifact_store": "str", "s3_endpoint_url": "str",
+              "webhook_private_targets": "str",
               **dict.fromkeys(RETENTION_SETTINGS, "int")}
 _LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 

@@ -255,6 +255,7 @@ class Job(TenantOwned, Base):
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     # Set by the customer's cancel of a training job; the worker stops at its next progress report.
     cancel_requested_at: Mapped[datetime | None]
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # where its stage and verdict events are posted
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -383,6 +384,34 @@ class JobEvent(TenantOwned, Base):
     kind: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what the customer reads
     artifact_key: Mapped[str | None] = mapped_column(Text)  # a stored file the event shows (a sample grid)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing key (HMAC-SHA256, ``gate.webhooks``). Kept in clear, since signing needs it;
+    the API shows it once, when it is made."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(TenantOwned, Base):
+    """One attempt to post a job event to its webhook: the answer's status, or why there was none."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (_tenant_fk("job_id", "jobs"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    event_seq: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditLogEntry(Base):
