@@ -15,8 +15,8 @@ Unlearning losses (paper Eq. 2 and Tab. 9), all minimised:
   harmful prompt onto ``e0(x,'') - eta (e0(x,c) - e0(x,''))`` of the frozen original.
 * ``ablation``: concept ablation: regress onto the original's prediction for an anchor
   prompt (default the empty caption), so the concept's prompt draws the anchor instead.
-  A first experiment (DESIGN.md) found raising the denoising error does not by itself
-  stop a model drawing a concept, while a substitution target does.
+  In the shapes world, raising the denoising error does not by itself stop a model drawing a
+  concept, while a substitution target does (docs/alignment.md, "Unlearning losses").
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Each outer step:
   1. L_harm(theta) and R(theta) on a harmful and a preservation batch;
   2. for j = 1..J: draw C ~ pi(C) and fine-tuning batches, theta*_j = ADAPT(theta, D, C),
-     and the hypergradient x_j of L_harm(theta*_j) (Moreau / first-order / unrolled);
+     and the hypergradient x_j of L_harm(theta*_j) (Moreau / first-order / unrolled); a "full"
+     configuration fine-tunes every UNet parameter, and x_j is the scope's part of its solution;
   3. the gradient of Eq. 3 with the first-order meta approximation,
      ``(1 - beta) grad L_harm(theta) + alpha grad R(theta) + (beta / J) sum_j x_j``,
      pushed through the scope (for attention-LoRA, through the merge into the weights);

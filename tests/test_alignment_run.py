@@ -115,7 +115,9 @@ def test_output_folder_manifest_records_and_plot(workspace):
     rows = _records(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     sample = rows[0]["samples"][0]
-    assert {"config", "L_harm_star", "hypergradient_norm", "gamma", "backoffs"} <= set(sample)
+    assert {"config", "L_harm_star", "hypergradient_norm", "gamma", "omega", "relaxations", "backoffs"} <= set(sample)
+    assert {"backoffs", "relaxations"} <= set(rows[0])
+    assert manifest["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # device = "auto"
     assert sample["config"]["learning_rate"] == 1e-3
     with Image.open(out / "curves.png") as plot:
         assert plot.format == "PNG" and plot.width > 300
