@@ -71,9 +71,13 @@ def _cmd_list(args) -> int:
     from .service.base_models import list_base_models
 
     with _sessions(load_settings(path=args.config_file))() as session:
-        for row in list_base_models(session):
-            _show(row, args.json)
-    return 0
+        cursor = None
+        while True:
+            page = list_base_models(session, cursor=cursor)
+            for row in page.rows:
+                _show(row, args.json)
+            if (cursor := page.next_cursor) is None:
+                return 0
 
 
 def _cmd_show(args) -> int:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
 
 from gate.service.base_models import get_base_model, list_base_models, register_base_model
+from gate.service.pagination import page_request
 
 from . import gate
 from .auth import current_principal, login_required
@@ -29,7 +30,8 @@ def register():
 @login_required()
 def list_all():
     staff = current_principal().cross_tenant
-    return {"base_models": [base_model_json(row, staff) for row in list_base_models(g.db)]}
+    page = list_base_models(g.db, *page_request(request.args))
+    return {"base_models": [base_model_json(row, staff) for row in page.rows], "next_cursor": page.next_cursor}
 
 
 @bp.get("/<base_model_id>")

@@ -3,9 +3,10 @@ their decisions (the rules are ``gate.service.reviews``)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
 from sqlalchemy.orm import Session
 
+from gate.service.pagination import page_request, paginate
 from gate.service.reviews import REVIEWER, WAITING_DATASETS, dataset_review, decide_dataset, intake_record
 from gate.storage.models import Dataset
 
@@ -25,8 +26,9 @@ def dataset_detail(session: Session, dataset: Dataset) -> dict:
 @bp.get("/dataset-reviews")
 @login_required(REVIEWER, "operator")
 def queue():
-    """Flagged datasets waiting for a decision, oldest first (every tenant's)."""
-    return {"datasets": [dataset_detail(g.db, row) for row in g.db.scalars(WAITING_DATASETS).all()]}
+    """Flagged datasets waiting for a decision, oldest first (every tenant's), a page at a time."""
+    page = paginate(g.db, WAITING_DATASETS, Dataset.created_at, Dataset.id, *page_request(request.args))
+    return {"datasets": [dataset_detail(g.db, row) for row in page.rows], "next_cursor": page.next_cursor}
 
 
 @bp.post("/datasets/<dataset_id>/review")

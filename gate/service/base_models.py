@@ -25,6 +25,7 @@ from gate.storage.audit_log import SYSTEM, ActorLike, record
 from gate.storage.models import BaseModel
 
 from .errors import ApiError, bounded_text
+from .pagination import MAX_LIMIT, Page, paginate
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ def register_base_model(session: Session, body: dict, actor: ActorLike, hash_cac
     return row
 
 
-def list_base_models(session: Session) -> list[BaseModel]:
-    return list(session.scalars(select(BaseModel).order_by(BaseModel.created_at, BaseModel.id)))
+def list_base_models(session: Session, limit: int = MAX_LIMIT, cursor: str | None = None) -> Page:
+    """Oldest first, a page at a time."""
+    return paginate(session, select(BaseModel), BaseModel.created_at, BaseModel.id, limit, cursor)
 
 
 def get_base_model(session: Session, base_model_id: str) -> BaseModel:
