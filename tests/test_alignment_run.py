@@ -258,3 +258,13 @@ def test_mixed_finetune_data_draws_each_set_by_its_share(workspace, monkeypatch)
     harmful = int((index >= 6).sum())
     print(f"{harmful} of {len(index)} fine-tuning examples from the harmful set")
     assert len(index) >= 40 and 0.1 * len(index) <= harmful <= 0.4 * len(index)
+
+
+def test_world_config_has_the_papers_beta_and_default_device():
+    from pathlib import Path
+
+    from alignment.config import ObjectiveConfig
+
+    config = load_config(Path(__file__).resolve().parents[1] / "alignment" / "configs" / "shapes-world.toml")
+    assert 0.8 <= config.objective.beta < 1 and config.objective.beta == ObjectiveConfig().beta  # Tab. 14
+    assert config.device == "auto" and config.precision == "fp32"
