@@ -94,11 +94,23 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
 
     from gate import web
 
-    from . import alignments, base_models, dataset_reviews, datasets, events, health, jobs, metrics, results, reviews
+    from . import (
+        alignments,
+        base_models,
+        dataset_reviews,
+        datasets,
+        events,
+        health,
+        jobs,
+        metrics,
+        results,
+        reviews,
+        webhooks,
+    )
     from .ratelimit import install
 
-    for module in (datasets, dataset_reviews, jobs, events, results, reviews, base_models, alignments, health, metrics,
-                   web):
+    for module in (datasets, dataset_reviews, jobs, events, webhooks, results, reviews, base_models, alignments, health,
+                   metrics, web):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     install(app, settings, exempt=(health.bp, metrics.bp))

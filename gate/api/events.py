@@ -24,13 +24,6 @@ bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 PAGE_MAX = 500  # events in one answer; ``next`` continues
 
 
-def event_json(row: JobEvent) -> dict:
-    data = dict(row.data)
-    if row.artifact_key is not None:
-        data["url"] = f"/v1/jobs/{row.job_id}/events/{row.seq}/image"
-    return {"seq": row.seq, "at": row.at.isoformat(), "kind": row.kind, "data": data}
-
-
 def _after() -> int:
     raw = request.args.get("after", "0")
     if not raw.isdigit():
@@ -47,7 +40,7 @@ def list_events(job_id: str):
     job = get_for_principal(g.db, Job, job_id, current_principal())
     after = _after()
     rows = events.after(g.db, job.id, after, PAGE_MAX)
-    return {"events": [event_json(row) for row in rows], "next": rows[-1].seq if rows else after}
+    return {"events": [events.as_json(row) for row in rows], "next": rows[-1].seq if rows else after}
 
 
 @bp.get("/<job_id>/events/<seq>/image")

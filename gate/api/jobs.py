@@ -22,9 +22,10 @@ from sqlalchemy.exc import IntegrityError
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.pipeline.cancel import request_cancel
+from gate.pipeline.webhooks import RefusedTarget, check_target
 from gate.settings import Limits
 from gate.storage.audit_log import record
-from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job
+from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job, WebhookSecret
 from gate.training import HYPERPARAMETERS, settings_for
 from gate.training.memory import GIB, estimate_bytes, family_of
 
@@ -45,7 +46,7 @@ HYPERPARAMETER_LIMITS = {"steps": "max_steps", "rank": "max_rank", "learning_rat
                          "num_class_images": "max_class_images"}
 PROMPT_HYPERPARAMETERS = ("instance_prompt", "class_prompt", "validation_prompt")  # held to max_caption_chars
 IDEMPOTENCY_KEY_MAX_CHARS = 200
-FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key")
+FIELDS = ("base_model", "dataset", "method", "hyperparameters", "idempotency_key", "webhook_url")
 KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"  # Stripe's name: set on the answer to a replay
 
@@ -131,6 +132,22 @@ def _idempotency_key(body: dict) -> tuple[str | None, str]:
     return key, field
 
 
+def _webhook_url(body: dict, principal, settings) -> str | None:
+    """The job's webhook target, if it has one: a public http(s) URL (``gate.pipeline.webhooks``), for a tenant
+    that has a signing secret to sign its deliveries with."""
+    url = body.get("webhook_url")
+    if url is None:
+        return None
+    try:
+        check_target(url, settings.webhook_private_targets == "allow")
+    except RefusedTarget as exc:
+        raise _bad("webhook_url", f"webhook_url {exc}") from None
+    if g.db.get(WebhookSecret, principal.tenant_id) is None:
+        raise ApiError(409, "webhook_secret_missing", "webhook_url needs the tenant's signing secret: create it "
+                                                      "first (POST /v1/webhook-secret)", field="webhook_url")
+    return url
+
+
 def _replay(job: Job, sha256: str, field: str):
     """The answer to a replayed key: the job it created (200), if the parameters are the first request's; a job
     from before parameters were hashed (``request_sha256`` null) cannot be checked and is returned."""
@@ -174,10 +191,11 @@ def create():
                else f"only {TRAINABLE_DATASET} datasets can train")
         raise ApiError(409, "dataset_not_trainable", f"dataset {dataset.id} is {dataset.status}: {why}",
                        field="dataset")
+    webhook_url = _webhook_url(body, principal, app.settings)
     check_job_quota(g.db, principal.tenant_id, app.settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,
               hyperparameters=hyperparameters, status="queued", idempotency_key=key,
-              request_sha256=sha256)
+              request_sha256=sha256, webhook_url=webhook_url)
     g.db.add(job)
     try:
         record(g.db, principal, job, "created", to_state="queued",

@@ -76,7 +76,11 @@ SCHEMAS = {
                    "properties": {"base_model": {"type": "string"}, "dataset": {"type": "string"},
                                   "method": {"enum": ["lora", "dreambooth"]},
                                   "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
-                                  "idempotency_key": {"type": "string", "maxLength": 200}}},
+                                  "idempotency_key": {"type": "string", "maxLength": 200},
+                                  "webhook_url": {"type": "string", "maxLength": 2000, "description":
+                                                  "http(s) URL on a public address, posted each stage change and "
+                                                  "the verdict, signed (Ftgate-Signature); needs the tenant's "
+                                                  "webhook secret"}}},
     "Job": {"type": "object", "properties": {
         "id": {"type": "string"}, "tenant": {"type": "string"}, "base_model": {"type": "string"},
         "dataset": {"type": "string"}, "method": {"type": "string"},
@@ -241,6 +245,11 @@ PATHS = {
         "summary": "The job's audit log: every state change, who and why", "parameters": [_id_param("job_id")],
         "responses": {"200": _json({"type": "object", "properties": {"job": {"type": "string"}, "entries": {
             "type": "array", "items": {"type": "object"}}}}, "entries, oldest first"), **_errors("401", "404")}}},
+    "/v1/webhook-secret": {"post": {
+        "summary": "Make the tenant's webhook signing secret (customer), shown only in this answer; again: a new one",
+        "responses": {"201": _json({"type": "object", "required": ["secret", "header"], "properties": {
+            "secret": {"type": "string"}, "header": {"type": "string", "const": "Ftgate-Signature"}}},
+            "the new secret"), **_errors("401", "403")}}},
     "/v1/reviews": {"get": {
         "summary": "Jobs waiting for a reviewer's decision, oldest first (reviewer, operator)",
         "responses": {"200": _json({"type": "object", "properties": {"jobs": {"type": "array",

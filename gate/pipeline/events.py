@@ -43,6 +43,14 @@ def stage(session: Session, tenant_id: str, job_id: str, status: str, **data) ->
     return append(session, tenant_id, job_id, "stage", {"status": status, **data})
 
 
+def as_json(row: JobEvent) -> dict:
+    """An event as the customer reads it (the API and webhooks): a sample's file as the route that serves it."""
+    data = dict(row.data)
+    if row.artifact_key is not None:
+        data["url"] = f"/v1/jobs/{row.job_id}/events/{row.seq}/image"
+    return {"seq": row.seq, "at": row.at.isoformat(), "kind": row.kind, "data": data}
+
+
 def after(session: Session, job_id: str, seq: int, limit: int) -> list[JobEvent]:
     """The job's events numbered above ``seq``, oldest first, at most ``limit``."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)

@@ -24,7 +24,7 @@ from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transi
 from gate.storage.clock import db_time
 from gate.storage.models import TRAINABLE_DATASET, Artifact, Job, utcnow
 
-from . import events
+from . import events, webhooks
 from .base_model import load_base
 from .cancel import CANCELLED, JobCancelled, should_stop
 from .leases import Heartbeat, LeaseLost, still_held, take
@@ -99,7 +99,7 @@ def _cancel(rt: Runtime, job_id: str, worker: str, state_dir) -> None:
             session.commit()
         except (StaleState, IllegalTransition) as exc:
             raise LeaseLost(f"job {job_id} moved on while this worker cancelled it") from exc
-        events.stage(session, job.tenant_id, job_id, CANCELLED)
+        webhooks.announce(rt, job.tenant_id, job_id, "stage", {"status": CANCELLED})
     shutil.rmtree(state_dir, ignore_errors=True)
     log.info("job %s cancelled during training on %s", job_id, worker)
 
@@ -122,7 +122,7 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                                      "dataset is trained")
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base, dataset_id, attempt = job.base_model, job.dataset_id, job.attempts
-        events.stage(session, tenant, job_id, "training", attempt=attempt)
+        webhooks.announce(rt, tenant, job_id, "stage", {"status": "training", "attempt": attempt})
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
     state_dir = rt.settings.jobs_dir / job_id / TRAINING_STATE  # shared by attempts: a retry resumes
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
@@ -154,8 +154,7 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                            changes={"worker": None, "lease_expires_at": None, "stage": "waiting for audit",
                                     "progress": 0.0, "dispatched_at": db_time()})
                 session.commit()
-            with rt.sessions() as session:
-                events.stage(session, tenant, job_id, "auditing")
+            webhooks.announce(rt, tenant, job_id, "stage", {"status": "auditing"})
         except (StaleState, IllegalTransition, IntegrityError) as exc:
             _discard_unless_referenced(rt, tenant, stored.key)
             raise LeaseLost(f"job {job_id} moved on while this worker trained it") from exc

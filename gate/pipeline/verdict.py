@@ -17,7 +17,7 @@ from gate.api.redaction import customer_reason
 from gate.storage.audit_log import SYSTEM, IllegalTransition, StaleState, transition
 from gate.storage.models import Job, Verdict, utcnow
 
-from . import events
+from . import webhooks
 from .audit import finished_audit
 from .runtime import Runtime
 
@@ -55,10 +55,10 @@ def decide(rt: Runtime, job_id: str) -> str | None:
             log.info("job %s was decided by another worker", job_id)
             return None
         # What a customer may read of the verdict, as GET /v1/jobs/<id> shows it (gate.api.serialize.verdict_json).
-        events.append(session, job.tenant_id, job_id, "verdict",
-                      {"decision": audit.decision, "reasons": [customer_reason(r) for r in audit.reasons],
-                       "policy": f"{policy['name']} v{policy['version']}"})
-        events.stage(session, job.tenant_id, job_id, to_state)
+        webhooks.announce(rt, job.tenant_id, job_id, "verdict",
+                          {"decision": audit.decision, "reasons": [customer_reason(r) for r in audit.reasons],
+                           "policy": f"{policy['name']} v{policy['version']}"})
+        webhooks.announce(rt, job.tenant_id, job_id, "stage", {"status": to_state})
     log.info("job %s: verdict %s -> %s", job_id, audit.decision, to_state)
     return to_state
 
@@ -79,6 +79,6 @@ def fail(rt: Runtime, job_id: str, worker: str, error: str) -> bool:
         except (IllegalTransition, StaleState):
             session.rollback()
             return False
-        events.stage(session, job.tenant_id, job_id, "failed")
+        webhooks.announce(rt, job.tenant_id, job_id, "stage", {"status": "failed"})
     log.error("job %s failed: %s", job_id, error)
     return True
