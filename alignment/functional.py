@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,7 +88,8 @@ class Denoiser:
         if checkpointing:
             blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
             for block in blocks:
-                block.forward = _checkpointed(block)
+                if not getattr(block.forward, "checkpointed", False):  # a second Denoiser on this UNet
+                    block.forward = _checkpointed(block)
 
     def __call__(self, params: Params, noisy: torch.Tensor, timesteps: torch.Tensor,
                  cond: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,15 @@ class Denoiser:
         """Detached copies of the original parameters ``names``."""
         own = dict(self.unet.named_parameters())
         return {n: own[n].detach().clone() for n in names}
+
+
+def _attention_kernels() -> list[SDPBackend]:
+    """The scaled-dot-product-attention kernels enabled now, for a recomputation to use the same."""
+    flags = ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+             (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+             (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+             (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled()))
+    return [kernel for kernel, enabled in flags if enabled]
 
 
 def _checkpointed(block):
@@ -119,17 +130,20 @@ def _checkpointed(block):
         if inside or not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         current = dict(block.named_parameters())  # during functional_call: the swapped-in tensors
+        kernels = _attention_kernels()  # the double-backward HVP builds its graph under the math kernel
 
         def recompute(*tensors):
             nonlocal inside
             inside = True
             try:
-                return functional_call(block, dict(zip(names, tensors)), args, kwargs)
+                with sdpa_kernel(kernels):
+                    return functional_call(block, dict(zip(names, tensors)), args, kwargs)
             finally:
                 inside = False
 
         return checkpoint(recompute, *(current[n] for n in names), use_reentrant=False)
 
+    run.checkpointed = True
     return run
 
 

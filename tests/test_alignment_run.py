@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -187,6 +188,19 @@ def test_yaml_config_reads_like_toml(tmp_path):
     config = load_config(path)
     assert config.outer.steps == 3 and config.outer.clip_norm is None
     assert config.distribution.learning_rates == (1e-3, 1e-4)
+
+
+@pytest.mark.parametrize("precision, hvp", [
+    ("fp32", "autograd"),  # double backward through recomputed blocks, under the math kernel
+    pytest.param("bf16", "finite-difference", marks=pytest.mark.slow),  # bf16 on CPU: ~20 s
+    pytest.param("bf16", "autograd", marks=pytest.mark.slow),
+])
+def test_checkpointed_runs_at_each_precision(workspace, precision, hvp):
+    config = _config(workspace, f"ckpt-{precision}-{hvp}", hvp=hvp)
+    config.write_text(config.read_text().replace(
+        "seed = 7", f'seed = 7\nprecision = "{precision}"\ngradient_checkpointing = true'))
+    rows = _records(run_alignment(config))
+    assert len(rows) == 4 and all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
 
 
 def test_unlearning_alone_runs_no_inner_fine_tuning(workspace, monkeypatch):
