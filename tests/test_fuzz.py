@@ -44,6 +44,7 @@ def env(tmp_path, migrated) -> Env:
         s.commit()
     flagged = env.upload(good_zip(n=20, red=1)).json["id"]
     env.real_ids = {"dataset_id": [dataset_of(env), flagged], "base_model_id": [env.base_model_id], "run_id": [run.id],
+                    "seq": [1],
                     "job_id": [make_job(env, "queued"), make_job(env, "released", checkpoint=b"released weights"),
                                make_job(env, "review", checkpoint=b"flagged weights"),
                                make_job(env, "withheld", checkpoint=b"blocked weights")]}
