@@ -107,6 +107,14 @@ def test_auto_device_is_cuda_when_there_is_one():
     assert config.torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a CUDA index this machine lacks")
+def test_an_absent_cuda_device_is_an_error_naming_the_field():
+    config = config_from_mapping({"model": "m", "output": "o", "device": "cuda:3",
+                                  "data": {"harmful": "h", "preservation": "p", "finetune": "f"}})
+    with pytest.raises(ValueError, match=r"device 'cuda:3': no such CUDA device on this machine"):
+        config.torch_device()
+
+
 def test_composed_outer_gradient_equals_autograd_of_the_objective():
     """The leaves' gradient is d/d(leaves) of (1-beta) L_harm(theta) + alpha R(theta) + beta L_harm(ADAPT(theta)),
     with ADAPT a full fine-tune of every UNet parameter, theta the LoRA-merged scope."""
