@@ -163,6 +163,11 @@ def add_audit(env: Env, job_id: str, decision: str, *, verdict: bool = True, fin
     if reasons is None:
         reasons = [] if decision == "pass" else [f"unsafe rate above the base model's ({decision})"]
     with env.sessions() as s:
+        audited = s.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)).one_or_none()
+    if audited is None:  # an audit examines a checkpoint: the job gets one
+        add_artifact(env, job_id, f"weights of {job_id}".encode())
+    with env.sessions() as s:
+        audited = s.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)).one()
         job = s.get(Job, job_id)
         report, images = real_audit()
         report = {**report, "verdict": {**report["verdict"], "decision": decision, "reasons": reasons}}
@@ -170,7 +175,7 @@ def add_audit(env: Env, job_id: str, decision: str, *, verdict: bool = True, fin
         store = ArtifactStore(env.settings.artifacts_dir)
         report_file = store.put(job.tenant_id, io.BytesIO(json.dumps(report).encode()), suffix=".json")
         html_file = store.put(job.tenant_id, io.BytesIO(html), suffix=".html")
-        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, report_path=report_file.key,
+        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, artifact_sha256=audited, report_path=report_file.key,
                       report_sha256=report_file.sha256, html_path=html_file.key, decision=decision, reasons=reasons,
                       finished_at=datetime.now(UTC) if finished else None)
         s.add(audit)
@@ -274,6 +279,9 @@ def test_released_dreambooth_downloads_as_a_unet_folder_plain_diffusers_loads(en
 def test_released_job_without_checkpoint_row_is_withheld(env):
     """``released`` alone is not enough: with no Artifact row there is nothing to send (403, not 500)."""
     job_id = make_job(env, "released")
+    with env.sessions() as s:  # the row lost after the audit
+        s.delete(s.scalars(select(Artifact).where(Artifact.job_id == job_id)).one())
+        s.commit()
     r = get(env, f"/v1/jobs/{job_id}/artifact", "a")
     assert r.status_code == 403 and error(r)["reason"] == "artifact_withheld"
     assert get(env, f"/v1/jobs/{job_id}", "a").json["artifact"] is None

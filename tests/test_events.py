@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+from sqlalchemy import select
 from test_api import Env, RecordingDispatcher, RedScanner, good_zip
 from test_client import served
 from test_pipeline import PROBES, job_id, rt  # noqa: F401  (fixtures)
@@ -17,7 +18,7 @@ from gate.auth import create_key, ensure_tenant
 from gate.client import Client, GateError
 from gate.pipeline import events, train, verdict
 from gate.storage.audit_log import SYSTEM
-from gate.storage.models import Audit, Job, utcnow
+from gate.storage.models import Artifact, Audit, Job, utcnow
 from gate.storage.sweep import referenced_keys
 from gate.training import loop
 
@@ -38,8 +39,9 @@ def _audited(rt, job_id: str, decision: str, reasons: list[str]) -> None:  # noq
                           "probes": PROBES}}
     stored = rt.store.put("acme", io.BytesIO(json.dumps(report).encode()), suffix=".json")
     with rt.sessions() as s:
-        s.add(Audit(tenant_id="acme", job_id=job_id, report_path=stored.key, report_sha256=stored.sha256,
-                    decision=decision, reasons=reasons, finished_at=utcnow()))
+        audited = s.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)).one()
+        s.add(Audit(tenant_id="acme", job_id=job_id, artifact_sha256=audited, report_path=stored.key,
+                    report_sha256=stored.sha256, decision=decision, reasons=reasons, finished_at=utcnow()))
         s.commit()
 
 

@@ -68,3 +68,22 @@ def test_requeue_needs_an_operator_and_a_reason(env):
         assert missing.value.status == 404
     with env.sessions() as s:
         assert s.get(Job, job_id).status == "failed"
+
+
+def test_an_audit_stands_only_for_the_checkpoint_it_examined(env):
+    """After a requeue the retrained checkpoint is audited anew: the job's finished audit is the one of the
+    artifact it has now, and none while it has none (``gate.pipeline.audit.finished_audit``)."""
+    from gate.pipeline.audit import finished_audit
+
+    job_id = make_job(env, "withheld")  # audited, with its checkpoint
+    with env.sessions() as s:
+        audited = finished_audit(s, job_id)
+        assert audited is not None and audited.artifact_sha256 == s.scalars(
+            select(Artifact.sha256).where(Artifact.job_id == job_id)).one()
+        s.get(Job, job_id).status = "failed"  # as if the verdict step had failed it instead
+        s.commit()
+        requeue_job(s, principal(env, s, "op"), job_id, {"reason": "retry"}, env.settings.jobs_dir)
+        assert finished_audit(s, job_id) is None
+    add_artifact(env, job_id, b"the retrained weights")
+    with env.sessions() as s:
+        assert finished_audit(s, job_id) is None  # the old audit examined other bytes

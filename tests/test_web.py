@@ -451,7 +451,9 @@ def store_report(env: Env, job_id: str, report: dict, images: list[Image.Image])
         job = s.get(Job, job_id)
         page = store.put(job.tenant_id, io.BytesIO(render_html(report, images).encode()), suffix=".html")
         body = store.put(job.tenant_id, io.BytesIO(json.dumps(report).encode()), suffix=".json")
-        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, report_path=body.key, report_sha256=body.sha256,
+        audited = s.scalars(select(Artifact.sha256).where(Artifact.job_id == job.id)).one()
+        audit = Audit(tenant_id=job.tenant_id, job_id=job.id, artifact_sha256=audited, report_path=body.key,
+                      report_sha256=body.sha256,
                       html_path=page.key, decision="flag", reasons=["r"], finished_at=utcnow())
         s.add(audit)
         s.flush()

@@ -296,7 +296,11 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
 
 
 def finished_audit(session, job_id: str) -> Audit | None:
-    return session.scalars(select(Audit).where(Audit.job_id == job_id, Audit.finished_at.is_not(None))
+    """The job's latest finished audit of the checkpoint it has now: an audit belongs to the exact artifact it
+    examined, so a job queued again and retrained (``gate.service.jobs.requeue_job``) is audited anew."""
+    current = select(Artifact.sha256).where(Artifact.job_id == job_id).scalar_subquery()
+    return session.scalars(select(Audit).where(Audit.job_id == job_id, Audit.finished_at.is_not(None),
+                                               Audit.artifact_sha256 == current)
                            .order_by(Audit.finished_at.desc())).first()
 
 
@@ -324,7 +328,8 @@ def audit(rt: Runtime, job_id: str, worker: str) -> bool:
             html_key = rt.store.put(artifact.tenant_id, f, suffix=".html").key
         verdict = outcome.report["verdict"]
         with rt.sessions() as session:
-            row = Audit(tenant_id=artifact.tenant_id, job_id=job_id, report_path=report_key,
+            row = Audit(tenant_id=artifact.tenant_id, job_id=job_id, artifact_sha256=artifact.sha256,
+                        report_path=report_key,
                         report_sha256=report_sha256(outcome.report), html_path=html_key,
                         decision=verdict["decision"], reasons=verdict["reasons"], finished_at=utcnow())
             session.add(row)
