@@ -99,7 +99,9 @@ def test_job_creation_names_the_webhook_url_when_refusing_it(env):
 def test_a_delivery_is_signed_retried_after_a_500_and_logged(env):
     secret = _secret(env)
     with receiver([500, 204]) as (url, seen, _):
-        job = _job(env, url).json["id"]
+        created = _job(env, url).json
+        assert created["webhook_url"] == url
+        job = created["id"]
         with env.sessions() as s:
             seq = events.append(s, "acme", job, "stage", {"status": "training", "attempt": 1})
         waits = []

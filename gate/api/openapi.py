@@ -89,6 +89,7 @@ SCHEMAS = {
                             "cancelled"]},
         "stage": {"type": ["string", "null"]}, "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "attempts": {"type": "integer"}, "idempotency_key": {"type": ["string", "null"]},
+        "webhook_url": {"type": ["string", "null"]},
         "error": {"type": ["string", "null"]}, "created_at": _TIME, "updated_at": _TIME, "finished_at": _TIME}},
     "JobDetail": {"allOf": [{"$ref": "#/components/schemas/Job"}, {"type": "object", "properties": {
         "verdict": {"type": ["object", "null"], "properties": {

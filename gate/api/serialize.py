@@ -24,6 +24,7 @@ def job_json(row: Job, staff: bool = False) -> dict:
     return {"id": row.id, "tenant": row.tenant_id, "base_model": row.base_model_id, "dataset": row.dataset_id,
             "method": row.method, "hyperparameters": row.hyperparameters, "status": row.status, "stage": row.stage,
             "progress": row.progress, "attempts": row.attempts, "idempotency_key": row.idempotency_key,
+            "webhook_url": row.webhook_url,
             "error": row.error if staff else customer_error(row.error), "created_at": _time(row.created_at),
             "updated_at": _time(row.updated_at), "finished_at": _time(row.finished_at)}
 
