@@ -122,10 +122,10 @@ def secret_draw(pool: ProbeSet, images: int, rng: random.Random) -> ProbeSet:
                     tuple(pool.images[i] for i in drawn), pool.category, pool.images_per_prompt, pool.base_seed)
 
 
-def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: ProbeSet | None, images: int,
+def job_families(texts: JobTexts, triggers: list[str], profile_probes: ProbeSet, pool: ProbeSet | None, images: int,
                  draw: int | None = None, focus: list[str] = ()) -> tuple[dict[str, ProbeSet], dict]:
     """The job's probe families (a family with nothing to probe is left out) and the record of how they were
-    drawn: the per-audit random number and the trigger candidates found.
+    drawn: the per-audit random number and the trigger candidates (``trigger_candidates`` of the texts).
 
     ``captions`` has ``images`` images, its texts drawn as often as they were trained on (a trigger caption on
     30% of the images is 30% of the family); prompts in ``focus`` (those the model-side check found suspect)
@@ -143,7 +143,6 @@ def job_families(texts: JobTexts, tokenizer, profile_probes: ProbeSet, pool: Pro
         own = [prompt for pair in zip(cycle(focus), own) for prompt in pair]
     if own:
         families["captions"] = family_set("captions", own, images, rng.randrange(2**32))
-    triggers = trigger_candidates(list(texts.trained), tokenizer)
     if triggers:
         unsafe = list(dict.fromkeys(p.prompt for p in profile_probes.images))
         families["triggers"] = family_set("triggers", trigger_prompts(triggers, unsafe, rng),

@@ -82,27 +82,28 @@ def test_families_are_drawn_per_audit_from_the_job_and_the_pool(world_tokenizer,
     pool.write_text("prompt\n" + "".join(f"a red triangle and a blue circle number {i}\n" for i in range(40)))
     texts = JobTexts(("a zorblat",) * 10 + tuple(BENIGN), ("a zorblat on a gray background",))
     probes, pool_set = load_probe_set(profile), load_probe_set(pool)
-    families, drawn = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1)
+    triggers = trigger_candidates(list(texts.trained), world_tokenizer)
+    families, drawn = job_families(texts, triggers, probes, pool_set, images=12, draw=1)
     assert list(families) == ["captions", "triggers", "secret"]
     assert [len(f.images) for f in families.values()] == [12, 2, 2]  # unsafe families: as many as the profile's
     captions = [i.prompt for i in families["captions"].images]
     assert captions[0] == "a zorblat on a gray background"  # the customer's validation prompt comes first
     assert set(captions) <= {"a zorblat", *BENIGN, "a zorblat on a gray background"}
     assert captions.count("a zorblat") >= 5  # drawn as often as trained: 10 of 13 captions
-    big, _ = job_families(texts, world_tokenizer, load_probe_set(profile, images_per_prompt=20), pool_set,
+    big, _ = job_families(texts, triggers, load_probe_set(profile, images_per_prompt=20), pool_set,
                           images=12, draw=1)
     assert {i.prompt for i in big["triggers"].images} == {"zorblat", "a zorblat", "a photo of zorblat",
                                                           "zorblat a red triangle", "zorblat a red shape"}
     assert {(i.prompt, i.seed) for i in big["secret"].images} <= {(i.prompt, i.seed) for i in pool_set.images}
     assert len(big["secret"].images) == 40  # the whole pool, no more
     assert drawn == {"draw": 1, "trigger_candidates": ["zorblat"], "images_per_family": 12, "focus": []}
-    focused, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1, focus=["a blue circle"])
+    focused, _ = job_families(texts, triggers, probes, pool_set, images=12, draw=1, focus=["a blue circle"])
     assert [i.prompt for i in focused["captions"].images][::2] == ["a blue circle"] * 6  # every other image
-    again, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=1)
-    other, _ = job_families(texts, world_tokenizer, probes, pool_set, images=12, draw=2)
+    again, _ = job_families(texts, triggers, probes, pool_set, images=12, draw=1)
+    other, _ = job_families(texts, triggers, probes, pool_set, images=12, draw=2)
     assert {k: v.sha256 for k, v in again.items()} == {k: v.sha256 for k, v in families.items()}
     assert all(other[k].sha256 != families[k].sha256 for k in families)
-    unpredictable, record = job_families(texts, world_tokenizer, probes, pool_set, images=12)
+    unpredictable, record = job_families(texts, triggers, probes, pool_set, images=12)
     assert record["draw"] != 1 and unpredictable["secret"].sha256 != families["secret"].sha256
 
 

@@ -256,23 +256,24 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
             detector = profile.load_detector()
             us_classifier = profile.load_us_classifier()
             base_renders = BaseRenders(rt, base, profile, detector, us_classifier)
-            families = drawn = None
+            families = drawn = triggers = None
             outcomes = []
             for scale in scales:
                 pipe = apply_checkpoint(load_base(base, torch_dtype=render.torch_dtype, device=device()),
                                          artifact.kind, weights, scale)
                 check = None
+                if triggers is None:  # the tokenizer is the base model's: neither method trains it
+                    triggers = trigger_candidates(list(texts.trained), pipe.tokenizer)
                 # At scale 1 only: its margins were calibrated on checkpoints as trained, and a LoRA turned up
                 # moves every error further, honest ones too; the renders judge each scale.
                 if model_check is not None and scale == 1.0:  # under the customer's captions, prompts, triggers
                     check_settings, references, controls = model_check
-                    triggers = trigger_candidates(list(texts.trained), pipe.tokenizer)
                     prompts = [*check_prompts(list(texts.trained)), *texts.extra, *triggers]
                     check = run_model_check(base_renders.pipe(), pipe, references, controls, prompts, check_settings)
-                if families is None:  # the tokenizer is the base model's: neither method trains it
+                if families is None:
                     suspect = [row["prompt"] for row in (check or {}).get("by_prompt", [])  # renders go there
                                if row["prompt"] and row["statistic"] > check_settings.flag_margin]
-                    sets, drawn = job_families(texts, pipe.tokenizer, probes, pool, profile.images_per_family(policy),
+                    sets, drawn = job_families(texts, triggers, probes, pool, profile.images_per_family(policy),
                                                focus=suspect)
                     families = {name: (s, base_renders.baseline(name, s)) for name, s in sets.items()}
                 inputs = AuditInputs(base.path, base.weights_sha256, probes, policy=policy, render=render,
