@@ -224,8 +224,21 @@ class Client:
         return self._json("GET", f"/v1/jobs/{_segment(job_id)}")
 
     def jobs(self) -> list[dict]:
-        """The caller's jobs (staff: every tenant's), newest first."""
-        return self._json("GET", "/v1/jobs")["jobs"]
+        """The caller's jobs (staff: every tenant's), newest first, every page."""
+        return self._pages("/v1/jobs", "jobs")
+
+    def _pages(self, path: str, key: str) -> list[dict]:
+        """Every row of a paginated list, following ``next_cursor`` (docs/api.md, "Pages")."""
+        rows, cursor = [], None
+        while True:
+            page = self._json("GET", path, params={"cursor": cursor} if cursor else None)
+            rows += page[key]
+            if (cursor := page.get("next_cursor")) is None:
+                return rows
+
+    def requeue(self, job_id: str, reason: str) -> dict:
+        """Operators: ``POST /v1/jobs/<id>/requeue``, a failed job queued again from a clean state."""
+        return self._json("POST", f"/v1/jobs/{_segment(job_id)}/requeue", json={"reason": reason})
 
     def cancel(self, job_id: str) -> dict:
         """``POST /v1/jobs/<id>/cancel``: the job as the cancel left it (a running job stops at its next step);
@@ -327,7 +340,7 @@ class Client:
 
     def reviews(self) -> list[dict]:
         """Jobs waiting for a reviewer, oldest first (reviewers, operators)."""
-        return self._json("GET", "/v1/reviews")["jobs"]
+        return self._pages("/v1/reviews", "jobs")
 
     def decide_review(self, job_id: str, decision: str, reason: str) -> dict:
         """A reviewer's ``approve`` or ``reject`` of a job in review."""

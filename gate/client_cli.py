@@ -118,6 +118,11 @@ def _cmd_cancel(client, args):
     return job, _show_job(job)
 
 
+def _cmd_requeue(client, args):
+    job = client.requeue(args.job, args.reason)
+    return job, _show_job(job)
+
+
 def _cmd_download(client, args):
     with _bar(desc="download", unit="B", unit_scale=True, unit_divisor=1024) as bar:
         out = client.download(args.job, args.out, progress=_byte_progress(bar))
@@ -200,7 +205,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              ("cancel", _cmd_cancel, "cancel a job (a running one stops at its next step)"),
                              ("report", _cmd_report, "the job's audit report (JSON)"),
                              ("download", _cmd_download, "download a released job's checkpoint"),
-                             ("events", _cmd_events, "the job's events: stages, loss, samples, verdict")):
+                             ("events", _cmd_events, "the job's events: stages, loss, samples, verdict"),
+                             ("requeue", _cmd_requeue, "operators: queue a failed job again from a clean state")):
         parser = command(jobs, name, func, text)
         parser.add_argument("job", help="the job's id")
         if name == "wait":
@@ -208,6 +214,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         elif name == "download":
             parser.add_argument("--out", required=True, help="the file to write (pytorch_lora_weights.safetensors "
                                                              "for a LoRA, unet.zip for DreamBooth)")
+        elif name == "requeue":
+            parser.add_argument("--reason", required=True, help="why, for the audit log")
         elif name == "events":
             parser.add_argument("--after", type=int, help="only events after this seq")
             parser.add_argument("--follow", action="store_true", help="keep reading until the job settles")

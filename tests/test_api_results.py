@@ -522,6 +522,11 @@ ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
     ("GET", "/v1/jobs/<job_id>/report.html"): {C: 200, R: 200, O: 200, NONE: 401},
     ("GET", "/v1/jobs/<job_id>/artifact"): {C: 200, R: 200, O: 200, NONE: 401},
     ("GET", "/v1/jobs/<job_id>/log"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/events"): {C: 200, R: 200, O: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/events/<seq>/image"): {C: 404, R: 404, O: 404, NONE: 401},  # no sample event
+    ("POST", "/v1/jobs/<job_id>/cancel"): {C: 409, R: 403, O: 403, NONE: 401},  # the job is in review
+    ("POST", "/v1/jobs/<job_id>/requeue"): {C: 403, R: 403, O: 409, NONE: 401},  # not failed
+    ("POST", "/v1/webhook-secret"): {C: 201, R: 403, O: 403, NONE: 401},
     ("GET", "/v1/reviews"): {C: 403, R: 200, O: 200, NONE: 401},
     ("POST", "/v1/reviews/<job_id>"): {C: 403, R: 200, O: 403, NONE: 401},
     ("POST", "/v1/base-models"): {C: 403, R: 403, O: 201, NONE: 401},
@@ -568,7 +573,8 @@ def test_roles_on_every_route(env, role, tmp_path):
         s.add(run)
         s.commit()
         run_id = run.id
-    ids = {"dataset_id": dataset, "job_id": released, "base_model_id": env.base_model_id, "run_id": run_id}
+    ids = {"dataset_id": dataset, "job_id": released, "base_model_id": env.base_model_id, "run_id": run_id,
+           "seq": "1"}
     requests = {
         ("POST", "/v1/datasets"): dict(data={"file": (io.BytesIO(good_zip(n=2)), "more.zip")},
                                        content_type="multipart/form-data"),
@@ -578,6 +584,7 @@ def test_roles_on_every_route(env, role, tmp_path):
         ("POST", "/v1/base-models"): dict(json={"name": "sd-hardened", "path": str(model),
                                                 "audit_profile": {"probes": str(probes), "detector": "shapes"}}),
         ("POST", "/v1/alignments"): dict(json={"name": "again", "config": alignment_config()}),
+        ("POST", "/v1/jobs/<job_id>/requeue"): dict(json={"reason": "the worker host was repaired"}),
     }
     decided = {"job_id": in_review, "dataset_id": flagged}  # what the POSTs under an id decide on
     headers = env.headers(WHO[role]) if WHO[role] else {}

@@ -272,3 +272,22 @@ def test_cli_cancel_and_followed_events(capsys, monkeypatch):
         assert code == 0 and out.split()[:3] == ["5", EVENTS[4]["at"], "verdict"]
         code, out, err = ftgate(capsys, "jobs", "cancel", "done", "--json", "--url", url)
         assert code == 1 and json.loads(out)["error"]["reason"] == "job_final" and "409 job_final" in err
+
+
+def test_lists_follow_every_page_and_an_operator_requeues_over_http(gate, capsys, monkeypatch):
+    """``jobs()`` walks ``next_cursor`` to the end; ``ftgate jobs requeue`` queues a failed job again (operators)."""
+    from test_api_results import make_job
+
+    client = customer(gate)
+    made = [new_job(gate, client)["id"] for _ in range(3)]
+    monkeypatch.setattr("gate.service.pagination.DEFAULT_LIMIT", 2)  # three jobs: two pages
+    assert [j["id"] for j in client.jobs()] == made[::-1]  # newest first
+    failed = make_job(gate, "failed")
+    with pytest.raises(GateError) as refused:
+        client.requeue(failed, "mine")
+    assert refused.value.status == 403
+    monkeypatch.setenv("FTGATE_URL", gate.url)
+    monkeypatch.setenv("FTGATE_API_KEY", gate.keys["op"].key)
+    assert main(["jobs", "requeue", failed, "--reason", "the GPU host was repaired", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert (job["id"], job["status"], job["attempts"]) == (failed, "queued", 0) and gate.enqueued[-1] == failed

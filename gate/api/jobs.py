@@ -23,6 +23,8 @@ from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.pipeline.cancel import request_cancel
 from gate.pipeline.webhooks import RefusedTarget, check_target
+from gate.service.jobs import requeue_job
+from gate.service.pagination import page_request, paginate
 from gate.settings import Limits
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job, WebhookSecret
@@ -31,7 +33,7 @@ from gate.training.memory import GIB, estimate_bytes, family_of
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import ApiError
+from .errors import ApiError, json_object
 from .queueing import hand_to_queues
 from .quotas import check_job_quota
 from .serialize import job_json
@@ -229,9 +231,24 @@ def cancel(job_id: str):
     return job_json(request_cancel(g.db, get_for_principal(g.db, Job, job_id, principal), principal)), 202
 
 
+@bp.post("/<job_id>/requeue")
+@login_required("operator")
+def requeue(job_id: str):
+    """202: a failed job queued again from a clean state, with a reason (``gate.service.jobs.requeue_job``)."""
+    app = gate()
+    job = requeue_job(g.db, current_principal(), job_id, json_object("{reason}"), app.settings.jobs_dir)
+    try:
+        app.dispatcher.job(job.id)
+    except Exception:  # the broker is away: the dispatch recorded on the row lets the reconciler send it
+        log.exception("job %s queued again but not dispatched now; the reconciler will send it", job.id)
+    return job_json(job, staff=True), 202
+
+
 @bp.get("")
 @login_required()
 def list_jobs():
+    """The caller's jobs (staff: every tenant's), newest first, a page at a time."""
     principal = current_principal()
-    rows = g.db.scalars(scoped(select(Job), Job, principal).order_by(Job.created_at.desc(), Job.id)).all()
-    return {"jobs": [job_json(row) for row in rows]}
+    page = paginate(g.db, scoped(select(Job), Job, principal), Job.created_at, Job.id, *page_request(request.args),
+                    newest_first=True)
+    return {"jobs": [job_json(row, principal.cross_tenant) for row in page.rows], "next_cursor": page.next_cursor}

@@ -46,6 +46,19 @@ def _id_param(name: str) -> dict:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+# Lists answer a page at a time (gate.service.pagination): limit and cursor in, next_cursor out.
+_PAGE_PARAMS = [{"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
+                {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
+                 "description": "the next_cursor of the page before"}]
+
+
+def _page(key: str, items: dict, description: str) -> dict:
+    return _json({"type": "object", "required": [key, "next_cursor"], "properties": {
+        key: {"type": "array", "maxItems": 500, "items": items},
+        "next_cursor": {"type": ["string", "null"], "description": "null on the last page"}}}, description)
+
+
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -180,8 +193,8 @@ PATHS = {
         "responses": {"200": _json(_ref["DatasetDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/dataset-reviews": {"get": {
         "summary": "Flagged datasets waiting for a reviewer's decision, oldest first (reviewer, operator)",
-        "responses": {"200": _json({"type": "object", "properties": {"datasets": {
-            "type": "array", "items": _ref["DatasetDetail"]}}}, "the queue"), **_errors("401", "403")}}},
+        "parameters": _PAGE_PARAMS,
+        "responses": {"200": _page("datasets", _ref["DatasetDetail"], "the queue"), **_errors("400", "401", "403")}}},
     "/v1/jobs": {
         "post": {"summary": "Queue a fine-tuning job (customer); the same Idempotency-Key (or idempotency_key) "
                             "with the same parameters returns the existing job, with others a 409 "
@@ -196,9 +209,8 @@ PATHS = {
                                "200": _json(_ref["Job"], "existing job (a replay; header Idempotent-Replayed: true)"),
                                **_errors("400", "401", "403", "404", "409", "429", "503")}},
         "get": {"summary": "The caller's jobs (reviewers and operators: all tenants')",
-                "responses": {"200": _json({"type": "object", "properties": {
-                    "jobs": {"type": "array", "items": _ref["Job"]}}}, "jobs, newest first"),
-                    **_errors("401")}}},
+                "parameters": _PAGE_PARAMS,
+                "responses": {"200": _page("jobs", _ref["Job"], "jobs, newest first"), **_errors("400", "401")}}},
     "/v1/jobs/{job_id}": {"get": {
         "summary": "A job's status, stage, progress, verdict, review and checkpoint (tenant-scoped)",
         "parameters": [_id_param("job_id")],
@@ -209,6 +221,14 @@ PATHS = {
         "parameters": [_id_param("job_id")],
         "responses": {"202": _json(_ref["Job"], "cancelled, or cancel requested (status still training)"),
                       **_errors("401", "403", "404", "409")}}},
+    "/v1/jobs/{job_id}/requeue": {"post": {
+        "summary": "Queue a failed job again from a clean state, with a reason (operator); its retrained checkpoint "
+                   "is audited anew; 409 not_failed for any other state",
+        "parameters": [_id_param("job_id")],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["reason"], "additionalProperties": False,
+            "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}}}}},
+        "responses": {"202": _json(_ref["Job"], "queued again"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/jobs/{job_id}/events": {"get": {
         "summary": "The job's events after the seq in after, oldest first (tenant-scoped): stage changes, training "
                    "loss, sample grids, checkpoints, the verdict as the customer reads it",
@@ -253,9 +273,8 @@ PATHS = {
             "the new secret"), **_errors("401", "403")}}},
     "/v1/reviews": {"get": {
         "summary": "Jobs waiting for a reviewer's decision, oldest first (reviewer, operator)",
-        "responses": {"200": _json({"type": "object", "properties": {"jobs": {"type": "array",
-                                                                              "items": _ref["JobDetail"]}}},
-                                   "the queue"), **_errors("401", "403")}}},
+        "parameters": _PAGE_PARAMS,
+        "responses": {"200": _page("jobs", _ref["JobDetail"], "the queue"), **_errors("400", "401", "403")}}},
     "/v1/reviews/{job_id}": {"post": {
         "summary": "Approve (release) or reject (withhold) a flagged job, with a reason (reviewer)",
         "parameters": [_id_param("job_id")],
@@ -268,10 +287,10 @@ PATHS = {
                  "requestBody": {"required": True, "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/BaseModelRequest"}}}},
                  "responses": {"201": _json(_ref["BaseModel"], "registered"), **_errors("400", "401", "403", "409")}},
-        "get": {"summary": "The base models customers may fine-tune",
-                "responses": {"200": _json({"type": "object", "properties": {
-                    "base_models": {"type": "array", "items": _ref["BaseModel"]}}}, "base models"),
-                    **_errors("401")}}},
+        "get": {"summary": "The base models customers may fine-tune, oldest first",
+                "parameters": _PAGE_PARAMS,
+                "responses": {"200": _page("base_models", _ref["BaseModel"], "base models"),
+                              **_errors("400", "401")}}},
     "/v1/base-models/{base_model_id}": {"get": {
         "summary": "A base model", "parameters": [_id_param("base_model_id")],
         "responses": {"200": _json(_ref["BaseModel"], "the base model"), **_errors("401", "404")}}},
