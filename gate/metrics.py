@@ -32,7 +32,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in this 
 STAGES = ("validate", "train", "audit", "decide")  # intake, training, auditing, the verdict step
 AUDITED_MODELS = ("checkpoint", "baseline")
 # Intake takes seconds to minutes, the verdict step under a second, training and auditing minutes to
-# hours (their hard limits are 12 h and 6 h, gate.worker.app.TIME_LIMITS_S).
+# hours (training's hard limit is 12 h; an audit's follows its deadline ceiling, gate.worker.app.time_limits).
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600,
                       12 * 3600)
 _GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")

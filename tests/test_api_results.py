@@ -408,6 +408,8 @@ def test_rejection_withholds_the_checkpoint_for_good(env):
         assert refused.status_code == 403 and error(refused)["reason"] == "artifact_withheld"
     last = get(env, f"/v1/jobs/{job_id}/log", "a").json["entries"][-1]
     assert (last["actor_role"], last["to_state"], last["reason"]) == ("reviewer", "withheld", reason)
+    event = get(env, f"/v1/jobs/{job_id}/events", "a").json["events"][-1]  # the customer follows the decision
+    assert (event["kind"], event["data"]) == ("stage", {"status": "withheld", "review": "reject"})
     again = env.client.post(f"/v1/reviews/{job_id}", headers=env.headers("rev"),
                             json={"decision": "approve", "reason": "let it out"})
     assert again.status_code == 409 and status_of(env, job_id) == "withheld"

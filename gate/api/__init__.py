@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from auditing.detectors.base import Detector
 from gate.pipeline.runtime import Runtime
 from gate.settings import Settings, load_settings
-from gate.storage.artifacts import ArtifactStore
+from gate.storage.artifacts import Store
 
 from .errors import register_error_handlers
 
@@ -46,7 +46,7 @@ class Gate:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    store: ArtifactStore
+    store: Store
     dispatcher: Dispatcher
     _scanner: Detector | None = field(default=None, repr=False)
 

@@ -84,7 +84,7 @@ def _record_events(rt: Runtime, tenant_id: str, job_id: str, heartbeat: Heartbea
 def _discard_unless_referenced(rt: Runtime, tenant_id: str, key: str) -> None:
     with rt.sessions() as session:
         if session.scalars(select(Artifact.id).where(Artifact.path == key)).first() is None:
-            rt.store.path(tenant_id, key).unlink(missing_ok=True)
+            rt.store.delete(tenant_id, key)
 
 
 def _cancel(rt: Runtime, job_id: str, worker: str, state_dir) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gate.auth import Principal, require_role
+from gate.pipeline import events
 from gate.storage.audit_log import StaleState, transition
 from gate.storage.models import REVIEW_DECISIONS, AuditLogEntry, Dataset, Job, Review
 
@@ -86,6 +87,7 @@ def take_decision(session: Session, principal: Principal, job_id: str, body: Map
     session.add(Review(tenant_id=job.tenant_id, job_id=job.id, reviewer_key_id=principal.key_id, decision=decision,
                        reason=reason))
     commit_decision(session, job, OUTCOME[decision], principal, decision, reason)
+    events.stage(session, job.tenant_id, job.id, OUTCOME[decision], review=decision)  # the customer follows it
     return job
 
 

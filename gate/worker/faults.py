@@ -577,8 +577,8 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
 
 
 def auditor_failure(root: str | Path, deadline_s: int = 20) -> dict:
-    """One job whose detector raises, one whose renderer hangs (cut off by ``audit_deadline_seconds``): how
-    each ended, why, and whether its checkpoint can be downloaded."""
+    """One job whose detector raises, one whose renderer hangs (cut off by its deadline, capped here at
+    ``audit_deadline_seconds``): how each ended, why, and whether its checkpoint can be downloaded."""
     t0 = time.monotonic()
     outcomes = {}
     with GateSession(root, lease_seconds=30, profile=KILL_PROFILE,
