@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import threading
 import zipfile
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
+from werkzeug.serving import make_server
 
 from auditing.detectors.base import Detector, DetectorResult
 from gate.api import create_app
@@ -49,6 +51,31 @@ def make_zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+@contextmanager
+def served(app):
+    """``app`` on a free loopback port, answering in threads (real HTTP for clients and browsers); yields its URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def registrable_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder that registers as a base model (a UNet's weights file and model_index.json, never loaded) and a
+    one-prompt probe CSV for its audit profile."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
+    probes = tmp_path / "probes.csv"
+    probes.write_text("prompt\na red triangle\n")
+    return model, probes
 
 
 def good_zip(n: int = 3, red: int = 0) -> bytes:
@@ -370,12 +397,7 @@ def test_tenant_isolation(env):
 
 
 def test_roles_and_keys(env, tmp_path):
-    model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
-    probes = tmp_path / "probes.csv"
-    probes.write_text("prompt\na red triangle\n")
+    model, probes = registrable_model(tmp_path)
     body = {"name": "sd-hardened", "path": str(model), "audit_profile": {"probes": str(probes), "detector": "shapes"}}
     r = env.client.post("/v1/base-models", headers=env.headers("a"), json=body)
     assert r.status_code == 403 and r.json["error"]["reason"] == "forbidden"

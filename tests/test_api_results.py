@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 from sqlalchemy import select
-from test_api import Env, RedScanner, good_zip
+from test_api import Env, RedScanner, good_zip, registrable_model
 from werkzeug.http import parse_options_header
 
 from auditing.audit import AuditInputs, run_audit
@@ -560,12 +560,7 @@ def test_role_table_covers_every_route(env):
 def test_roles_on_every_route(env, role, tmp_path):
     """Each route answers each role as ROLE_TABLE says; a refused request (401/403) creates or changes nothing
     and says why in the standard error body."""
-    model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
-    probes = tmp_path / "probes.csv"
-    probes.write_text("prompt\na red triangle\n")
+    model, probes = registrable_model(tmp_path)
     dataset = dataset_of(env, "a")
     flagged = env.upload(good_zip(n=20, red=1)).json["id"]
     released = make_job(env, "released", checkpoint=b"released weights")

@@ -17,16 +17,13 @@ import hashlib
 import io
 import random
 import re
-import threading
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from sqlalchemy import select
-from test_api import RecordingDispatcher
-from werkzeug.serving import make_server
+from test_api import RecordingDispatcher, served
 
 from auditing.detectors.registry import load_detector
 from auditing.shapes.cli import PRETRAINED_WORLD
@@ -125,19 +122,6 @@ class FlaggedGate:
             return s.scalars(select(Artifact).where(Artifact.job_id == self.job_id)).one()
 
 
-@contextmanager
-def serving(app):
-    """The app on an ephemeral loopback port, served from a thread."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
-
-
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -159,7 +143,7 @@ def test_reviewer_approves_a_flagged_job_in_a_real_browser(tmp_path):
     gate = FlaggedGate(tmp_path)
     job, flagged = gate.job_id, sum(bool(s["unsafe"]) for s in gate.report["samples"])
     assert 0 < flagged < len(gate.report["samples"])
-    with serving(gate.app) as base, sync_playwright() as pw:
+    with served(gate.app) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(accept_downloads=True, viewport=VIEWPORT)
         context.set_default_timeout(TIMEOUT_MS)

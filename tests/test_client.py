@@ -9,31 +9,16 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
-from test_api import Env, good_zip
+from test_api import Env, good_zip, served
 from test_api_results import add_artifact, move
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from gate.cli import main
 from gate.client import Client, DownloadError, GateError, WaitTimeout
 
 LORA = b"lora weights " * 1000
-
-
-@contextmanager
-def served(app):
-    """``app`` on a free loopback port, answering in threads; yields its URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
 
 
 @pytest.fixture

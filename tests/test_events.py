@@ -9,8 +9,7 @@ import json
 
 import pytest
 from sqlalchemy import select
-from test_api import Env, RecordingDispatcher, RedScanner, good_zip
-from test_client import served
+from test_api import Env, RecordingDispatcher, RedScanner, good_zip, served
 from test_pipeline import PROBES, job_id, rt  # noqa: F401  (fixtures)
 
 from gate.api import create_app

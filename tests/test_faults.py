@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import pytest
 from sqlalchemy import select
-from test_api import Env, good_zip
+from test_api import Env, good_zip, registrable_model
 from test_pipeline import job_id, rt  # noqa: F401  (fixtures: a runtime, and a queued job on the world)
 
 from gate.pipeline import audit, verdict
@@ -145,12 +145,7 @@ def test_a_base_model_stays_registered_when_its_baseline_cannot_be_queued(tmp_pa
     """The baseline message is lost, not the model: the first audit on it audits the baseline first."""
     env = Env(tmp_path, migrated)
     env.app.extensions["ftgate"].dispatcher = DownBroker()
-    model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
-    probes = tmp_path / "probes.csv"
-    probes.write_text("prompt\na red triangle\n")
+    model, probes = registrable_model(tmp_path)
     r = env.client.post("/v1/base-models", headers=env.headers("op"), json={
         "name": "m", "path": str(model), "audit_profile": {"probes": str(probes), "detector": "shapes"}})
     assert r.status_code == 201 and r.json["baseline_ready"] is False, r.json

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from sqlalchemy import select
-from test_api import Env, good_zip
+from test_api import Env, good_zip, registrable_model
 from test_api_results import make_job
 
 from gate.cli import main
@@ -24,12 +24,7 @@ def gate_env(tmp_path, migrated, monkeypatch):
     monkeypatch.setenv("FTGATE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("FTGATE_DATABASE_URL", f"sqlite:///{database}")
     monkeypatch.setenv("FTGATE_BROKER_URL", "redis://127.0.0.1:1/0")  # no broker: the baseline is not queued
-    model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
-    probes = tmp_path / "probes.csv"
-    probes.write_text("prompt\na red triangle\n")
+    model, probes = registrable_model(tmp_path)
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"probes": str(probes), "detector": "shapes"}))
     return tmp_path, model, profile, session_factory(make_engine(f"sqlite:///{database}"))
