@@ -90,6 +90,8 @@ def test_tenants_cannot_reach_each_others_objects(store):
         store.path("acme", theirs.key)
     with pytest.raises(ValueError, match="not an artifact key of tenant 'acme'"):
         store.delete("acme", theirs.key)
+    with pytest.raises(ValueError, match="not an artifact key of tenant 'acme'"):
+        store.verify("acme", theirs.key)
     assert not store.exists("acme", theirs.sha256)
     with pytest.raises(ValueError, match="tenant id must match"):
         store.put("../globex", io.BytesIO(b"x"))

@@ -128,6 +128,7 @@ class S3ArtifactStore(Store):
         return self._head(self.key(tenant_id, sha256, suffix)) is not None
 
     def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
+        self.checked(tenant_id, key)  # another tenant's key is refused, as the folder store refuses it
         try:
             path = self.path(tenant_id, key)
         except ValueError:
