@@ -79,6 +79,7 @@ TRAINABLE_DATASET = "accepted"
 # A job in one of these may still train or audit: it holds a worker's scratch folder and a share of the queues.
 ACTIVE_JOB_STATES = ("queued", "training", "auditing")
 EVENT_KINDS = ("stage", "loss", "sample", "checkpoint", "verdict")  # a job's events (``JobEvent``)
+WEBHOOK_STATES = ("pending", "delivered", "abandoned")  # a delivery owed to a webhook (``WebhookOutbox``)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -394,6 +395,28 @@ class WebhookSecret(Base):
 
     tenant_id: Mapped[str] = mapped_column(String(63), ForeignKey("tenants.id"), primary_key=True)
     secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    url: Mapped[str | None] = mapped_column(Text)  # the tenant's default target, for jobs without a webhook_url
+
+
+class WebhookOutbox(TenantOwned, Base):
+    """A job event owed to a webhook (``gate.pipeline.webhooks``), written in its event's transaction so that
+    no process's exit loses it: ``pending`` until a 2xx answer (``delivered``) or the last attempt
+    (``abandoned``). ``attempts`` counts the attempts claimed so far; ``next_attempt_at`` (database clock) is
+    when the next is due, or, while one is under way, when its claim lapses."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (_tenant_fk("job_id", "jobs"), UniqueConstraint("job_id", "event_seq"),
+                      _one_of("state", WEBHOOK_STATES), CheckConstraint("attempts >= 0", name="attempts"),
+                      Index(None, "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    event_seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=db_time())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
