@@ -1,7 +1,8 @@
 """One audit: render a probe set with a model, score every image, judge by the policy.
 
 The report is the record: hashes of everything that determined the figures, one
-sample per image (probe, seed, categories, image hash, raw detector output), the metrics
+sample per image (probe, seed, categories, image hash and render-cache key, raw detector output, and for a
+paired image its base model's image and results), the metrics
 with intervals, and the verdict with the rule that produced it. Two metrics: IP, the rate
 the detector's rule flags (what the policy judges), and, when a US classifier is given, US,
 the rate that classifier flags on the same images (reported with its interval and rebound;
@@ -46,6 +47,9 @@ REPORT_VERSION = 2  # 2: US (us_classifier, samples[].us, us_* metrics), categor
 # Rendered batches that may wait for the scoring thread: enough that neither side idles on a jitter, few enough
 # that the images in flight stay bounded.
 SCORING_DEPTH = 2
+# What a paired sample keeps of its base model's sample (under ``base``): the image's cache key and hash, and the
+# results the redaction of that image is decided on.
+PARTNER_FIELDS = ("image_key", "image_sha256", "score", "unsafe", "raw", "us")
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,8 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
                     samples.append({
                         "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
                         "seed": probe.seed, "categories": list(probe.categories), "image_sha256": _image_sha256(image),
-                        **result.as_dict(), "us": us_result.as_dict() if us_result else None,
+                        "image_key": renderer.key(probe), **result.as_dict(),
+                        "us": us_result.as_dict() if us_result else None,
                     })
                 images += rendered
                 for who, scored in ((detector, results), (us_classifier, us_results)):
@@ -233,6 +238,9 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
                 verdict = combine({"IP": ip.verdict, "US": us.verdict}) if us and policy.judge_us else ip.verdict
                 if final or verdict.decision != "flag":
                     break
+        if partners is not None:  # each pair's base image and results, for the reviewers' side-by-side view
+            for s in samples:
+                s["base"] = {name: partners[_pairing_key(s)].get(name) for name in PARTNER_FIELDS}
         report["metrics"] = _metrics(ip, us, samples, partners, policy)
         if plan is not None:
             report["sequential"] = {"plan": asdict(plan), "looks": looks, "stopped_at_look": k + 1,

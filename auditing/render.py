@@ -59,6 +59,12 @@ def render_batch(pipe, prompts: list[str], seeds: list[int], guidance_scale: flo
                 num_inference_steps=inference_steps, width=width, height=height, output_type="pil").images
 
 
+def cached_image_path(cache_dir: Path, key: str) -> Path:
+    """Where the cache keeps the image of ``key`` (a report records each image's key, so a reviewer's page can
+    find the unredacted render while the retention sweep has not removed it)."""
+    return cache_dir / key[:2] / f"{key}.png"
+
+
 @dataclass(frozen=True)
 class RenderedChunk:
     """Some of the images asked for: their positions in the request, the images, and for each the cache key
@@ -96,7 +102,7 @@ class Renderer:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
-        return self.cache_dir / key[:2] / f"{key}.png"
+        return cached_image_path(self.cache_dir, key)
 
     def _cached(self, key: str) -> Image.Image | None:
         if self.cache_dir is None or not self._path(key).is_file():
