@@ -179,7 +179,3 @@ def flat_norm(params: Params) -> torch.Tensor:
 def flat_dot(a: Params, b: Params) -> torch.Tensor:
     return sum((a[k].float() * b[k].float()).sum() for k in a)
 
-
-def axpy(alpha: float, x: Params, y: Params) -> Params:
-    """``alpha * x + y`` key by key."""
-    return {k: alpha * x[k] + y[k] for k in y}

@@ -7,6 +7,11 @@ Hessian of L_FT at theta*, so the hypergradient of L_harm(theta*) is the solutio
 ``x <- x + omega (g - x - gamma H x)`` needs only Hessian-vector products. As in the paper's
 Alg. 1 it starts from ``x = 0``: with ``omega = 1`` its k-th step adds the Neumann term
 ``(-gamma H)^(k-1) g``, so K steps keep K terms and cost K - 1 products (the first is of zero).
+The step is ``omega`` times the residual ``r = g - x - gamma H x``, so with ``residual_tol`` the solve
+stops, at no extra cost, once ``||r|| <= residual_tol * ||g||`` (the step is still taken); 0 or absent
+runs all K steps, the paper's fixed K. x and the step are updated in place (``torch._foreach_*``): the
+solver owns the product it is handed and turns it into the step, so a solve holds g, x and one
+product besides what the HVP keeps.
 
 With ``omega = 1`` it converges exactly when the spectral radius of gamma H is below 1. For a
 symmetric H the ratio of successive step norms never decreases and tends to the spectral radius
@@ -26,7 +31,9 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from .functional import Params, axpy, flat_norm
+import torch
+
+from .functional import Params, flat_norm
 from .hvp import HVP_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,7 @@ class HypergradientConfig:
     max_relaxations: int = 3
     max_backoffs: int = 3
     backoff_factor: float = 0.5
+    residual_tol: float | None = 1e-2  # stop once ||r|| <= tol ||g||; 0 or None: all K steps (docs/alignment.md)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -64,6 +72,8 @@ class HypergradientConfig:
             raise ValueError(f"hypergradient.max_backoffs must be in [0, 20] (got {self.max_backoffs})")
         if not 0 < self.backoff_factor < 1:
             raise ValueError(f"hypergradient.backoff_factor must be in (0, 1) (got {self.backoff_factor})")
+        if self.residual_tol is not None and not 0 <= self.residual_tol < 1:
+            raise ValueError(f"hypergradient.residual_tol must be in [0, 1) or absent (got {self.residual_tol})")
 
 
 @dataclass
@@ -75,20 +85,43 @@ class Solution:
     relaxations: list[dict] = field(default_factory=list)
     backoffs: list[dict] = field(default_factory=list)
     fallback: bool = False
+    iterations: int = 0  # Richardson steps of the accepted solve (K, or fewer after the residual stop)
+    products: int = 0  # Hessian-vector products of every solve tried (relaxed and backed-off repeats included)
 
 
-def richardson(hvp, g: Params, gamma: float, steps: int, omega: float = 1.0) -> tuple[Params, list[float]]:
-    """``steps`` iterations of ``x <- x + omega (g - x - gamma H x)`` from ``x = 0``; returns x and the step norms."""
-    x = {k: omega * t for k, t in g.items()}  # the first step: H 0 = 0 needs no product
-    norms = [float(flat_norm(x))]
+@dataclass
+class Iteration:
+    x: Params
+    norms: list[float]  # step norms; the k-th is omega ||r|| at the k-th iterate, the first omega ||g||
+    converged: bool  # the residual stop was met
+    products: int
+
+
+def richardson(hvp, g: Params, gamma: float, steps: int, omega: float = 1.0, tol: float = 0.0) -> Iteration:
+    """Up to ``steps`` iterations of ``x <- x + omega (g - x - gamma H x)`` from ``x = 0``, in place; stops once
+    ``||r|| <= tol ||g||``."""
+    keys = list(g)
+    gs = [g[k] for k in keys]
+    xs = torch._foreach_mul(gs, omega)  # the first step: H 0 = 0 needs no product
+    norms = [float(flat_norm(dict(zip(keys, xs))))]
+    products = 0
     for _ in range(steps - 1):
-        hx = hvp(x)
-        step = {k: omega * (g[k] - x[k] - gamma * hx[k]) for k in x}
-        norms.append(float(flat_norm(step)))
-        x = axpy(1.0, step, x)
+        hx = hvp(dict(zip(keys, xs)))
+        products += 1
+        step = [hx[k] for k in keys]  # the product's own tensors become the step
+        torch._foreach_mul_(step, -gamma)
+        torch._foreach_add_(step, gs)
+        torch._foreach_sub_(step, xs)
+        if omega != 1.0:
+            torch._foreach_mul_(step, omega)
+        norms.append(float(flat_norm(hx)))
+        torch._foreach_add_(xs, step)
+        del hx, step
         if not norms[-1] <= DIVERGED * norms[0]:  # also stops on NaN
             break
-    return x, norms
+        if norms[-1] <= tol * norms[0]:  # ||omega r|| / ||omega g||
+            return Iteration(dict(zip(keys, xs)), norms, True, products)
+    return Iteration(dict(zip(keys, xs)), norms, False, products)
 
 
 def _contraction(norms: list[float]) -> float | None:
@@ -101,13 +134,15 @@ def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
     """Richardson with divergence detection: relaxation first (same fixed point), then gamma back-off, then
     the first-order fallback."""
     gamma, omega, relaxed = config.gamma, 1.0, 0  # relaxations so far at this gamma
-    relaxations, backoffs = [], []
+    relaxations, backoffs, products = [], [], 0
     while True:
-        x, norms = richardson(hvp, g, gamma, config.richardson_steps, omega)
+        run = richardson(hvp, g, gamma, config.richardson_steps, omega, config.residual_tol or 0.0)
+        norms, products = run.norms, products + run.products
         ratio = _contraction(norms)
         finite = all(math.isfinite(n) for n in norms)
-        if finite and (ratio is None or ratio < 1.0 or norms[-1] <= SETTLED * norms[0]):
-            return Solution(x, gamma, ratio, omega, relaxations, backoffs)
+        if finite and (run.converged or ratio is None or ratio < 1.0 or norms[-1] <= SETTLED * norms[0]):
+            return Solution(run.x, gamma, ratio, omega, relaxations, backoffs, iterations=len(norms),
+                            products=products)
         if omega == 1.0:
             plain = ratio if finite else None  # gamma * rho(H): what a back-off at this gamma scales by
         if finite and relaxed < config.max_relaxations:
@@ -134,4 +169,4 @@ def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
     events = backoffs or relaxations
     if events:
         events[-1]["fallback"] = "first-order"
-    return Solution(g, 0.0, None, 1.0, relaxations, backoffs, fallback=True)
+    return Solution(g, 0.0, None, 1.0, relaxations, backoffs, fallback=True, products=products)

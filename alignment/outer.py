@@ -59,7 +59,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _no_solve() -> dict:
     """What a sample records when no Richardson solve ran (first-order, unrolled)."""
-    return {"gamma": None, "contraction": None, "omega": None, "relaxations": [], "backoffs": [], "fallback": False}
+    return {"gamma": None, "contraction": None, "omega": None, "relaxations": [], "backoffs": [], "fallback": False,
+            "iterations": None, "products": 0}
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,15 @@ class SampleResult:
     relaxations: list
     backoffs: list
     fallback: bool
+    iterations: int | None  # Richardson steps of the accepted solve: K, or fewer after the residual stop
+    products: int  # Hessian-vector products, every relaxed or backed-off repeat included
 
     def as_dict(self) -> dict:
         return {"config": self.config.as_dict(), "L_harm_star": self.harm_after,
                 "hypergradient_norm": self.hypergradient_norm, "gamma": self.gamma,
                 "contraction": self.contraction, "omega": self.omega, "relaxations": self.relaxations,
-                "backoffs": self.backoffs, "fallback": self.fallback}
+                "backoffs": self.backoffs, "fallback": self.fallback, "iterations": self.iterations,
+                "products": self.products}
 
 
 class Aligner:
@@ -183,7 +187,8 @@ class Aligner:
         sol = solve(hvp, g, hcfg)
         return float(harm_star), {k: sol.x[k] for k in theta_d}, {
             "gamma": sol.gamma, "contraction": sol.contraction, "omega": sol.omega,
-            "relaxations": sol.relaxations, "backoffs": sol.backoffs, "fallback": sol.fallback}
+            "relaxations": sol.relaxations, "backoffs": sol.backoffs, "fallback": sol.fallback,
+            "iterations": sol.iterations, "products": sol.products}
 
     def step(self) -> dict:
         cfg = self.config
@@ -198,14 +203,20 @@ class Aligner:
         pres = preservation_loss(self.model, theta, {}, pres_batch, pres_draw)
         beta, alpha = cfg.objective.beta, cfg.objective.alpha
         ((1 - beta) * harm + alpha * pres).backward()  # free these graphs before the J inner runs
-        samples, xs = [], []
+        samples, meta = [], {}
         # beta = 0 is unlearning alone (Eq. 2): the resilience term has no weight, so no inner runs.
         for _ in range(cfg.outer.samples if beta > 0 else 0):
             config = cfg.distribution.sample(self.rng)
             harm_star, x, info = self._hypergradient(theta, config, harm_batch, harm_draw)
-            xs.append(x)
             samples.append(SampleResult(config, harm_star, float(flat_norm(x)), **info))
-        meta = {k: sum(x[k] for x in xs) / len(xs) for k in xs[0]} if xs else {}
+            # a running sum in the first sample's own tensors: no copy per sample is kept
+            if meta:
+                torch._foreach_add_([meta[k] for k in x], [x[k] for k in x])
+            else:
+                meta = dict(x)
+            del x
+        if meta:
+            torch._foreach_div_(list(meta.values()), len(samples))
         if meta:  # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (LoRA merge)
             (beta * flat_dot(meta, self.theta())).backward()
         params = list(self.leaves.values())
