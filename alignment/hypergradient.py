@@ -119,7 +119,7 @@ def richardson(hvp, g: Params, gamma: float, steps: int, omega: float = 1.0, tol
         del hx, step
         if not norms[-1] <= DIVERGED * norms[0]:  # also stops on NaN
             break
-        if norms[-1] <= tol * norms[0]:  # ||omega r|| / ||omega g||
+        if tol > 0 and norms[-1] <= tol * norms[0]:  # ||omega r|| / ||omega g||
             return Iteration(dict(zip(keys, xs)), norms, True, products)
     return Iteration(dict(zip(keys, xs)), norms, False, products)
 

@@ -10,7 +10,7 @@ import torch
 from alignment.adapt import SGD, Adam, Distribution, FineTuneConfig, adapt
 from alignment.functional import Batch, Denoiser, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
 from alignment.hvp import AutogradHVP, FiniteDifferenceHVP, gradient
-from alignment.hypergradient import HypergradientConfig, solve
+from alignment.hypergradient import HypergradientConfig, richardson, solve
 from alignment.losses import Draw, FineTuneBatch, finetune_loss
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 
@@ -178,6 +178,71 @@ def test_richardson_backs_off_gamma_only_as_a_last_resort(caplog):
     assert fallback.relaxations[-1]["fallback"] == "first-order"
 
 
+def test_residual_stop_ends_a_well_conditioned_solve_early_and_reports_its_iterations():
+    _, a, g = _quadratic()
+    gamma = 0.05 / torch.linalg.eigvalsh(a).max().item()  # rho(gamma H) = 0.05: a few terms suffice
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return {"w": a @ v["w"]}
+
+    exact = torch.linalg.solve(torch.eye(len(a), dtype=a.dtype) + gamma * a, g)
+    sol = solve(hvp, {"w": g}, HypergradientConfig(richardson_steps=20, gamma=gamma, residual_tol=1e-3))
+    assert 1 < sol.iterations < 20 and sol.products == len(calls) == sol.iterations - 1
+    residual = g - sol.x["w"] - gamma * a @ sol.x["w"]
+    assert residual.norm() <= 1e-3 * g.norm()
+    assert torch.allclose(sol.x["w"], exact, rtol=1e-3)
+    fixed = solve(hvp, {"w": g}, HypergradientConfig(richardson_steps=20, gamma=gamma, residual_tol=0))
+    assert fixed.iterations == 20 and fixed.products == 19  # 0: the paper's fixed K
+
+
+def _previous_richardson(hvp, g, gamma, steps, omega=1.0):
+    """The solver before it worked in place (out of place, dict by dict), kept as the reference."""
+    x = {k: omega * t for k, t in g.items()}
+    for _ in range(steps - 1):
+        hx = hvp(x)
+        x = {k: x[k] + omega * (g[k] - x[k] - gamma * hx[k]) for k in x}
+    return x
+
+
+@pytest.mark.parametrize("omega", [1.0, 0.6])
+def test_in_place_richardson_equals_the_previous_solver(omega):
+    params, ft_loss, harm_loss = _mlp_problem()
+    lam = torch.linalg.eigvalsh(_exact_hessian(ft_loss, params)).abs().max().item()
+    _, g = gradient(harm_loss, params)
+    hvp = AutogradHVP(ft_loss, params)
+    expected = _previous_richardson(hvp, g, 0.5 / lam, 8, omega)
+    got = richardson(hvp, g, 0.5 / lam, 8, omega)
+    assert got.products == 7 and not got.converged
+    for k in g:
+        assert torch.allclose(got.x[k], expected[k], rtol=1e-12, atol=1e-15), k
+    assert all(torch.equal(g[k], gradient(harm_loss, params)[1][k]) for k in g)  # g itself is left alone
+
+
+def test_finite_difference_solve_computes_the_base_gradient_once():
+    """One-sided products share g(theta*): a solve costs its products plus one gradient, repeats included."""
+    params, ft_loss, harm_loss = _mlp_problem()
+    lam = torch.linalg.eigvalsh(_exact_hessian(ft_loss, params)).abs().max().item()
+    _, g = gradient(harm_loss, params)
+    calls = []
+
+    def counted(p):
+        calls.append(1)
+        return ft_loss(p)
+
+    for gamma, k in ((0.5 / lam, 5), (4.0 / lam, 8)):  # converging; diverging (relaxations, back-offs)
+        calls.clear()
+        sol = solve(FiniteDifferenceHVP(counted, params), g,
+                    HypergradientConfig(richardson_steps=k, gamma=gamma, residual_tol=0))
+        assert len(calls) == sol.products + 1
+    assert sol.relaxations and sol.products > k  # the repeats shared the same base gradient
+    calls.clear()
+    solve(FiniteDifferenceHVP(counted, params), g, HypergradientConfig(richardson_steps=5, gamma=0.5 / lam,
+                                                                       residual_tol=0))
+    assert len(calls) == 5  # K steps from x = 0: K - 1 products and the base, against 2 (K - 1) central
+
+
 # -- Moreau = unrolled on a quadratic with proximal ADAPT -------------------------------------
 def test_moreau_hypergradient_equals_unrolled_on_a_quadratic():
     gen, a, b = _quadratic()
@@ -222,6 +287,7 @@ def tiny():
 
 
 def test_finite_difference_hvp_matches_autograd_on_a_tiny_unet(tiny):
+    """The one-sided difference against the double-backward product, fp32."""
     pipe, model, ft, names = tiny
     theta = model.original(names)
 

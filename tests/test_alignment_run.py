@@ -118,6 +118,8 @@ def test_output_folder_manifest_records_and_plot(workspace):
     sample = rows[0]["samples"][0]
     assert {"config", "L_harm_star", "hypergradient_norm", "gamma", "omega", "relaxations", "backoffs"} <= set(sample)
     assert {"backoffs", "relaxations"} <= set(rows[0])
+    solves = [s for r in rows for s in r["samples"]]  # K = 2: at most one product per solve that is kept
+    assert all(1 <= s["iterations"] <= 2 and s["products"] >= s["iterations"] - 1 for s in solves)
     assert manifest["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # device = "auto"
     assert sample["config"]["learning_rate"] == 1e-3
     with Image.open(out / "curves.png") as plot:
@@ -154,6 +156,8 @@ def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method,
     (("learning_rate = 1e-3\nscope", "learning_rate = 5.0\nscope"), "outer.learning_rate must be in (0, 1]"),
     (('method = "moreau"', 'method = "newton"'), "hypergradient.method 'newton' not in"),
     (("richardson_steps = 2", "richardson_steps = 0"), "hypergradient.richardson_steps must be in [1, 100]"),
+    (("richardson_steps = 2", "richardson_steps = 2\nresidual_tol = 1.5"),
+     "hypergradient.residual_tol must be in [0, 1) or absent (got 1.5)"),
     (('harm = "ga"', 'harm = "forget"'), "objective.harm 'forget' not in"),
     (("harm_bound = 2.0", "harm_bound = -1.0"), "objective.harm_bound must be in (0, 1000]"),
     (("batch_size = 2\n\n[gen", "batch_size = 0\n\n[gen"), "data.batch_size must be in [1, 1024]"),
