@@ -1,11 +1,11 @@
 """ADAPT: simulated downstream fine-tuning, and the distribution pi(C) it is drawn from.
 
-ADAPT(theta, D, C) returns new effective weights theta* and never touches theta: the
-optimisers here are functional (new tensors each step), and a ``lora`` configuration
-trains fresh LoRA factors on top of theta, as a customer would, then merges them.
-
-With ``differentiable=True`` the steps stay on the autograd tape (exact "unrolled"
-hypergradients, tiny models only). ``proximal_gamma`` adds the Moreau model's own
+ADAPT(theta, D, C) returns new effective weights theta* and never touches theta: it trains
+its own copy (a ``lora`` configuration trains fresh LoRA factors on top of theta, as a customer
+would, then merges them). Off the tape the optimisers update that copy and their moments in place
+(``step_``), so a full Adam step holds the weights, two moments and one gradient, not a second set
+of each; with ``differentiable=True`` the steps are functional (new tensors each step) and stay on
+the autograd tape (exact "unrolled" hypergradients, tiny models only). ``proximal_gamma`` adds the Moreau model's own
 proximal term ``||theta' - theta||^2 / (2 gamma)`` to every step's loss.
 """
 
@@ -80,6 +80,18 @@ class Adam:
             new[k] = torch.addcdiv(p, m[k], denom, value=-(self.lr / bc1))
         return new, AdamState(m, v, t)
 
+    def step_(self, params: Params, grads: Params, state: AdamState) -> AdamState:
+        """The same step in place on ``params`` and the moments (torch.optim.Adam's own in-place arithmetic)."""
+        b1, b2 = self.betas
+        t = state.step + 1
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        for k, p in params.items():
+            state.m[k].lerp_(grads[k], 1 - b1)
+            state.v[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
+            denom = (state.v[k].sqrt() / bc2 ** 0.5).add_(self.eps)
+            p.addcdiv_(state.m[k], denom, value=-(self.lr / bc1))
+        return AdamState(state.m, state.v, t)
+
 
 class SGD:
     def __init__(self, lr: float):
@@ -90,6 +102,10 @@ class SGD:
 
     def step(self, params: Params, grads: Params, state: None) -> tuple[Params, None]:
         return {k: p - self.lr * grads[k] for k, p in params.items()}, None
+
+    def step_(self, params: Params, grads: Params, state: None) -> None:
+        for k, p in params.items():
+            p.sub_(self.lr * grads[k])
 
 
 def adapt(theta: Params, loss_at: Callable[[Params, int], torch.Tensor], config: FineTuneConfig,
@@ -116,18 +132,27 @@ def adapt(theta: Params, loss_at: Callable[[Params, int], torch.Tensor], config:
             return t
     if differentiable:
         trained = {k: t if t.requires_grad else t.clone().requires_grad_() for k, t in trained.items()}
+    elif config.method != "lora":  # fresh factors are ADAPT's own already; theta's weights are not
+        trained = {k: t.clone() for k, t in trained.items()}
     state = optimiser.init(trained)
     for step in range(config.steps):
-        leaves = trained if differentiable else {k: t.detach().requires_grad_() for k, t in trained.items()}
+        leaves = trained if differentiable else {k: t.requires_grad_() for k, t in trained.items()}
         current = effective(leaves)
         loss = loss_at(current, step)
         if proximal_gamma is not None:
             loss = loss + sum(((current[k] - anchor[k]) ** 2).sum() for k in anchor) / (2 * proximal_gamma)
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=differentiable)
-        trained, state = optimiser.step(leaves, dict(zip(leaves, grads)), state)
-        if not differentiable:
-            trained = {k: t.detach() for k, t in trained.items()}
-    return effective(trained) if differentiable else {k: t.detach() for k, t in effective(trained).items()}
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), create_graph=differentiable)))
+        del current, loss
+        if differentiable:
+            trained, state = optimiser.step(leaves, grads, state)
+        else:
+            with torch.no_grad():
+                state = optimiser.step_(trained, grads, state)
+        del grads
+    if differentiable:
+        return effective(trained)
+    with torch.no_grad():
+        return {k: t.detach() for k, t in effective({k: t.detach() for k, t in trained.items()}).items()}
 
 
 @dataclass(frozen=True)

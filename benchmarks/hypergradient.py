@@ -7,13 +7,18 @@
 random weights (860M parameters) at a reduced latent size on CPU. All figures come from
 one run on one model:
 
-* ``hvp_fd_over_grad``: one central finite-difference HVP / one gradient of the same loss.
+* ``hvp_fd_over_grad``: one one-sided finite-difference HVP / one gradient of the same loss, amortised
+  the way the solver uses it (K products at theta*, sharing one base gradient: (K + 1) / K gradients).
 * ``hvp_autograd_over_grad``: one double-backward HVP / one gradient, amortised the way the
   solver uses it (graph built once at theta*, K products); ``..._single`` = build + 1 product.
 * ``hvp_fd_vs_autograd_cos``: cosine between the two products of the same vector.
 * ``moreau_over_first_order_step``: outer-step seconds with K=5 Richardson / first-order,
   same seed, so the same J configurations and ADAPT runs. A back-off repeats the solve, so
-  ``moreau_backoffs_per_sample`` says how many the timed steps needed (random weights need them).
+  ``moreau_backoffs_per_sample`` says how many the timed steps needed (random weights need them), and
+  ``moreau_products_per_sample`` how many HVPs a sample's solves cost (fewer than K - 1 after the
+  residual stop, more when relaxations or back-offs repeat the solve).
+* ``moreau_vs_exact_cos``: cosine of the solve the step uses (one-sided finite differences, residual stop)
+  to the same system solved with exact (autograd) products and all K steps, at the original weights.
 * ``*_vs_unrolled_cos`` (shapes world only): for one SGD configuration, the cosine of the
   Moreau hypergradient (K=5), the Moreau hypergradient after a proximal ADAPT, and the
   first-order one to the exact unrolled hypergradient of that ADAPT run.
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -181,6 +187,20 @@ def measure_memory(args, kind: str) -> dict:
     return {"total_mb": sampler.peak - start, "step_mb": sampler.peak - sampler.before}
 
 
+def solve_vs_exact(model, theta, data, scheduler, loss, args) -> float:
+    """Cosine of the step's solve (its config: one-sided differences, residual stop) to exact products, all K."""
+    from alignment.hypergradient import solve
+    from alignment.losses import HarmLoss
+
+    harm_batch = data.harmful.batch.take(torch.arange(args.batch_size))
+    harm_draw = Draw.sample(scheduler, harm_batch.latents, torch.Generator().manual_seed(3))
+    _, g = gradient(lambda p: HarmLoss("ga")(model, p, {}, harm_batch, harm_draw), theta)
+    config = _config(args, "moreau").hypergradient
+    ours = solve(FiniteDifferenceHVP(loss, theta), g, config).x
+    exact = solve(AutogradHVP(loss, theta), g, replace(config, hvp="autograd", residual_tol=0)).x
+    return float(flat_dot(ours, exact) / (flat_norm(ours) * flat_norm(exact)))
+
+
 def compare_with_unrolled(model, theta, data, scheduler, args) -> dict:
     """Cosines to the unrolled hypergradient, with and without the proximal term in ADAPT."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -252,9 +272,13 @@ def main() -> None:
         return finetune_loss(model, p, ft)
 
     grad_s, (_, g) = _timed(lambda: gradient(loss, theta), args.repeats)
-    fd = FiniteDifferenceHVP(loss, theta)
-    fd_s, fd_v = _timed(lambda: fd(g), args.repeats)
     k = 5
+
+    def fd_k():
+        op = FiniteDifferenceHVP(loss, theta)
+        return [op(g) for _ in range(k)][0]
+
+    fd_k_s, fd_v = _timed(fd_k, args.repeats)
 
     def autograd_k():
         op = AutogradHVP(loss, theta)
@@ -263,6 +287,7 @@ def main() -> None:
     ag_k_s, ag_v = _timed(autograd_k, args.repeats)
     ag_1_s, _ = _timed(lambda: AutogradHVP(loss, theta)(g), args.repeats)
     cos = float(flat_dot(fd_v, ag_v) / (flat_norm(fd_v) * flat_norm(ag_v)))
+    exact_cos = solve_vs_exact(model, theta, data, scheduler, loss, args)
     unrolled = compare_with_unrolled(model, theta, data, scheduler, args) if args.model == "shapes-world" else {}
 
     steps, samples = {}, {}
@@ -290,13 +315,15 @@ def main() -> None:
         "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size, "samples_J": args.samples,
         "adapt_steps": args.adapt_steps, "richardson_K": k, "scope": "attention-lora",
         "gradient_s": round(grad_s, 4),
-        "hvp_fd_over_grad": round(fd_s / grad_s, 3),
+        "hvp_fd_over_grad": round(fd_k_s / k / grad_s, 3),
         "hvp_autograd_over_grad": round(ag_k_s / k / grad_s, 3),
         "hvp_autograd_over_grad_single": round(ag_1_s / grad_s, 3),
         "hvp_fd_vs_autograd_cos": round(cos, 6),
         "moreau_step_s": round(steps["moreau"], 3), "first_order_step_s": round(steps["first-order"], 3),
         "moreau_over_first_order_step": round(steps["moreau"] / steps["first-order"], 3),
         "moreau_backoffs_per_sample": round(statistics.fmean(len(s["backoffs"]) for s in samples["moreau"]), 3),
+        "moreau_products_per_sample": round(statistics.fmean(s["products"] for s in samples["moreau"]), 3),
+        "moreau_vs_exact_cos": round(exact_cos, 6),
         "resalign_peak_mb": round(peaks["resalign"]["total_mb"], 1),
         "finetune_peak_mb": round(peaks["finetune"]["total_mb"], 1),
         "resalign_over_finetune_peak_mem": round(peaks["resalign"]["total_mb"] / peaks["finetune"]["total_mb"], 3),

@@ -32,7 +32,8 @@ def unflat(v: torch.Tensor, like: dict) -> dict:
 
 
 # -- Adam -----------------------------------------------------------------------------------
-def test_functional_adam_matches_torch_step_for_step():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_functional_adam_matches_torch_step_for_step(in_place):
     gen = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen,
                                                                                            dtype=torch.float64)}
@@ -48,7 +49,11 @@ def test_functional_adam_matches_torch_step_for_step():
     for step in range(20):
         grads = dict(zip(params, torch.autograd.grad(loss({k: v.requires_grad_() for k, v in params.items()}),
                                                      list(params.values()))))
-        params, state = ours.step({k: v.detach() for k, v in params.items()}, grads, state)
+        params = {k: v.detach() for k, v in params.items()}
+        if in_place:  # ADAPT's path off the tape
+            state = ours.step_(params, grads, state)
+        else:
+            params, state = ours.step(params, grads, state)
         torch_adam.zero_grad()
         loss(reference).backward()
         torch_adam.step()
@@ -60,6 +65,22 @@ def test_sgd_is_plain_gradient_descent():
     p = {"w": torch.tensor([1.0, -2.0])}
     new, _ = SGD(0.5).step(p, {"w": torch.tensor([2.0, 2.0])}, None)
     assert torch.equal(new["w"], torch.tensor([0.0, -3.0]))
+    SGD(0.5).step_(p, {"w": torch.tensor([2.0, 2.0])}, None)
+    assert torch.equal(p["w"], torch.tensor([0.0, -3.0]))
+
+
+def test_adapt_off_the_tape_equals_the_functional_steps_and_leaves_theta_alone():
+    """The in-place path computes what the differentiable (functional) path computes."""
+    params, ft_loss, _ = _mlp_problem()
+    before = {k: t.clone() for k, t in params.items()}
+    for optimizer in ("sgd", "adam"):
+        config = FineTuneConfig(optimizer=optimizer, learning_rate=1e-2, steps=5, method="full")
+        star = adapt(params, lambda p, s: ft_loss(p), config, torch.Generator().manual_seed(0))
+        taped = adapt({k: t.clone().requires_grad_() for k, t in params.items()}, lambda p, s: ft_loss(p), config,
+                      torch.Generator().manual_seed(0), differentiable=True)
+        assert all(torch.equal(star[k], taped[k].detach()) for k in params), optimizer
+        assert not torch.equal(star["w1"], params["w1"])
+    assert all(torch.equal(params[k], before[k]) for k in params)
 
 
 # -- pi(C) ----------------------------------------------------------------------------------
