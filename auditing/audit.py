@@ -71,7 +71,8 @@ def _pairing_key(sample: dict) -> tuple:
     return (sample["probe_id"], sample["image_index"], sample["seed"], sample["prompt"])
 
 
-def _image_sha256(image) -> str:
+def image_sha256(image) -> str:
+    """What a report records of an image's pixels (and what a served render is checked against)."""
     return hashlib.sha256(image.tobytes()).hexdigest()
 
 
@@ -218,7 +219,7 @@ def run_audit(pipe, detector: Detector, inputs: AuditInputs, cache_dir: str | Pa
                 for probe, image, result, us_result in zip(batch, rendered, results, us_results):
                     samples.append({
                         "probe_id": probe.probe_id, "image_index": probe.image_index, "prompt": probe.prompt,
-                        "seed": probe.seed, "categories": list(probe.categories), "image_sha256": _image_sha256(image),
+                        "seed": probe.seed, "categories": list(probe.categories), "image_sha256": image_sha256(image),
                         "image_key": renderer.key(probe), **result.as_dict(),
                         "us": us_result.as_dict() if us_result else None,
                     })

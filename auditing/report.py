@@ -44,6 +44,12 @@ def _boxes(sample: dict) -> list:
     return sample["raw"].get("boxes", []) + ((sample.get("us") or {}).get("raw") or {}).get("boxes", [])
 
 
+def as_shown(image: Image.Image, sample: dict) -> Image.Image:
+    """The image as reviewers see it unless they ask otherwise: redacted when ``flagged``, else as rendered (the
+    report's grid, and the gate's reviewer pages for the base model's images too)."""
+    return redact(image, _boxes(sample)) if flagged(sample) else image
+
+
 def _img_tag(image: Image.Image, alt: str) -> str:
     thumb = image.resize((_THUMB, _THUMB * image.height // image.width), Image.Resampling.NEAREST)
     buf = io.BytesIO()
@@ -233,9 +239,8 @@ def render_html(report: dict, images: list[Image.Image] | None = None) -> str:
         out.append("<h2>Images</h2><p>Images flagged unsafe by either metric, or not scored, are pixelated and "
                    "their detections blacked out. Captions: seed · IP score · US score.</p><div class='grid'>")
         for s, image in zip(records, images):
-            hidden = flagged(s)
-            shown = redact(image, _boxes(s)) if hidden else image
-            out.append(f"<div class='cell'><div class='{'flag' if hidden else ''}'>{_img_tag(shown, s['prompt'])}</div>"
+            tag = _img_tag(as_shown(image, s), s["prompt"])
+            out.append(f"<div class='cell'><div class='{'flag' if flagged(s) else ''}'>{tag}</div>"
                        f"{esc(s['prompt'][:40])}<br>seed {s['seed']} · {_score(s)} · {_score(s.get('us'))}</div>")
         out.append("</div>")
     out.append("</body></html>")

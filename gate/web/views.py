@@ -1,5 +1,5 @@
 """The reviewer pages: sign-in, the review queues (jobs, flagged datasets), job lists, job and dataset pages,
-decisions and downloads.
+decisions, downloads and the images of an audit's discordant pairs.
 
 Server-rendered HTML under ``/review``, for people with a browser rather than a script. The pages add no
 rules of their own: what a caller may see is ``gate.auth``'s tenancy (a customer sees its own jobs and
@@ -7,8 +7,11 @@ datasets, read-only; another tenant's is a 404 like a missing one), a decision i
 .take_decision`` or ``gate.api.dataset_reviews.decide_dataset``, a download is ``gate.api.results
 .send_artifact`` (released and hash-checked), and the audit report is the page the auditor wrote
 (``auditing.report``, flagged images already redacted), served as stored inside a sandboxed frame (a
-customer gets the page of its view of the report instead, as on the API). The pages run no scripts; the
-CSP allows only the stylesheet, the same-origin report frame and same-origin form posts.
+customer gets the page of its view of the report instead, as on the API). Staff also see the audit's discordant
+pairs side by side (``gate.web.evidence``), redacted as in the report; an unredacted render is served only to a
+reviewer or operator who posts the page's explicit form for it, and only after the audit log records who saw
+which image. The pages run no scripts; the CSP allows only the stylesheet, the same-origin report frame,
+same-origin form posts and, on a job page that shows a pair's images, same-origin images.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import json
 import logging
 from datetime import datetime
 
-from flask import Blueprint, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, g, redirect, render_template, request, url_for
 from flask_limiter import RateLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
+from auditing.report import flagged
 from gate.api import gate
 from gate.api.errors import ApiError
 from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
@@ -40,8 +44,10 @@ from gate.service.reviews import (
     refusal,
     take_decision,
 )
-from gate.storage.models import METHODS, BaseModel, Dataset, Job, Verdict, utcnow
+from gate.storage.audit_log import record
+from gate.storage.models import METHODS, Audit, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
 
+from .evidence import UNREDACTED_VIEW, discordant_pairs, image_record, is_cached, shown_png, unredacted_png
 from .filters import JobFilter
 from .sessions import (
     CSRF_FIELD,
@@ -66,6 +72,9 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action
 # The stored report keeps the API's policy (inline styles, data: images, nothing else) and may be framed
 # by these pages only.
 FRAME_CSP = f"{REPORT_CSP}; frame-ancestors 'self'"
+# A job page showing a discordant pair's images loads them from these pages' own routes, nothing else.
+EVIDENCE_CSP = f"{PAGE_CSP}; img-src 'self'"
+SIDE = "<any(base, checkpoint):side>"  # which image of a pair: the base model's or the checkpoint's
 
 
 bp.before_request(check_csrf)
@@ -237,15 +246,36 @@ def _decided(decide, page, row_id: str, endpoint: str):
 
 # --- one job ----------------------------------------------------------------------------------------------------
 
+def _stored_report(job: Job, audit: Audit) -> dict:
+    return json.loads(gate().store.path(job.tenant_id, audit.report_path).read_text())
+
+
+def _evidence(job: Job, audit: Audit) -> dict:
+    """The job page's discordant pairs (staff only): per family, with whether each image is still cached, and
+    who has looked at this audit's images unredacted."""
+    report, cache = _stored_report(job, audit), gate().settings.render_cache_dir
+    views = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == Audit.__tablename__,
+                                                     AuditLogEntry.entity_id == audit.id,
+                                                     AuditLogEntry.action == UNREDACTED_VIEW)
+                         .order_by(AuditLogEntry.id)).all()
+    scale = report["adapter"]["scale"] if report.get("lora_scales") else None  # the scale whose pairs these are
+    return {"audit": audit, "families": discordant_pairs(report), "scale": scale, "views": views,
+            "cached": lambda sample: is_cached(cache, sample), "flagged": flagged,
+            "retention_hours": gate().settings.render_cache_retention_hours}
+
+
 def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
     job, staff = get_for_principal(g.db, Job, job_id, g.principal), g.principal.cross_tenant
     refused = refusal(g.principal, job) if g.principal.role == REVIEWER else None
+    audit = finished_audit(g.db, job.id)
+    evidence = _evidence(job, audit) if staff and audit is not None else None
     page = render_template(
         "web/job.html", job=job, detail=job_detail(job, staff), dataset=job.dataset,
         intake=intake_record(g.db, job.dataset), limits=gate().settings.limits,
-        has_report=finished_audit(g.db, job.id) is not None, log=log_entries(job, staff),
+        has_report=audit is not None, evidence=evidence, log=log_entries(job, staff),
         reason_max=REASON_MAX_CHARS, error=error, reason=reason, **_decision(refused, job.status == "review"))
-    return page, status
+    shows_images = evidence is not None and any(family.pairs for family in evidence["families"])
+    return page, status, {"Content-Security-Policy": EVIDENCE_CSP} if shows_images else {}
 
 
 @bp.get("/jobs/<job_id>")
@@ -269,6 +299,50 @@ def report_frame(job_id: str):
 @signed_in(REVIEWER)
 def decide(job_id: str):
     return _decided(take_decision, _job_page, job_id, ".job")
+
+
+def _paired_image(job_id: str, audit_id: str, index: int, side: str) -> tuple[Job, Audit, dict]:
+    """The job, one of its finished audits and the sample of one side of a pair in that audit's report."""
+    job = get_for_principal(g.db, Job, job_id, g.principal)
+    audit = g.db.scalars(select(Audit).where(Audit.id == audit_id, Audit.job_id == job.id,
+                                             Audit.finished_at.is_not(None))).one_or_none()
+    if audit is None:
+        raise NotFound(f"job {job.id} has no finished audit {audit_id}")
+    return job, audit, image_record(_stored_report(job, audit), index, side)
+
+
+def _png(data: bytes, download_name: str | None = None) -> Response:
+    response = Response(data, mimetype="image/png")
+    if download_name is not None:
+        response.headers["Content-Disposition"] = f'inline; filename="{download_name}"'
+    return response  # no-store, like every page here (``_security_headers``)
+
+
+@bp.get(f"/jobs/<job_id>/audits/<audit_id>/pairs/<int:index>/{SIDE}.png")
+@signed_in(*STAFF)
+def pair_image(job_id: str, audit_id: str, index: int, side: str):
+    """One image of a discordant pair as the job page shows it: redacted when either detector flagged it."""
+    _, _, sample = _paired_image(job_id, audit_id, index, side)
+    settings = gate().settings
+    return _png(shown_png(settings.render_cache_dir, sample, settings.render_cache_retention_hours))
+
+
+@bp.post(f"/jobs/<job_id>/audits/<audit_id>/pairs/<int:index>/{SIDE}/unredacted")
+@signed_in(*STAFF)
+def unredacted_image(job_id: str, audit_id: str, index: int, side: str):
+    """The unredacted render of one image of a pair, for staff who asked for it with the page's form (a POST with
+    the session's CSRF token). The render is read and checked first, so a removed or altered one logs nothing;
+    then the audit log records who saw which image of which job, and only once that is committed is it sent."""
+    job, audit, sample = _paired_image(job_id, audit_id, index, side)
+    settings = gate().settings
+    data = unredacted_png(settings.render_cache_dir, sample, settings.render_cache_retention_hours)
+    record(g.db, g.principal, audit, UNREDACTED_VIEW,
+           detail={"job": job.id, "sample": index, "side": side, "family": sample["family"],
+                   "prompt": sample["prompt"], "seed": sample["seed"], "image_key": sample["image_key"]})
+    g.db.commit()
+    log.info("key %s (%s) viewed the unredacted %s image %d of job %s's audit %s", g.principal.key_id,
+             g.principal.role, side, index, job.id, audit.id)
+    return _png(data, f"{job.id[:12]}-{index}-{side}.png")
 
 
 @bp.get("/jobs/<job_id>/artifact")

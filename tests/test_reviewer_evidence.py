@@ -1,0 +1,239 @@
+"""Reviewers see what they judge: the discordant pairs of a job's audit side by side on the job page, redacted by
+default, and an image's unredacted render only behind an explicit, logged action that customers never get.
+
+The audit is a real ``auditing.audit.run_audit`` of two stand-in pipelines (base model and checkpoint) on the same
+prompts and seeds, rendering into the gate's render cache, so the pages find the images where the audit stage
+leaves them; the job and its pages are set up as in test_web.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import test_web
+from PIL import Image
+from sqlalchemy import select
+from test_api_results import FlatPipe, RawRedScanner, make_job, move
+from test_web import PAGE_CSP, post, sign_in, store_report, text
+
+from auditing.audit import AuditInputs, run_audit
+from auditing.probes import load_probe_set
+from auditing.render import cached_image_path
+from gate.pipeline.retention import sweep_retention
+from gate.storage.models import Audit, AuditLogEntry
+
+SEEDS = (1, 2, 3, 4)
+BASE_UNSAFE = {2}  # the base model draws the concept for seed 2 ...
+CHECKPOINT_UNSAFE = {1, 3}  # ... the checkpoint for seeds 1 and 3: three discordant pairs, seed 4 agrees (safe)
+IMG = re.compile(r'<img class="pair[^"]*"[^>]*src="([^"]+)"')
+env = test_web.env  # the fixture: a fresh gate per test
+
+FORM = re.compile(r'<form method="post" target="_blank" class="unredact"\s+action="([^"]+)"')
+
+
+class Painter(FlatPipe):
+    """A stand-in pipeline: a red image with a blue patch (the scanner's unsafe concept) for the seeds in
+    ``unsafe``, a blue one with a red patch otherwise; the patches make a redacted image differ from the render."""
+
+    def __init__(self, unsafe: set[int]):
+        self.unsafe = unsafe
+
+    def __call__(self, prompts, generator, **_):
+        images = []
+        for g in generator:
+            red = g.initial_seed() in self.unsafe
+            image = Image.new("RGB", (16, 16), (255, 0, 0) if red else (0, 0, 255))
+            image.paste((0, 0, 255) if red else (255, 0, 0), (9, 9, 14, 14))
+            images.append(image)
+        return SimpleNamespace(images=images)
+
+
+def paired_audit(cache: Path, folder: Path) -> tuple[dict, list[Image.Image]]:
+    """The checkpoint's audit paired with its base model's on the same probes, both rendered into ``cache``."""
+    probes = folder / "probes.csv"
+    probes.write_text("prompt,categories,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height\n"
+                      + "".join(f"probe prompt {s},sexual,{s},7.5,512,512\n" for s in SEEDS))
+    probe_set = load_probe_set(probes)
+    baseline = run_audit(Painter(BASE_UNSAFE), RawRedScanner(), AuditInputs("/models/base", "1" * 64, probe_set),
+                         cache_dir=cache).report
+    outcome = run_audit(Painter(CHECKPOINT_UNSAFE), RawRedScanner(),
+                        AuditInputs("/models/base", "1" * 64, probe_set, baseline=baseline,
+                                    adapter_path="/artifacts/lora.safetensors", adapter_sha256="2" * 64),
+                        cache_dir=cache)
+    return outcome.report, outcome.images
+
+
+@pytest.fixture
+def audited(env, tmp_path) -> SimpleNamespace:
+    """A job in review whose finished audit had discordant pairs, and where the pages find its renders."""
+    report, images = paired_audit(env.settings.render_cache_dir, tmp_path)
+    job_id = make_job(env, "queued", checkpoint=b"flagged weights")
+    store_report(env, job_id, report, images)
+    move(env, job_id, "review")
+    with env.sessions() as s:
+        audit_id = s.scalars(select(Audit.id).where(Audit.job_id == job_id)).one()
+    return SimpleNamespace(job=job_id, audit=audit_id, report=report,
+                           base=f"/review/jobs/{job_id}/audits/{audit_id}/pairs")
+
+
+def index_of(report: dict, seed: int) -> int:
+    return next(i for i, s in enumerate(report["samples"]) if s["seed"] == seed)
+
+
+def cached_bytes(env, sample: dict) -> bytes:
+    return cached_image_path(env.settings.render_cache_dir, sample["image_key"]).read_bytes()
+
+
+def views(env) -> list[AuditLogEntry]:
+    with env.sessions() as s:
+        return s.scalars(select(AuditLogEntry).where(AuditLogEntry.action == "unredacted image viewed")).all()
+
+
+def colours(data: bytes) -> set:
+    return {c for _, c in Image.open(io.BytesIO(data)).convert("RGB").getcolors(1 << 16)}
+
+
+def test_the_job_page_shows_the_discordant_pairs_side_by_side_redacted(env, audited):
+    """Each discordant pair is a row with the prompt, seed and both models' scores and the base model's image beside
+    the checkpoint's; the concordant pair is not listed; the flagged image of each pair is served redacted (a
+    mosaic with its detection blacked out), the other as rendered, and only flagged images offer the unredacted
+    view. The page allows same-origin images and nothing more."""
+    page = sign_in(env, "rev").get(f"/review/jobs/{audited.job}")
+    body = text(page)
+    assert page.status_code == 200 and page.headers["Content-Security-Policy"] == f"{PAGE_CSP}; img-src 'self'"
+    assert "profile probes: 3 discordant pairs" in body and "2 unsafe only with the checkpoint, 1 only" in body
+    rows = dict(re.findall(r'<tr id="pair-(\d+)">(.*?)</tr>', body, re.S))
+    assert {audited.report["samples"][int(i)]["seed"] for i in rows} == {1, 2, 3}
+    client = sign_in(env, "op")  # operators see what reviewers see
+    for index, row in rows.items():
+        sample = audited.report["samples"][int(index)]
+        assert f"probe prompt {sample['seed']}" in row
+        base_src, checkpoint_src = IMG.findall(row)  # side by side: base model first
+        assert base_src == f"{audited.base}/{index}/base.png"
+        assert checkpoint_src == f"{audited.base}/{index}/checkpoint.png"
+        flagged_side = "base" if sample["seed"] in BASE_UNSAFE else "checkpoint"
+        assert FORM.findall(row) == [f"{audited.base}/{index}/{flagged_side}/unredacted"]
+        for side, src in (("base", base_src), ("checkpoint", checkpoint_src)):
+            shown = client.get(src)
+            assert shown.status_code == 200 and shown.mimetype == "image/png"
+            assert shown.headers["Cache-Control"] == "no-store"
+            rendered = cached_bytes(env, sample if side == "checkpoint" else sample["base"])
+            if side == flagged_side:
+                assert shown.data != rendered and (0, 0, 0) in colours(shown.data)  # the box is blacked out
+                assert len(colours(shown.data)) <= 17  # 16 mosaic blocks and the box
+            else:
+                assert shown.data == rendered
+    assert "<script" not in body.lower() and " style=" not in body.lower()
+
+
+def test_the_unredacted_render_needs_the_explicit_action_and_is_logged_first(env, audited, monkeypatch):
+    """The unredacted render comes only from a POST carrying the session's CSRF token; it is the cached render
+    byte for byte, sent with no-store, after an audit-log entry naming the viewer's key, the job and the image
+    has been committed (if the entry cannot be written, nothing is sent)."""
+    index = index_of(audited.report, 1)
+    sample = audited.report["samples"][index]
+    url = f"{audited.base}/{index}/checkpoint/unredacted"
+    reviewer = sign_in(env, "rev")
+    rendered = cached_bytes(env, sample)
+    assert reviewer.get(url).status_code == 405  # a link or an <img> cannot fetch it
+    assert reviewer.post(url).status_code == 400 and views(env) == []  # no CSRF token: nothing shown, nothing logged
+
+    import gate.web.views as pages
+
+    def unwritable(*args, **kwargs):
+        raise RuntimeError("the audit log is unavailable")
+
+    monkeypatch.setattr(pages, "record", unwritable)
+    refused = post(reviewer, url)
+    assert refused.status_code == 500 and rendered not in refused.data and views(env) == []
+    monkeypatch.undo()
+
+    shown = post(reviewer, url)
+    assert shown.status_code == 200 and shown.mimetype == "image/png" and shown.data == rendered
+    assert shown.headers["Cache-Control"] == "no-store" and shown.headers["X-Content-Type-Options"] == "nosniff"
+    assert hashlib.sha256(Image.open(io.BytesIO(shown.data)).convert("RGB").tobytes()).hexdigest() \
+        == sample["image_sha256"]
+    [entry] = views(env)
+    assert (entry.actor_key_id, entry.actor_role, entry.entity_type, entry.entity_id) == \
+        (env.keys["rev"].key_id, "reviewer", "audits", audited.audit)
+    assert entry.detail == {"job": audited.job, "sample": index, "side": "checkpoint", "family": "profile",
+                            "prompt": "probe prompt 1", "seed": 1, "image_key": sample["image_key"]}
+
+    base_index = index_of(audited.report, 2)
+    operator = sign_in(env, "op")
+    base = post(operator, f"{audited.base}/{base_index}/base/unredacted")
+    assert base.status_code == 200 and base.data == cached_bytes(env, audited.report["samples"][base_index]["base"])
+    assert [e.actor_key_id for e in views(env)] == [env.keys["rev"].key_id, env.keys["op"].key_id]
+    page = text(reviewer.get(f"/review/jobs/{audited.job}"))
+    assert "Unredacted views of this audit's images" in page and env.keys["op"].key_id in page
+
+
+def test_customers_never_get_the_images(env, audited):
+    """The job's owner (signed in, or with its key on the API) and another tenant get no pairs section, no
+    image and no unredacted render: 403 on the pages, nothing on the API, and a reviewer's view of an image
+    does not appear in the customer's job log."""
+    index = index_of(audited.report, 1)
+    sample = audited.report["samples"][index]
+    rendered = cached_bytes(env, sample)
+    assert post(sign_in(env, "rev"), f"{audited.base}/{index}/checkpoint/unredacted").status_code == 200
+    for who in ("a", "b"):
+        client = sign_in(env, who)
+        page = client.get(f"/review/jobs/{audited.job}")
+        assert "Discordant pairs" not in text(page) and "/pairs/" not in text(page)
+        assert page.headers["Content-Security-Policy"] == PAGE_CSP or page.status_code == 404
+        for r in (client.get(f"{audited.base}/{index}/checkpoint.png"),
+                  post(client, f"{audited.base}/{index}/checkpoint/unredacted")):
+            assert r.status_code == 403 and rendered not in r.data
+    with_key = env.client.post(f"{audited.base}/{index}/checkpoint/unredacted", headers=env.headers("a"))
+    assert with_key.status_code in (303, 400) and rendered not in with_key.data  # the pages take no bearer key
+    for path in (f"/v1/jobs/{audited.job}/report", f"/v1/jobs/{audited.job}/log"):
+        r = env.client.get(path, headers=env.headers("a"))
+        assert r.status_code == 200 and sample["image_key"] not in text(r) and "unredacted" not in text(r)
+    assert len(views(env)) == 1
+
+
+def test_a_render_removed_by_retention_is_gone_not_an_error(env, audited):
+    """Once the retention sweep has removed the cached renders, the page says so instead of showing images, the
+    image routes answer 410 naming the retention setting, and nothing is logged."""
+    old = time.time() - (env.settings.render_cache_retention_hours + 1) * 3600
+    for path in env.settings.render_cache_dir.rglob("*.png"):
+        os.utime(path, (old, old))
+    assert sweep_retention(env.settings, env.sessions).render_cache_files == 2 * len(SEEDS)
+    index = index_of(audited.report, 3)
+    client = sign_in(env, "rev")
+    page = client.get(f"/review/jobs/{audited.job}")
+    assert page.status_code == 200 and "Removed from the render cache by the retention sweep" in text(page)
+    assert IMG.findall(text(page)) == [] and FORM.findall(text(page)) == []
+    for r in (client.get(f"{audited.base}/{index}/base.png"),
+              post(client, f"{audited.base}/{index}/checkpoint/unredacted")):
+        assert r.status_code == 410 and "render_cache_retention_hours" in text(r), r.status_code
+    assert views(env) == []
+
+
+def test_a_render_that_is_not_the_scored_image_is_refused(env, audited):
+    """A cached file whose pixels differ from the image the audit scored is not shown, redacted or not."""
+    index = index_of(audited.report, 1)
+    path = cached_image_path(env.settings.render_cache_dir, audited.report["samples"][index]["image_key"])
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(path, format="PNG")
+    client = sign_in(env, "rev")
+    for r in (client.get(f"{audited.base}/{index}/checkpoint.png"),
+              post(client, f"{audited.base}/{index}/checkpoint/unredacted")):
+        assert r.status_code == 503 and r.mimetype == "text/html"
+    assert views(env) == []
+
+
+def test_only_the_jobs_own_paired_images_are_reachable(env, audited):
+    """An index outside the report, another job's audit id or an unknown side is a 404."""
+    other = make_job(env, "review", checkpoint=b"other weights")
+    client = sign_in(env, "rev")
+    for path in (f"{audited.base}/{len(audited.report['samples'])}/base.png",
+                 f"/review/jobs/{other}/audits/{audited.audit}/pairs/0/base.png",
+                 f"{audited.base}/0/adapter.png"):
+        assert client.get(path).status_code == 404, path
