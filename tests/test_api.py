@@ -19,6 +19,8 @@ from werkzeug.serving import make_server
 from auditing.detectors.base import Detector, DetectorResult
 from gate.api import create_app
 from gate.auth import create_key, ensure_tenant, revoke_key
+from gate.pipeline import intake
+from gate.pipeline.runtime import Runtime
 from gate.settings import Limits, Settings
 from gate.storage.audit_log import SYSTEM
 from gate.storage.db import make_engine, session_factory, upgrade
@@ -86,16 +88,31 @@ def good_zip(n: int = 3, red: int = 0) -> bytes:
     return make_zip(members)
 
 
-class RecordingDispatcher:
-    """Records what the API hands to the worker queues."""
+def detectors(nudenet: Detector):
+    """A ``load_detector`` for the intake stage in which ``nudenet`` stands in for NudeNet (the others load)."""
+    from auditing.detectors.registry import load_detector
 
-    def __init__(self):
+    return lambda name, **options: nudenet if name == "nudenet" else load_detector(name, **options)
+
+
+class RecordingDispatcher:
+    """Records what the API hands to the worker queues; ``intake(dataset_id)``, if given, is what a worker on the
+    intake queue does with a dataset's message, run at once (the test's stand-in for the queue)."""
+
+    def __init__(self, intake=None):
         self.jobs: list[str] = []
+        self.datasets: list[str] = []
         self.baselines: list[str] = []
         self.alignments: list[str] = []
+        self.intake = intake
 
     def job(self, job_id: str) -> None:
         self.jobs.append(job_id)
+
+    def dataset(self, dataset_id: str) -> None:
+        self.datasets.append(dataset_id)
+        if self.intake is not None:
+            self.intake(dataset_id)
 
     def baseline(self, base_model_id: str) -> None:
         self.baselines.append(base_model_id)
@@ -120,9 +137,11 @@ class Env:
                 src.backup(dst)  # the database as committed, WAL included (a file copy may miss it)
         self.engine = make_engine(self.settings.database_url)
         self.sessions = session_factory(self.engine)
-        self.dispatcher = RecordingDispatcher()
+        self.runtime = Runtime.open(self.settings)
+        self.scanner: Detector = RedScanner()  # NudeNet's stand-in in the intake
+        self.dispatcher = RecordingDispatcher(intake=self.run_intake)
         self.enqueued = self.dispatcher.jobs
-        self.app = create_app(self.settings, dispatcher=self.dispatcher, scanner=RedScanner())
+        self.app = create_app(self.settings, dispatcher=self.dispatcher)
         self.client = self.app.test_client()
         with self.sessions() as s:
             for tenant in ("acme", "globex", "platform"):
@@ -138,6 +157,10 @@ class Env:
 
     def headers(self, who: str) -> dict:
         return {"Authorization": f"Bearer {self.keys[who].key}"}
+
+    def run_intake(self, dataset_id: str) -> str | None:
+        """The worker's intake stage on ``dataset_id`` (``gate.pipeline.intake.run``), with this env's scanner."""
+        return intake.run(self.runtime, dataset_id, "test-worker/intake", load=detectors(self.scanner))
 
     def upload(self, data: bytes, who: str = "a"):
         return self.client.post("/v1/datasets", headers=self.headers(who),
@@ -163,24 +186,34 @@ def env(tmp_path) -> Env:
 
 
 def test_accepted_upload_creates_row_folder_and_log_entry(env):
+    """The upload is stored and answered 202; the intake (run inline here) stores the prepared set in the store,
+    records its figures per detector, and leaves no folder behind it."""
     r = env.upload(good_zip())
-    assert r.status_code == 201, r.json
+    assert r.status_code == 202, r.json
     body = r.json
+    assert r.headers["Location"] == f"/v1/datasets/{body['id']}"
     assert body["status"] == "accepted" and body["image_count"] == 3 and body["contamination_ratio"] == 0
+    assert body["refusal"] is None and body["error"] is None and list(body["intake"]["scans"]) == ["nudenet"]
     with env.sessions() as s:
         row = s.get(Dataset, body["id"])
         assert row.tenant_id == "acme" and row.content_sha256 == body["content_sha256"]
         assert (env.settings.artifacts_dir / row.artifact_path).is_file()
-        assert s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == row.id)).one().to_state == "accepted"
-    folder = env.state / "datasets" / "acme" / body["id"]
-    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
-                                                        "00002.png", "00002.txt", "intake.json"]
+        log = s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == row.id)
+                        .order_by(AuditLogEntry.id)).all()
+        assert [(e.action, e.to_state) for e in log] == [("created", "received"), ("claimed", None),
+                                                         ("status", "accepted")]
+        with zipfile.ZipFile(env.settings.artifacts_dir / row.prepared_path) as prepared:
+            assert sorted(prepared.namelist()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
+                                                   "00002.png", "00002.txt", "intake.json"]
+        assert (row.worker, row.lease_expires_at, row.attempts) == (None, None, 1)
+    scratch = env.state / "intake"
+    assert env.dataset_files() == [] and (not scratch.exists() or not any(scratch.iterdir()))
     assert env.client.get(f"/v1/datasets/{body['id']}", headers=env.headers("a")).json["id"] == body["id"]
 
 
 def test_contaminated_upload_is_flagged(env):
     r = env.upload(good_zip(n=20, red=1))
-    assert r.status_code == 201 and r.json["status"] == "flagged" and r.json["flagged_files"] == ["img0.png"]
+    assert r.status_code == 202 and r.json["status"] == "flagged" and r.json["intake"]["flagged"] == ["img0.png"]
 
 
 def review_dataset(env: Env, dataset_id: str, who: str = "rev", **body):
@@ -221,7 +254,7 @@ def test_a_flagged_dataset_trains_only_after_a_reviewer_accepts_it(env):
         r = review_dataset(env, dataset, **body)
         assert r.status_code == 400 and r.json["error"]["field"] == field
     assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).json["status"] == "flagged"
-    assert len(dataset_log(env, dataset)) == 1  # only the upload
+    assert [e.action for e in dataset_log(env, dataset)] == ["created", "claimed", "status"]  # upload, intake
 
     reason = "img0 is a red stop sign, not unsafe content"
     r = review_dataset(env, dataset, decision="accept", reason=f" {reason} ")
@@ -277,14 +310,21 @@ def test_dataset_review_refusals(env):
     (make_zip({"a.png": b"GIF89a not really", "a.txt": b"caption"}), 415, "format_not_allowed"),
     (good_zip(n=4, red=2), 422, "contaminated"),
 ])
-def test_refused_upload_leaves_no_row_and_no_files(env, data, status, reason):
-    entries = env.count(AuditLogEntry)
+def test_refused_upload_ends_rejected_with_its_reason_and_no_prepared_set(env, data, status, reason):
+    """The intake's refusal is the dataset's: ``rejected``, with the status and reason the intake gives; only the
+    upload stays in the store (its row names it), nothing prepared is stored or left on disk."""
     r = env.upload(data)
-    assert r.status_code == status, r.json
-    assert r.json["error"]["reason"] == reason and r.json["error"]["status"] == status
-    assert env.count(Dataset) == 0 and env.count(AuditLogEntry) == entries
+    assert r.status_code == 202, r.json
+    got = env.client.get(f"/v1/datasets/{r.json['id']}", headers=env.headers("a")).json
+    assert got["status"] == "rejected" and got["error"] is None
+    assert (got["refusal"]["reason"], got["refusal"]["status"]) == (reason, status), got["refusal"]
+    with env.sessions() as s:
+        row = s.get(Dataset, got["id"])
+        assert row.prepared_path is None
+        assert [p.relative_to(env.settings.artifacts_dir).as_posix()
+                for p in env.settings.artifacts_dir.rglob("*") if p.is_file()] == [row.artifact_path]
     assert env.dataset_files() == []
-    assert not list((env.settings.artifacts_dir).rglob("*.zip"))
+    assert env.job(got["id"]).json["error"]["reason"] == "dataset_not_trainable"
 
 
 def test_oversized_body_is_413_json(env):

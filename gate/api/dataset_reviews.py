@@ -15,11 +15,19 @@ from .errors import json_object
 from .serialize import dataset_json
 
 bp = Blueprint("dataset_reviews", __name__, url_prefix="/v1")
+# What a dataset's ``error`` reads as over the API (the exception's text, which can name the gate's paths and
+# workers, is in its audit log for operators): a fault of the service, not of the data.
+SERVICE_FAULT = ("the gate could not scan this dataset (a fault of the service, not of the data): a failed dataset "
+                 "can be uploaded again; a screening is asked for again by the next job on that base model")
 
 
 def dataset_detail(session: Session, dataset: Dataset) -> dict:
-    """A dataset with its intake figures and its review: what a reviewer decides on, and a customer waits for."""
-    return dataset_json(dataset) | {"intake": intake_record(session, dataset),
+    """A dataset with its intake figures and its review: what a reviewer decides on, and a customer waits for.
+    ``refusal`` says why the intake rejected it (reason, message, files); ``error`` what kept the service from
+    taking it in (``failed``) or from screening it for a base model, if anything."""
+    intake = intake_record(session, dataset)
+    return dataset_json(dataset) | {"intake": intake, "refusal": (intake or {}).get("refusal"),
+                                    "error": SERVICE_FAULT if dataset.error else None,
                                     "review": dataset_review(session, dataset)}
 
 

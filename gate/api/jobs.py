@@ -23,11 +23,12 @@ from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.pipeline.cancel import request_cancel
 from gate.pipeline.webhooks import RefusedTarget, check_target
+from gate.service.datasets import require_trainable
 from gate.service.jobs import requeue_job
 from gate.service.pagination import page_request, paginate
 from gate.settings import Limits
 from gate.storage.audit_log import record
-from gate.storage.models import METHODS, TRAINABLE_DATASET, BaseModel, Dataset, Job, WebhookSecret
+from gate.storage.models import METHODS, BaseModel, Dataset, Job, WebhookSecret
 from gate.training import HYPERPARAMETERS, settings_for
 from gate.training.memory import GIB, estimate_bytes, family_of
 
@@ -188,11 +189,7 @@ def create():
         dataset = get_for_principal(g.db, Dataset, body["dataset"], principal)
     except RowNotFound:
         raise ApiError(404, "not_found", f"no dataset {body['dataset']!r}", field="dataset") from None
-    if dataset.status != TRAINABLE_DATASET:
-        why = ("it waits for a reviewer, and can train once a reviewer accepts it" if dataset.status == "flagged"
-               else f"only {TRAINABLE_DATASET} datasets can train")
-        raise ApiError(409, "dataset_not_trainable", f"dataset {dataset.id} is {dataset.status}: {why}",
-                       field="dataset")
+    require_trainable(g.db, principal, dataset, base_model, app.dispatcher.dataset)
     webhook_url = _webhook_url(body, principal, app.settings)
     check_job_quota(g.db, principal.tenant_id, app.settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,

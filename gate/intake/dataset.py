@@ -32,7 +32,7 @@ from gate import metrics
 from .archive import ARCHIVE_SUFFIXES, is_archive, open_archive, open_upload, read_member
 from .images import reencode
 from .limits import IntakeError, IntakeLimits
-from .scan import scan_images
+from .scan import REJECTED, Screening, judge, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ RECORD = "intake.json"
 # Left behind by macOS and Windows archivers; never read or copied.
 JUNK_FOLDERS = ("__MACOSX",)
 JUNK_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
-ACCEPTED, FLAGGED = "accepted", "flagged"
 
 
 @dataclass(frozen=True)
@@ -239,13 +238,10 @@ def ingest(upload: BinaryIO | str | Path, limits: IntakeLimits, out_dir: str | P
         results = scan_images(scanner, [staging / e["file"] for e in entries])
         for entry, result in zip(entries, results):
             entry["scan"] = result.as_dict()
-        flagged = tuple(e["source"] for e, r in zip(entries, results) if r.unsafe)
-        ratio = len(flagged) / len(entries)
-        if ratio > limits.contamination_reject_ratio:
-            raise IntakeError("contaminated", f"{len(flagged)} of {len(entries)} images ({ratio:.1%}) are unsafe "
-                              f"under {scanner.name} ({scanner.rule}), more than "
-                              f"contamination_reject_ratio={limits.contamination_reject_ratio:g}", flagged)
-        status = FLAGGED if ratio > limits.contamination_flag_ratio else ACCEPTED
+        screening = judge(scanner, [e["source"] for e in entries], results, limits)
+        if screening.status == REJECTED:
+            raise screening.refusal(limits)
+        status, flagged, ratio = screening.status, screening.flagged, screening.contamination
         record = {"kind": "ftgate.intake-record", "version": 1, "status": status, "layout": layout,
                   "upload_bytes": size, "limits": limits.as_dict(), "scanner": scanner.info(),
                   "images": len(entries), "unsafe_images": len(flagged), "contamination": ratio,
@@ -261,3 +257,12 @@ def ingest(upload: BinaryIO | str | Path, limits: IntakeLimits, out_dir: str | P
         raise
     logger.info("intake %s: %s, %d images, contamination %.3f", out_dir.name, status, len(entries), ratio)
     return IntakeResult(out_dir, status, len(entries), len(flagged), ratio, flagged, layout)
+
+
+def screen(folder: str | Path, scanner: Detector, limits: IntakeLimits) -> Screening:
+    """Scan a dataset ``ingest`` wrote with another detector (the concept of a base model it was not scanned
+    for) under the same policy; flagged files are named as in the upload. Raises ``ScanError`` as ingest does."""
+    folder = Path(folder)
+    entries = json.loads((folder / RECORD).read_text(encoding="utf-8"))["files"]
+    results = scan_images(scanner, [folder / e["file"] for e in entries])
+    return judge(scanner, [e["source"] for e in entries], results, limits)

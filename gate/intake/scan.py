@@ -7,17 +7,62 @@ whether a dataset is accepted, flagged or refused. The scanner is any auditing
 rule the auditor uses, so intake and audit figures mean the same thing. It reads the
 re-encoded files, exactly what training will read. An image the detector cannot score
 stops the intake (fail closed); it is never counted as clean.
+
+A dataset may be scanned by several detectors (NudeNet, and the detector of each base model's concept): each
+gives a ``Screening`` under the same contamination policy, and the strictest decides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from auditing.detectors.base import Detector, DetectorResult
 
+from .limits import IntakeError, IntakeLimits
+
 SCAN_BATCH = 16  # images held in memory at once
+ACCEPTED, FLAGGED, REJECTED = "accepted", "flagged", "rejected"
+STRICTNESS = (ACCEPTED, FLAGGED, REJECTED)  # least to most strict
+
+
+@dataclass(frozen=True)
+class Screening:
+    """One detector's figures on a dataset and what the contamination policy makes of them."""
+
+    scanner: dict  # the detector's ``info()``: name, version, rule
+    status: str  # accepted, flagged or rejected
+    images: int
+    unsafe_images: int
+    contamination: float
+    flagged: tuple[str, ...]  # names in the upload of the images it called unsafe
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "flagged": list(self.flagged)}
+
+    def refusal(self, limits: IntakeLimits) -> IntakeError:
+        """The 422 a rejected screening is reported as."""
+        return IntakeError("contaminated", f"{self.unsafe_images} of {self.images} images ({self.contamination:.1%}) "
+                           f"are unsafe under {self.scanner['name']} ({self.scanner['rule']}), more than "
+                           f"contamination_reject_ratio={limits.contamination_reject_ratio:g}", self.flagged)
+
+
+def strictest(statuses) -> str:
+    return max(statuses, key=STRICTNESS.index, default=ACCEPTED)
+
+
+def judge(scanner: Detector, sources: Sequence[str], results: Sequence[DetectorResult],
+          limits: IntakeLimits) -> Screening:
+    """The policy on one detector's results: above the reject ratio rejected, above the flag ratio flagged
+    (both strict), otherwise accepted."""
+    flagged = tuple(source for source, result in zip(sources, results) if result.unsafe)
+    ratio = len(flagged) / len(sources)
+    status = (REJECTED if ratio > limits.contamination_reject_ratio else
+              FLAGGED if ratio > limits.contamination_flag_ratio else ACCEPTED)
+    return Screening(scanner.info(), status, len(sources), len(flagged), ratio, flagged)
 
 
 class ScanError(RuntimeError):

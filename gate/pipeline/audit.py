@@ -40,6 +40,7 @@ from gate.storage.audit_log import SYSTEM, record
 from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
 
 from .base_model import base_sha256, load_base
+from .intake import prepared_folder
 from .leases import Heartbeat, LeaseLost, expiry, still_held, take
 from .profile import AuditProfile
 from .runtime import Runtime, device
@@ -190,7 +191,8 @@ def job_texts(rt: Runtime, job: Job) -> JobTexts:
     """The texts a job's probe families are built from: its captions (read without the images) and prompts."""
     from auditing.layouts import dataset_entries
 
-    captions = [caption for _, caption in dataset_entries(rt.settings.dataset_folder(job.tenant_id, job.dataset_id))]
+    captions = [caption for _, caption in dataset_entries(prepared_folder(rt, job.tenant_id, job.dataset_id,
+                                                                          job.dataset.prepared_path))]
     return JobTexts.of_job(job.method, job.hyperparameters, captions)
 
 

@@ -6,7 +6,8 @@ dispatch recorded (``dispatched_at``): Celery sends the audit message only after
 worker killed in between leaves the reaper's reconciler to send it. A worker that
 lost its lease (presumed dead, job handed on) commits nothing, and removes the file it stored unless the
 job's one artifact row names it. Every attempt keeps its resumable training state in the job's
-``training-state/`` folder, so the attempt after a dead worker continues from the last checkpoint step.
+``training-state/`` folder, so the attempt after a dead worker continues from the last checkpoint step. The
+dataset is read from the store (``gate.pipeline.intake.prepared_folder``), so any host can train any job.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gate.storage.models import TRAINABLE_DATASET, Artifact, Job, utcnow
 from . import events, webhooks
 from .base_model import load_base
 from .cancel import CANCELLED, JobCancelled, should_stop
+from .intake import prepared_folder
 from .leases import Heartbeat, LeaseLost, still_held, take
 from .runtime import Runtime, device
 
@@ -122,13 +124,14 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                                      "dataset is trained")
         tenant, method, hyperparameters = job.tenant_id, job.method, dict(job.hyperparameters)
         base, dataset_id, attempt = job.base_model, job.dataset_id, job.attempts
+        prepared = job.dataset.prepared_path
         webhooks.announce(rt, tenant, job_id, "stage", {"status": "training", "attempt": attempt})
     out = rt.settings.jobs_dir / job_id / f"attempt-{attempt}"
     state_dir = rt.settings.jobs_dir / job_id / TRAINING_STATE  # shared by attempts: a retry resumes
     with Heartbeat(rt.sessions, Job, job_id, worker, lease) as heartbeat, metrics.stage("train"):
         progress = _report_progress(rt, job_id, worker, heartbeat)
         notify = _record_events(rt, tenant, job_id, heartbeat)
-        examples = load_examples(rt.settings.dataset_folder(tenant, dataset_id))
+        examples = load_examples(prepared_folder(rt, tenant, dataset_id, prepared))
         try:
             result = train_job(method, load_base(base, device=device()), examples, hyperparameters, out / "train",
                                progress=progress, state_dir=state_dir, notify=notify)

@@ -99,7 +99,11 @@ def _log_entry(session: Session, dataset: Dataset, *conditions) -> AuditLogEntry
 
 
 def intake_record(session: Session, dataset: Dataset) -> dict | None:
-    """What the intake recorded when the dataset arrived: images, unsafe images, flagged files, the scanner."""
+    """What the intake found: images, unsafe images, flagged files, the deciding scanner, the figures per
+    detector (``gate.pipeline.intake``); for a dataset taken in before the intake ran on workers, its upload's
+    audit-log entry held them."""
+    if dataset.intake is not None or dataset.status in ("received", "failed"):
+        return dataset.intake
     entry = _log_entry(session, dataset, AuditLogEntry.action == "created")
     return entry.detail if entry is not None else None
 

@@ -67,12 +67,17 @@ ALIGNMENT_TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset({"queued"}),
     "succeeded": frozenset(),
 }
-# Dataset intake: ``flagged`` waits for a reviewer (contamination between the flag and reject ratios).
+# Dataset intake (``gate.pipeline.intake``, on a worker): ``received`` until the intake stage decides; ``flagged``
+# waits for a reviewer (contamination between the flag and reject ratios); ``failed`` when the service could not
+# scan it in ``max_attempts`` tries (the customer's data is not at fault). An accepted dataset is ``screening``
+# while a base model's detector it was never scanned with looks at it (a job on that model asked for it).
 DATASET_TRANSITIONS: dict[str, frozenset[str]] = {
-    "received": frozenset({"accepted", "flagged", "rejected"}),
+    "received": frozenset({"accepted", "flagged", "rejected", "failed"}),
+    "screening": frozenset({"accepted", "flagged", "rejected"}),
     "flagged": frozenset({"accepted", "rejected"}),
-    "accepted": frozenset(),
+    "accepted": frozenset({"screening"}),
     "rejected": frozenset(),
+    "failed": frozenset(),
 }
 # The one dataset status that trains: a flagged dataset waits until a reviewer accepts it.
 TRAINABLE_DATASET = "accepted"
@@ -209,6 +214,7 @@ class Dataset(TenantOwned, Base):
         UniqueConstraint("id", "tenant_id"),
         _one_of("status", DATASET_TRANSITIONS),
         CheckConstraint("contamination_ratio >= 0 AND contamination_ratio <= 1", name="contamination_ratio"),
+        CheckConstraint("attempts >= 0", name="attempts"),
     )
     TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = DATASET_TRANSITIONS
 
@@ -216,10 +222,20 @@ class Dataset(TenantOwned, Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="received")
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    artifact_path: Mapped[str] = mapped_column(Text)  # an ArtifactStore key
+    artifact_path: Mapped[str] = mapped_column(Text)  # the upload's store key
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     image_count: Mapped[int | None]
-    contamination_ratio: Mapped[float | None]
+    contamination_ratio: Mapped[float | None]  # the strictest detector's
+    # The re-encoded caption folder training reads, as a stored zip (hosts share nothing but the store).
+    prepared_path: Mapped[str | None] = mapped_column(Text)
+    # The intake's figures: layout, images, and per detector its info, unsafe images, ratio and flagged files.
+    intake: Mapped[dict[str, Any] | None]
+    # The intake stage's lease, tries and dispatch, as a job's (``gate.pipeline.leases``).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=db_time())
+    error: Mapped[str | None] = mapped_column(Text)  # the service's last fault in its intake, if any
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

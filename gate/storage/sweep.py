@@ -33,10 +33,10 @@ class Swept:
 
 
 def referenced_keys(session: Session) -> set[str]:
-    """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads, job events'
-    sample grids."""
+    """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads and prepared
+    sets, job events' sample grids."""
     named = union(select(Artifact.path), select(Audit.report_path), select(Audit.html_path),
-                  select(Dataset.artifact_path), select(JobEvent.artifact_key))
+                  select(Dataset.artifact_path), select(Dataset.prepared_path), select(JobEvent.artifact_key))
     return {key for key in session.scalars(named) if key}
 
 

@@ -29,8 +29,9 @@ from gate.settings import Settings
 
 from .broker import broker_url
 
-QUEUES = ("train", "audit", "align")
+QUEUES = ("train", "audit", "align", "intake")
 ROUTES = {
+    "gate.intake": {"queue": "intake"},
     "gate.train": {"queue": "train"},
     "gate.audit": {"queue": "audit"},
     "gate.baseline": {"queue": "audit"},
@@ -38,7 +39,9 @@ ROUTES = {
 }
 # Hard limits of the tasks whose length no setting bounds; the soft limit (90%) lets a stage fail closed before
 # it is killed.
-TIME_LIMITS_S = {"gate.train": 12 * 3600, "gate.baseline": 6 * 3600, "gate.align": 48 * 3600}
+# The intake's bounds its work (entries, pixels, re-encoded bytes: gate.intake.IntakeLimits); its time limit is the
+# backstop for a scanner that hangs.
+TIME_LIMITS_S = {"gate.intake": 3600, "gate.train": 12 * 3600, "gate.baseline": 6 * 3600, "gate.align": 48 * 3600}
 # What the audit task may run past its deadline's ceiling: the profile's baseline when it is missing (audited
 # in the task, outside the deadline, as long as the baseline task may take) and writing the report; its soft
 # limit comes halfway through the margin.

@@ -116,8 +116,8 @@ def _cmd_exporter(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run a Celery worker for the gate's queues")
-    worker.add_argument("--queues", type=_queues, default=_queues("train,audit,align"),
-                        help="comma-separated queues to consume (train, audit, align); default all")
+    worker.add_argument("--queues", type=_queues, default=_queues("intake,train,audit,align"),
+                        help="comma-separated queues to consume (intake, train, audit, align); default all")
     worker.add_argument("--concurrency", type=int, default=1, help="job processes (one per GPU); default 1")
     worker.add_argument("--name", help="worker node name (default ftgate-<queues>@<host>)")
     worker.add_argument("--config", help="settings file (TOML); default $FTGATE_CONFIG")

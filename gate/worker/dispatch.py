@@ -33,6 +33,10 @@ class CeleryDispatcher:
             signature.link_error(on_error)
         chain(*signatures).apply_async()
 
+    def dataset(self, dataset_id: str) -> None:
+        """The intake of a received dataset, or the screening of an accepted one (``gate.pipeline.intake``)."""
+        self.app.send_task("gate.intake", args=(dataset_id,))
+
     def baseline(self, base_model_id: str) -> None:
         self.app.send_task("gate.baseline", args=(base_model_id,))
 

@@ -52,7 +52,7 @@ class LocalGate:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=self.env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, queues: str = "train,audit,align") -> subprocess.Popen:
+    def start_worker(self, queues: str = "intake,train,audit,align") -> subprocess.Popen:
         """A worker process on ``queues``; several may run (one is enough for the demo)."""
         worker = self._spawn(f"worker-{len(self.workers)}", "worker", "--queues", queues,
                              "--name", f"ftgate-{len(self.workers)}-{os.getpid()}@%h", module=self.worker_module)

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 
+from gate.pipeline.intake import recover
 from gate.pipeline.leases import reap, reconcile
 from gate.pipeline.retention import sweep_retention
 from gate.pipeline.runtime import Runtime
@@ -45,6 +46,7 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
         try:
             reap(rt.sessions, requeue, settings.max_attempts)
             reconcile(rt.sessions, requeue, settings.dispatch_grace_seconds)
+            recover(rt.sessions, dispatcher.dataset, settings.dispatch_grace_seconds, settings.max_attempts)
             if time.monotonic() >= next_sweep:
                 sweep(rt.store, rt.sessions)
                 sweep_retention(rt.settings, rt.sessions)

@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import OperationalError
 
 from gate import metrics
-from gate.pipeline import audit, train, verdict
+from gate.pipeline import audit, intake, train, verdict
 from gate.pipeline.leases import LeaseLost
 from gate.pipeline.runtime import Runtime
 
@@ -91,6 +91,16 @@ def job_failed(request, exc, traceback, job_id: str) -> None:
                   job_id)
         return
     verdict.fail(runtime(), job_id, worker_id(request), f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(name="gate.intake", bind=True)
+def intake_dataset(self, dataset_id: str) -> str | None:
+    """A fault of the service leaves the dataset for another attempt, after a pause (bounded by
+    ``max_attempts``, which the stage counts; were this message lost, the reaper sends it again)."""
+    outcome = _stage(self, intake.run, dataset_id, worker_id(self.request))
+    if outcome == intake.RETRY:
+        raise self.retry(countdown=intake.FAULT_BACKOFF_S, max_retries=None)
+    return outcome
 
 
 @shared_task(name="gate.baseline")
