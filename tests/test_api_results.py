@@ -83,7 +83,7 @@ def dataset_of(env: Env, who: str = "a") -> str:
     uploaded = env.__dict__.setdefault("uploaded_datasets", {})
     if who not in uploaded:
         r = env.upload(good_zip(), who=who)
-        assert r.status_code == 201, r.json
+        assert r.status_code == 202, r.json
         uploaded[who] = r.json["id"]
     return uploaded[who]
 
@@ -513,7 +513,7 @@ def test_customer_cannot_start_a_job_on_another_tenants_dataset(env):
 # (method, route rule) -> expected status for customer (the rows' owner), reviewer, operator, and no key.
 C, R, O, NONE = "customer", "reviewer", "operator", None
 ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
-    ("POST", "/v1/datasets"): {C: 201, R: 403, O: 403, NONE: 401},
+    ("POST", "/v1/datasets"): {C: 202, R: 403, O: 403, NONE: 401},
     ("GET", "/v1/datasets/<dataset_id>"): {C: 200, R: 200, O: 200, NONE: 401},
     ("GET", "/v1/dataset-reviews"): {C: 403, R: 200, O: 200, NONE: 401},
     ("POST", "/v1/datasets/<dataset_id>/review"): {C: 403, R: 200, O: 403, NONE: 401},
@@ -529,6 +529,8 @@ ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
     ("POST", "/v1/jobs/<job_id>/cancel"): {C: 409, R: 403, O: 403, NONE: 401},  # the job is in review
     ("POST", "/v1/jobs/<job_id>/requeue"): {C: 403, R: 403, O: 409, NONE: 401},  # not failed
     ("POST", "/v1/webhook-secret"): {C: 201, R: 403, O: 403, NONE: 401},
+    ("GET", "/v1/webhook"): {C: 200, R: 403, O: 403, NONE: 401},
+    ("PUT", "/v1/webhook"): {C: 400, R: 403, O: 403, NONE: 401},  # no body
     ("GET", "/v1/reviews"): {C: 403, R: 200, O: 200, NONE: 401},
     ("POST", "/v1/reviews/<job_id>"): {C: 403, R: 200, O: 403, NONE: 401},
     ("POST", "/v1/base-models"): {C: 403, R: 403, O: 201, NONE: 401},

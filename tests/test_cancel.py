@@ -1,14 +1,19 @@
-"""``POST /v1/jobs/<id>/cancel``: a queued job ends at once, a training one at its next step, a final one is 409."""
+"""``POST /v1/jobs/<id>/cancel``: a queued job ends at once (its webhook told), a training one at its next step, a
+final one is 409."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import select
 from test_api import Env, good_zip
 from test_pipeline import _count, _job, _stored, job_id, rt  # noqa: F401  (fixtures)
+from test_webhooks import _secret, _verified, receiver
 
 from gate.auth import Principal
-from gate.pipeline import audit, events, train
+from gate.pipeline import audit, events, train, webhooks
 from gate.pipeline.cancel import request_cancel
 from gate.storage.models import Artifact, AuditLogEntry, Job, JobEvent
 
@@ -34,6 +39,22 @@ def test_a_queued_job_is_cancelled_at_once_and_only_by_its_tenant(env):
                                                       AuditLogEntry.to_state == "cancelled")).one()
         assert (entry.from_state, entry.actor_key_id) == ("queued", env.keys["a"].key_id)
         assert [(e.kind, e.data) for e in s.scalars(select(JobEvent))] == [("stage", {"status": "cancelled"})]
+
+
+def test_a_queued_job_cancelled_through_the_api_posts_a_signed_cancelled_event(env):
+    """The API posts nothing itself: the cancelled stage event is owed in the outbox, and a reaper's pass
+    delivers it, signed with the tenant's secret."""
+    env.settings = replace(env.settings, webhook_private_targets="allow")  # the receiver is on 127.0.0.1
+    env.app.extensions["ftgate"].settings = env.settings
+    secret = _secret(env)
+    with receiver([200]) as (url, seen, _):
+        job = env.job(env.upload(good_zip()).json["id"], webhook_url=url).json["id"]
+        assert _cancel(env, job).status_code == 202
+        assert seen == []
+        assert webhooks.deliver_due(env.sessions, env.settings) == 1
+    assert len(seen) == 1 and _verified(secret, *seen[0])
+    sent = json.loads(seen[0][1])
+    assert (sent["job"], sent["event"]["kind"], sent["event"]["data"]) == (job, "stage", {"status": "cancelled"})
 
 
 def test_a_final_job_is_a_409_naming_its_state(env):

@@ -38,6 +38,10 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_WEBHOOK = {"type": "object", "required": ["url", "secret"],
+            "properties": {"url": {"type": ["string", "null"]}, "secret": {"type": "boolean"}}}
+
+
 def _errors(*codes: str) -> dict:
     return {code: _ERRORS[code] for code in codes}
 
@@ -271,6 +275,15 @@ PATHS = {
         "responses": {"201": _json({"type": "object", "required": ["secret", "header"], "properties": {
             "secret": {"type": "string"}, "header": {"type": "string", "const": "Ftgate-Signature"}}},
             "the new secret"), **_errors("401", "403")}}},
+    "/v1/webhook": {
+        "get": {"summary": "The tenant's default webhook URL (customer) and whether it has a signing secret",
+                "responses": {"200": _json(_WEBHOOK, "the setting"), **_errors("401", "403")}},
+        "put": {"summary": "Set (or, with null, remove) the tenant's default webhook URL, for jobs without a "
+                           "webhook_url (customer; needs the signing secret)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["url"], "additionalProperties": False,
+                    "properties": {"url": {"type": ["string", "null"], "maxLength": 2000}}}}}},
+                "responses": {"200": _json(_WEBHOOK, "the new setting"), **_errors("400", "401", "403", "409")}}},
     "/v1/reviews": {"get": {
         "summary": "Jobs waiting for a reviewer's decision, oldest first (reviewer, operator)",
         "parameters": _PAGE_PARAMS,

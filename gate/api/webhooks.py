@@ -1,24 +1,29 @@
-"""``/v1/webhook-secret``: a customer's signing secret for its jobs' webhooks (``gate.pipeline.webhooks``).
+"""A customer's webhook settings (``gate.pipeline.webhooks``): ``/v1/webhook-secret``, the signing secret, and
+``/v1/webhook``, the tenant's default URL for jobs created without a ``webhook_url``.
 
 The secret is shown once, in the answer that makes it; asking again makes a new one, and deliveries from
-then on are signed with it (a leaked secret is rotated this way).
+then on are signed with it (a leaked secret is rotated this way). The default URL is checked as a job's is
+(public addresses only, unless the operator allows others) and needs the secret first, since nothing is sent
+unsigned; a job's own ``webhook_url`` wins over it, and a delivery reads it when it is made.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
 
 from gate.auth import CUSTOMER
-from gate.pipeline.webhooks import SIGNATURE_HEADER, new_secret
+from gate.pipeline.webhooks import SIGNATURE_HEADER, RefusedTarget, check_target, new_secret
+from gate.service.errors import ApiError
 from gate.storage.audit_log import record
-from gate.storage.models import Tenant
+from gate.storage.models import Tenant, WebhookSecret
 
+from . import gate
 from .auth import current_principal, login_required
 
-bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhook-secret")
+bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 
 
-@bp.post("")
+@bp.post("/webhook-secret")
 @login_required(CUSTOMER)
 def rotate():
     """201 ``{"secret", "header"}``: the tenant's new secret (any earlier one stops signing)."""
@@ -27,3 +32,35 @@ def rotate():
     record(g.db, principal, g.db.get(Tenant, principal.tenant_id), "webhook secret created")
     g.db.commit()
     return {"secret": secret, "header": SIGNATURE_HEADER}, 201
+
+
+@bp.get("/webhook")
+@login_required(CUSTOMER)
+def show():
+    """200 ``{"url", "secret"}``: the tenant's default URL (null: none) and whether it has a signing secret."""
+    key = g.db.get(WebhookSecret, current_principal().tenant_id)
+    return {"url": None if key is None else key.url, "secret": key is not None}
+
+
+@bp.put("/webhook")
+@login_required(CUSTOMER)
+def set_default():
+    """200 ``{"url", "secret"}``: ``{"url": ...}`` becomes the tenant's default (``{"url": null}`` removes it)."""
+    principal = current_principal()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or set(body) != {"url"}:
+        raise ApiError(400, "invalid_request", 'send a JSON object {"url": <http(s) URL or null>}', field="url")
+    url = body["url"]
+    if url is not None:
+        try:
+            check_target(url, gate().settings.webhook_private_targets == "allow")
+        except RefusedTarget as exc:
+            raise ApiError(400, "invalid_request", f"url {exc}", field="url") from None
+    key = g.db.get(WebhookSecret, principal.tenant_id)
+    if key is None:
+        raise ApiError(409, "webhook_secret_missing", "a webhook needs the tenant's signing secret: create it first "
+                                                      "(POST /v1/webhook-secret)", field="url")
+    key.url = url
+    record(g.db, principal, g.db.get(Tenant, principal.tenant_id), "webhook url set", detail={"url": url})
+    g.db.commit()
+    return {"url": url, "secret": True}

@@ -5,6 +5,8 @@ A training job belongs to the worker holding its lease, so the API does not move
 then moves the job to ``cancelled`` itself, as the lease holder, releasing its GPU as the stage unwinds. A job
 past training (auditing, or waiting for a reviewer) is no longer the customer's to stop, and a final one has
 nothing left to stop: both are refused with the state. A cancelled job has no verdict, so nothing is released.
+Either way the ``cancelled`` stage event is owed to the job's webhook like any other (``gate.pipeline.events``
+writes it to the outbox): the API posts nothing itself, a reaper delivers it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from gate.pipeline.intake import recover
 from gate.pipeline.leases import reap, reconcile
 from gate.pipeline.retention import sweep_retention
 from gate.pipeline.runtime import Runtime
+from gate.pipeline.webhooks import deliver_due
 from gate.settings import Settings
 from gate.storage.sweep import GRACE_S, sweep
 
@@ -51,6 +52,7 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
                 sweep(rt.store, rt.sessions)
                 sweep_retention(rt.settings, rt.sessions)
                 next_sweep = time.monotonic() + GRACE_S
+            deliver_due(rt.sessions, settings)  # webhook attempts that are due, whichever process owed them
         except Exception:  # the database or broker is briefly away: try again next round
             log.exception("reaper pass failed; retrying")
         time.sleep(interval)
