@@ -41,6 +41,7 @@ AUDIT_DEADLINE_SECONDS_RANGE = (1, 24 * 3600)
 AUDIT_DEADLINE_BASE_SECONDS_RANGE = (0, 24 * 3600)  # the ceiling clamps the sum, so each may exceed it
 AUDIT_SECONDS_PER_IMAGE_RANGE = (0.001, 3600.0)
 DISPATCH_GRACE_SECONDS_RANGE = (1, 7 * 86_400)
+TENANT_DISPATCH_SHARE_RANGE = (1, 10_000)
 MAX_ATTEMPTS_RANGE = (1, 100)
 RETENTION_HOURS_RANGE = (1, 24 * 365)
 RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours")
@@ -151,6 +152,10 @@ class Settings:
     # commit and its send, a broker down) or refused by a worker that could not reach the database. Duplicates
     # are harmless (a stage takes its job by compare-and-set); one waiting this long behind a busy queue gets one.
     dispatch_grace_seconds: int = 300
+    # How many of one tenant's jobs may be in the broker's train queue at once, sent and not yet started; the
+    # tenant's other queued jobs wait in the database, and are sent round-robin across tenants as their slots free
+    # (gate.pipeline.fairness). Small, so one tenant's 500 jobs never sit ahead of another tenant's first.
+    tenant_dispatch_share: int = 2
     # How many times a job is started, a first try and one after each worker lost in training or auditing
     # (its lease expired); a worker lost in the last of them fails the job, which no longer waits for a
     # worker that never finishes it (a checkpoint that kills every auditor, say).
@@ -197,6 +202,7 @@ class Settings:
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")
         for name, (lo, hi) in (("lease_seconds", LEASE_SECONDS_RANGE),
                                ("dispatch_grace_seconds", DISPATCH_GRACE_SECONDS_RANGE),
+                               ("tenant_dispatch_share", TENANT_DISPATCH_SHARE_RANGE),
                                ("max_attempts", MAX_ATTEMPTS_RANGE),
                                ("audit_deadline_seconds", AUDIT_DEADLINE_SECONDS_RANGE),
                                ("audit_deadline_base_seconds", AUDIT_DEADLINE_BASE_SECONDS_RANGE),
@@ -277,7 +283,7 @@ class Settings:
 _TOP_LEVEL = {"state_dir": "path", "database_url": "str", "broker_url": "str", "artifacts_dir": "path",
               "verdict_policy": "path", "lease_seconds": "int", "audit_deadline_seconds": "int",
               "audit_deadline_base_seconds": "int", "audit_seconds_per_image": "float",
-              "dispatch_grace_seconds": "int", "max_attempts": "int",
+              "dispatch_grace_seconds": "int", "tenant_dispatch_share": "int", "max_attempts": "int",
               "metrics_dir": "path", "rate_limit": "str", "artifact_store": "str", "s3_endpoint_url": "str",
               "webhook_private_targets": "str",
               **dict.fromkeys(RETENTION_SETTINGS, "int")}

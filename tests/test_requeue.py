@@ -9,6 +9,7 @@ from test_api import Env
 from test_api_results import add_artifact, make_job
 
 from gate.auth import Forbidden, authenticate
+from gate.pipeline.fairness import HELD_STAGE
 from gate.service.errors import ApiError
 from gate.service.jobs import requeue_job
 from gate.storage.models import Artifact, AuditLogEntry, Job
@@ -37,7 +38,7 @@ def test_a_failed_job_is_queued_again_from_a_clean_state(env):
     with env.sessions() as s:
         job = s.get(Job, job_id)
         assert (job.status, job.attempts, job.error, job.finished_at, job.worker) == ("queued", 0, None, None, None)
-        assert job.dispatched_at is not None
+        assert (job.dispatched_at, job.stage) == (None, HELD_STAGE)  # held until the caller's fair dispatch sends it
         assert s.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
         last = s.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_id == job_id)
                          .order_by(AuditLogEntry.id.desc())).first()

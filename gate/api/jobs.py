@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from gate.auth import CUSTOMER, get_for_principal, scoped
 from gate.auth import NotFound as RowNotFound
 from gate.pipeline.cancel import request_cancel
+from gate.pipeline.fairness import dispatch_waiting
 from gate.pipeline.webhooks import RefusedTarget, check_target
 from gate.service.datasets import require_trainable
 from gate.service.jobs import requeue_job
@@ -35,7 +36,7 @@ from gate.training.memory import GIB, estimate_bytes, family_of
 from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError, json_object
-from .queueing import hand_to_queues
+from .queueing import hand_job_to_queues
 from .quotas import check_job_quota
 from .serialize import job_json
 
@@ -207,7 +208,7 @@ def create():
             return _replay(job, sha256, key_field)
         raise
     log.info("job %s of %s queued (%s on %s)", job.id, job.tenant_id, method, base_model.name)
-    hand_to_queues(job, lambda: app.dispatcher.job(job.id), "job")
+    hand_job_to_queues(job, lambda: app.dispatcher.job(job.id), app.settings.tenant_dispatch_share)
     return job_json(job), 201
 
 
@@ -234,10 +235,8 @@ def requeue(job_id: str):
     """202: a failed job queued again from a clean state, with a reason (``gate.service.jobs.requeue_job``)."""
     app = gate()
     job = requeue_job(g.db, current_principal(), job_id, json_object("{reason}"), app.settings.jobs_dir)
-    try:
-        app.dispatcher.job(job.id)
-    except Exception:  # the broker is away: the dispatch recorded on the row lets the reconciler send it
-        log.exception("job %s queued again but not dispatched now; the reconciler will send it", job.id)
+    dispatch_waiting(g.db, app.dispatcher.job, app.settings.tenant_dispatch_share, tenants=[job.tenant_id])
+    g.db.refresh(job)
     return job_json(job, staff=True), 202
 
 

@@ -4,6 +4,10 @@ A job or hardening run is committed ``queued`` before its message is sent, so a 
 row. If the send fails (the broker is down), no worker will ever hear of the row: it must not sit
 ``queued`` forever. It is marked ``failed`` at once and the request answered 503 ``queue_unavailable``;
 the client submits it again.
+
+A new job is sent only if its tenant has a free dispatch slot (``gate.pipeline.fairness``); otherwise it is held,
+answered 201 ``queued`` like any other (its ``stage`` says it waits for a slot), and sent by the fair dispatcher
+later: the broker is not asked, so a held job never fails for the broker's sake.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 
 from flask import g
 
+from gate.pipeline.fairness import admit
 from gate.storage.audit_log import SYSTEM, StaleState, transition
 from gate.storage.models import AlignmentRun, Job, utcnow
 
@@ -36,3 +41,10 @@ def hand_to_queues(row: Job | AlignmentRun, send: Callable[[], None], field: str
             g.db.rollback()
             return
         raise ApiError(503, "queue_unavailable", f"{field} {row.id} {error}", **{field: row.id}) from None
+
+
+def hand_job_to_queues(job: Job, send: Callable[[], None], share: int) -> None:
+    """``send()`` the new job's message, as ``hand_to_queues``, if its tenant has fewer than ``share`` jobs sent
+    and not started and none held; else leave it held (committed) for the fair dispatcher."""
+    if admit(g.db, job, share):
+        hand_to_queues(job, send, "job")

@@ -26,9 +26,12 @@ from collections.abc import Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from gate.settings import Settings
 from gate.storage.audit_log import SYSTEM, StaleState, record, transition
 from gate.storage.clock import db_time
 from gate.storage.models import AlignmentRun, Job, utcnow
+
+from .fairness import HELD_STAGE, dispatch_waiting, send_each
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +129,17 @@ class Heartbeat:
         self._thread.join()
 
 
-def _send(requeue: Callable[[str, str, str], None], again: list[tuple[str, str, str]]) -> None:
-    """Dispatch each row handed back; one the broker refuses waits for ``reconcile`` (its dispatch is recorded)."""
-    for kind, row_id, stage in again:
-        try:
-            requeue(kind, row_id, stage)
-        except Exception:  # the broker is away: the row's dispatched_at stands, and the reconciler sends it again
-            log.exception("could not dispatch %s %s from %s; the reconciler will send it again", kind, row_id, stage)
-
-
-def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None], max_attempts: int) -> int:
+def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], None], max_attempts: int,
+         share: int = Settings.tenant_dispatch_share) -> int:
     """Hand every expired lease back: training jobs and hardening runs return to ``queued``, audits lose
     their lease (and count one more attempt); then ``requeue(kind, id, stage)`` dispatches them again (kind
-    "job" from stage "train" or "audit", or "alignment"). A job or run lost in its ``max_attempts``-th attempt
-    is failed instead, naming the attempts and the last loss. Returns how many were handed back or failed."""
+    "job" from stage "audit", or "alignment"; a job back in ``queued`` waits for a dispatch slot of its tenant,
+    ``gate.pipeline.fairness``, and is sent from stage "train" once it has one). A job or run lost in its
+    ``max_attempts``-th attempt is failed instead, naming the attempts and the last loss. Returns how many were
+    handed back or failed."""
     again: list[tuple[str, str, str]] = []
-    given_up = 0
+    requeued: set[str] = set()  # tenants with a job handed back to the train queue
+    given_up = handed_back = 0
     with sessions() as session:
         expired = select(Job).where(Job.status.in_(("training", "auditing")), Job.lease_expires_at < db_time())
         for job in session.scalars(expired).all():
@@ -154,10 +152,10 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
                     transition(session, job, "failed", SYSTEM, reason=reason, where=unchanged,
                                changes={"worker": None, "lease_expires_at": None, "error": reason,
                                         "finished_at": utcnow()})
-                elif stage == "train":
+                elif stage == "train":  # held, for fair dispatch below
                     transition(session, job, "queued", SYSTEM, reason=reason, where=unchanged,
-                               changes={"worker": None, "lease_expires_at": None, "stage": None, "progress": 0.0,
-                                        "dispatched_at": db_time()})
+                               changes={"worker": None, "lease_expires_at": None, "stage": HELD_STAGE,
+                                        "progress": 0.0, "dispatched_at": None})
                 else:
                     result = session.execute(update(Job).where(Job.id == job.id, Job.status == "auditing", unchanged)
                                              .values(worker=None, lease_expires_at=None, attempts=Job.attempts + 1,
@@ -172,6 +170,10 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
             if attempts >= max_attempts:
                 log.error("job %s failed: %s", job.id, reason)
                 given_up += 1
+            elif stage == "train":
+                log.warning("reaped job %s: back in the train queue's line of tenant %s", job.id, job.tenant_id)
+                requeued.add(job.tenant_id)
+                handed_back += 1
             else:
                 again.append(("job", job.id, stage))
         expired_runs = select(AlignmentRun).where(AlignmentRun.status == "running",
@@ -196,10 +198,12 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
                 given_up += 1
             else:
                 again.append(("alignment", run.id, "align"))
+        if requeued:
+            dispatch_waiting(session, lambda job_id: requeue("job", job_id, "train"), share, tenants=requeued)
     for kind, row_id, stage in again:
         log.warning("reaped %s %s: dispatching it again from %s", kind, row_id, stage)
-    _send(requeue, again)
-    return len(again) + given_up
+    send_each(requeue, again)
+    return len(again) + handed_back + given_up
 
 
 # What waits for a message, by the stage that message starts: (kind, stage, model, the rows' condition).
@@ -226,5 +230,5 @@ def reconcile(sessions: sessionmaker[Session], requeue: Callable[[str, str, str]
         session.commit()
     for kind, row_id, stage in again:
         log.warning("%s %s waited past its dispatch grace: dispatching it again from %s", kind, row_id, stage)
-    _send(requeue, again)
+    send_each(requeue, again)
     return len(again)

@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -106,9 +107,10 @@ def _cancel(rt: Runtime, job_id: str, worker: str, state_dir) -> None:
     log.info("job %s cancelled during training on %s", job_id, worker)
 
 
-def train(rt: Runtime, job_id: str, worker: str) -> bool:
+def train(rt: Runtime, job_id: str, worker: str, started: Callable[[str], None] | None = None) -> bool:
     """Run the training stage; False if the job is not (or no longer) this worker's to train, or its customer
-    cancelled it (the job is then ``cancelled``; its GPU memory goes with the stage's frames)."""
+    cancelled it (the job is then ``cancelled``; its GPU memory goes with the stage's frames). ``started(tenant)``
+    runs once the job is taken: its tenant's dispatch slot is free (``gate.pipeline.fairness``)."""
     from auditing.layouts import load_examples
     from gate.training import train_job
 
@@ -118,6 +120,8 @@ def train(rt: Runtime, job_id: str, worker: str) -> bool:
                    changes={"attempts": Job.attempts + 1, "stage": "loading", "progress": 0.0, "error": None})
         if job is None:
             return False
+        if started is not None:
+            started(job.tenant_id)
         session.refresh(job)
         if job.dataset.status != TRAINABLE_DATASET:
             raise DatasetNotAccepted(f"dataset {job.dataset_id} is {job.dataset.status}; only an {TRAINABLE_DATASET} "

@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gate.auth import Principal, require_role
+from gate.pipeline.fairness import HELD_STAGE
 from gate.storage.audit_log import StaleState, transition
-from gate.storage.clock import db_time
 from gate.storage.models import Artifact, Job
 
 from .errors import ApiError, bounded_text
@@ -26,8 +26,10 @@ REASON_MAX_CHARS = 2_000
 
 
 def requeue_job(session: Session, principal: Principal, job_id: str, body: dict, jobs_dir: Path) -> Job:
-    """Queue the failed job ``job_id`` again with ``body``'s required ``reason``; commits. The caller
-    dispatches it (the recorded dispatch lets the reconciler send it if that fails).
+    """Queue the failed job ``job_id`` again with ``body``'s required ``reason``; commits. It is held, as any job
+    waiting for a dispatch slot of its tenant: the caller runs the fair dispatcher for the tenant
+    (``gate.pipeline.fairness.dispatch_waiting``), which sends it first in its tenant's line if a slot is free;
+    else a later slot, or the reaper's next pass, does.
 
     Raises ``gate.auth.Forbidden`` for a caller who is not an operator, ``ApiError`` for a missing reason (400),
     a missing job (404), or a job that is not ``failed`` (409)."""
@@ -44,8 +46,8 @@ def requeue_job(session: Session, principal: Principal, job_id: str, body: dict,
         session.delete(artifact)
     try:
         transition(session, job, "queued", principal, reason=reason,
-                   changes={"attempts": 0, "error": None, "finished_at": None, "stage": None, "progress": 0.0,
-                            "worker": None, "lease_expires_at": None, "dispatched_at": db_time()})
+                   changes={"attempts": 0, "error": None, "finished_at": None, "progress": 0.0,
+                            "worker": None, "lease_expires_at": None, "dispatched_at": None, "stage": HELD_STAGE})
         session.commit()
     except StaleState:
         session.rollback()

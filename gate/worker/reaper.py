@@ -1,6 +1,7 @@
 """The reaper: hands jobs and hardening runs whose lease expired back to the queues, dispatches again those
-whose message no worker started within the dispatch grace (``gate.pipeline.leases``), and now and then sweeps
-the artifact store of files no row names (``gate.storage.sweep``).
+whose message no worker started within the dispatch grace (``gate.pipeline.leases``), sends held jobs whose
+tenant has a free dispatch slot (``gate.pipeline.fairness``), and now and then sweeps the artifact store of files
+no row names (``gate.storage.sweep``).
 
 It runs as its own small process beside each worker (``ftgate worker`` starts one; ``ftgate reaper`` runs
 one alone), not as a thread in the worker: the prefork pool forks job processes from the worker's main
@@ -14,6 +15,7 @@ import logging
 import os
 import time
 
+from gate.pipeline.fairness import dispatch_waiting
 from gate.pipeline.intake import recover
 from gate.pipeline.leases import reap, reconcile
 from gate.pipeline.retention import sweep_retention
@@ -45,8 +47,10 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
     next_sweep = time.monotonic()
     while parent_pid is None or os.getppid() == parent_pid:
         try:
-            reap(rt.sessions, requeue, settings.max_attempts)
+            reap(rt.sessions, requeue, settings.max_attempts, settings.tenant_dispatch_share)
             reconcile(rt.sessions, requeue, settings.dispatch_grace_seconds)
+            with rt.sessions() as session:  # slots freed by jobs cancelled, or started while no dispatch followed
+                dispatch_waiting(session, dispatcher.job, settings.tenant_dispatch_share)
             recover(rt.sessions, dispatcher.dataset, settings.dispatch_grace_seconds, settings.max_attempts)
             if time.monotonic() >= next_sweep:
                 sweep(rt.store, rt.sessions)

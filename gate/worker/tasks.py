@@ -17,12 +17,15 @@ from celery import current_app, shared_task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError as BrokerUnavailable
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from gate import metrics
 from gate.pipeline import audit, intake, train, verdict
+from gate.pipeline.fairness import dispatch_waiting
 from gate.pipeline.leases import LeaseLost
 from gate.pipeline.runtime import Runtime
+
+from .dispatch import CeleryDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,25 @@ def _stage(task, run, job_id: str, *args):
         raise Ignore() from exc
 
 
+def _send_next_of(app):
+    """``started(tenant)`` for the train stage: the job taken frees a dispatch slot of its tenant, so the tenant's
+    next held job is sent now rather than at the reaper's next pass (``gate.pipeline.fairness``)."""
+    dispatcher = CeleryDispatcher(app)
+
+    def started(tenant_id: str) -> None:
+        rt = runtime()
+        try:
+            with rt.sessions() as session:
+                dispatch_waiting(session, dispatcher.job, rt.settings.tenant_dispatch_share, tenants=[tenant_id])
+        except SQLAlchemyError:  # the job in hand trains regardless; the reaper's next pass sends the held one
+            log.exception("could not dispatch the next held job of tenant %s", tenant_id)
+
+    return started
+
+
 @shared_task(name="gate.train", bind=True)
 def train_job(self, job_id: str) -> bool:
-    return _stage(self, train.train, job_id, worker_id(self.request))
+    return _stage(self, train.train, job_id, worker_id(self.request), _send_next_of(self.app))
 
 
 def _audit_and_decide(rt: Runtime, job_id: str, worker: str) -> str | None:
