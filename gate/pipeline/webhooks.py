@@ -257,26 +257,24 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, limit: int 
     return len(claims)
 
 
-def _deliver_now(sessions: sessionmaker[Session], settings: Settings, job_id: str, seq: int) -> None:
-    """The first attempt of event ``seq``'s delivery, if it is owed and nobody took it yet; the rest is
-    ``deliver_due``'s."""
+def _deliver_now(sessions: sessionmaker[Session], settings: Settings, row_id: int) -> None:
+    """The first attempt of a delivery just owed, unless a reaper took it already; the rest is ``deliver_due``'s."""
     try:
-        with sessions() as session:
-            due = session.execute(select(WebhookOutbox.id, WebhookOutbox.attempts).where(
-                WebhookOutbox.job_id == job_id, WebhookOutbox.event_seq == seq)).first()
-        claim = None if due is None else _claim(sessions, *due)
+        claim = _claim(sessions, row_id, 0)
         if claim is not None:
             _attempt(sessions, settings, claim)
-    except Exception:  # the outbox keeps the delivery: the reaper makes the attempt instead
-        log.exception("job %s: webhook delivery of event %d left to the reaper", job_id, seq)
+    except Exception:  # the outbox keeps the delivery: a reaper makes the attempt instead
+        log.exception("webhook delivery %d left to the reaper", row_id)
 
 
 def announce(rt: Runtime, tenant_id: str, job_id: str, kind: str, data: dict) -> int:
-    """Write a job event (``gate.pipeline.events``, with the delivery it owes) and, for a stage or verdict,
-    make the first attempt from a background thread; returns its ``seq``."""
+    """Write a job event (``gate.pipeline.events``, with the delivery it owes) and, if it owes one, make the
+    first attempt from a background thread; returns its ``seq``."""
     with rt.sessions() as session:
         seq = events.append(session, tenant_id, job_id, kind, data)
-    if kind in events.ANNOUNCED:
-        threading.Thread(target=_deliver_now, args=(rt.sessions, rt.settings, job_id, seq), daemon=True,
+        owed = session.scalar(select(WebhookOutbox.id).where(WebhookOutbox.job_id == job_id,
+                                                             WebhookOutbox.event_seq == seq))
+    if owed is not None:
+        threading.Thread(target=_deliver_now, args=(rt.sessions, rt.settings, owed), daemon=True,
                          name=f"webhook-{job_id}-{seq}").start()
     return seq
