@@ -1,9 +1,12 @@
-"""Malformed dataset uploads through the HTTP API: the right 4xx, the reason, the offending files, and nothing left.
+"""Malformed dataset uploads through the HTTP API: the right refusal, the reason, the offending files, nothing left.
 
 Every case goes through ``POST /v1/datasets`` (never ``ingest`` directly) on an app whose limits are small
-enough that limit cases are cheap. After each refusal there must be no new Dataset row, no new audit-log
-entry, no file or dataset folder under ``<state>/datasets/`` (the intake's hidden partial folder included)
-and no file anywhere in the artifact store (its ``tmp/`` folders included).
+enough that limit cases are cheap; the intake stage runs inline on the dispatch (``test_api.Env``). An upload
+over the size limit, or without a customer's key or a file, is refused by the request itself (its 4xx), with no
+Dataset row, no audit-log entry and no file in the store. Every other refusal is the intake's: the upload is
+answered 202 and the dataset ends ``rejected`` with the same status, reason and files as its ``refusal``; only
+the uploaded zip stays in the store (its row names it): no prepared set, no file or folder under
+``<state>/datasets/`` or the intake's scratch, no temporary file in the store.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import select
 from test_api import Env, good_zip, png
 from test_intake import make_zip
 
@@ -54,16 +58,30 @@ class UploadEnv(Env):
         return self.client.post("/v1/datasets", headers=self.headers("a") if headers is None else headers, **kwargs)
 
     def leftovers(self) -> list[str]:
-        """Dataset files or folders (partial ones included) and artifact-store files; tenant folders may stay."""
+        """Dataset files or folders (partial ones included), the intake's scratch, and artifact-store files other
+        than the uploads rows name; tenant folders may stay."""
         found = []
-        datasets = self.state / "datasets"
-        if datasets.exists():
-            found += [str(p) for p in datasets.rglob("*")
-                      if p.is_file() or len(p.relative_to(datasets).parts) > 1]
+        for root in (self.state / "datasets", self.state / "intake"):
+            if root.exists():
+                found += [str(p) for p in root.rglob("*") if p.is_file() or len(p.relative_to(root).parts) > 1]
         store = self.settings.artifacts_dir
+        with self.sessions() as s:
+            uploads = {str(store / key) for key in s.scalars(select(Dataset.artifact_path))}
         if store.exists():
-            found += [str(p) for p in store.rglob("*") if not p.is_dir()]
+            found += [str(p) for p in store.rglob("*") if not p.is_dir() and str(p) not in uploads]
         return found
+
+    def refusal(self, r) -> dict:
+        """The refusal of an upload: the request's error (and nothing stored), or, after a 202, the intake's
+        (the dataset ``rejected``, nothing prepared)."""
+        if r.status_code != 202:
+            assert env_has_no_row_for(self, r)
+            return r.json["error"]
+        got = self.client.get(f"/v1/datasets/{r.json['id']}", headers=self.headers("a")).json
+        assert got["status"] == "rejected" and got["refusal"] is not None, got
+        with self.sessions() as s:
+            assert s.get(Dataset, got["id"]).prepared_path is None
+        return got["refusal"]
 
 
 @pytest.fixture
@@ -71,9 +89,24 @@ def env(tmp_path, migrated) -> UploadEnv:
     return UploadEnv(tmp_path, migrated)
 
 
+def env_has_no_row_for(env: UploadEnv, r) -> bool:
+    """A refusal by the request itself: it is not a dataset's JSON."""
+    return "error" in r.json and "id" not in r.json
+
+
 def assert_nothing_stored(env: UploadEnv, audit_entries: int) -> None:
+    """A refusal by the request: no row, no audit-log entry, no file at all."""
     assert env.count(Dataset) == 0
     assert env.count(AuditLogEntry) == audit_entries
+    assert env.leftovers() == []
+    assert not [p for p in env.settings.artifacts_dir.rglob("*") if p.is_file()]
+    assert env.enqueued == []
+
+
+def assert_nothing_prepared(env: UploadEnv) -> None:
+    """A refusal by the intake: every dataset rejected, nothing but the uploads in the store, nothing queued."""
+    with env.sessions() as s:
+        assert {row.status for row in s.scalars(select(Dataset))} <= {"rejected"}
     assert env.leftovers() == []
     assert env.enqueued == []
 
@@ -470,22 +503,25 @@ def test_a_good_upload_passes_on_these_limits(env):
     """The cases differ from an accepted upload only in what they break."""
     for data in (good(), good_zip(n=4, red=0), imagefolder({"file_name": "a.png", "text": "c"})):
         r = env.upload(data)
-        assert r.status_code == 201, r.json
+        assert r.status_code == 202 and r.json["status"] == "accepted", r.json
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_malformed_upload_gets_its_4xx_and_leaves_nothing(env, case):
     audit_entries = env.count(AuditLogEntry)
     r = env.upload(case.build())
-    assert r.status_code == REASONS[case.reason], r.json
-    error = r.json["error"]
+    error = env.refusal(r)
     assert (error["status"], error["reason"]) == (REASONS[case.reason], case.reason), error
     assert error["files"] == case.files, error
     for name in case.files[:10]:
         assert printable(name) in error["message"], error
     if case.says:
         assert case.says in error["message"], error
-    assert_nothing_stored(env, audit_entries)
+    if r.status_code == 202:
+        assert_nothing_prepared(env)
+    else:
+        assert r.status_code == REASONS[case.reason]
+        assert_nothing_stored(env, audit_entries)
 
 
 # Uploads the intake once mishandled (500s, and one accepted upload); found writing this file, fixed since.
@@ -506,15 +542,10 @@ ONCE_MISHANDLED = [
 
 @pytest.mark.parametrize("build, reasons, files", ONCE_MISHANDLED)
 def test_malformed_upload_once_mishandled(env, build, reasons, files):
-    audit_entries = env.count(AuditLogEntry)
-    r = env.upload(build())
-    assert r.status_code == 400, r.json
-    assert r.json["error"]["reason"] in reasons, r.json
-    if files is None:
-        assert r.json["error"]["files"], r.json
-    else:
-        assert r.json["error"]["files"] == files, r.json
-    assert_nothing_stored(env, audit_entries)
+    error = env.refusal(env.upload(build()))
+    assert error["status"] == 400 and error["reason"] in reasons, error
+    assert error["files"] == files, error
+    assert_nothing_prepared(env)
 
 
 # --- refusals before the intake: the body, the form, the key -------------------------------------------------
@@ -564,39 +595,37 @@ def test_upload_without_customer_key_is_refused(env, headers, status, reason):
 
 def test_refused_uploads_then_a_good_one(env):
     """Refusals at each stage (upload size, directory, captions, images, scan) leave nothing in a later upload's way."""
-    audit_entries = env.count(AuditLogEntry)
     refusals = [(b"x" * (MAX_UPLOAD + 1), "too_large"), (good()[:100], "not_a_zip"),
                 (zip_of(*pair("a"), ("../b.png", png())), "zip_slip"),
                 (zip_of(*pair("a", caption="")), "empty_caption"),
                 (zip_of(*pair("a", image=png(size=(64, 64)))), "decompression_bomb"),
                 (good_zip(n=2, red=2), "contaminated")]
     for data, reason in refusals:
-        assert env.upload(data).json["error"]["reason"] == reason
-    assert_nothing_stored(env, audit_entries)
+        assert env.refusal(env.upload(data))["reason"] == reason
+    assert_nothing_prepared(env)
+    refused = env.count(Dataset)
 
     r = env.upload(good())
-    assert r.status_code == 201, r.json
+    assert r.status_code == 202 and r.json["status"] == "accepted", r.json
     dataset = r.json["id"]
-    assert env.count(Dataset) == 1 and env.count(AuditLogEntry) == audit_entries + 1
-    folder = env.state / "datasets" / "acme" / dataset
-    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
-                                                        "intake.json"]
-    stored = [p for p in env.settings.artifacts_dir.rglob("*") if p.is_file()]
-    assert [p.name for p in stored] == [f"{r.json['content_sha256']}.zip"]
+    assert env.count(Dataset) == refused + 1
+    with env.sessions() as s:
+        prepared = s.get(Dataset, dataset).prepared_path
+    with zipfile.ZipFile(env.settings.artifacts_dir / prepared) as zf:
+        assert sorted(zf.namelist()) == ["00000.png", "00000.txt", "00001.png", "00001.txt", "intake.json"]
+    assert env.leftovers() == [str(env.settings.artifacts_dir / prepared)]
 
     # A refusal after it leaves the accepted dataset exactly as it was.
     before = sorted(env.leftovers())
-    assert len(before) == 7  # the dataset folder, its five files and the stored zip
-    assert env.upload(zip_of(*pair("a"), ("b.png", png()))).json["error"]["reason"] == "missing_caption"
+    assert env.refusal(env.upload(zip_of(*pair("a"), ("b.png", png()))))["reason"] == "missing_caption"
     assert sorted(env.leftovers()) == before
-    assert env.count(Dataset) == 1 and env.count(AuditLogEntry) == audit_entries + 1
-    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).status_code == 200
+    assert env.client.get(f"/v1/datasets/{dataset}", headers=env.headers("a")).json["status"] == "accepted"
 
 
 def test_two_tenants_uploading_the_same_bytes_get_separate_datasets(env):
     data = good()
     uploads = {"a": env.upload(data, who="a"), "b": env.upload(data, who="b")}
-    assert [r.status_code for r in uploads.values()] == [201, 201], [r.json for r in uploads.values()]
+    assert [r.status_code for r in uploads.values()] == [202, 202], [r.json for r in uploads.values()]
     ids = {who: r.json["id"] for who, r in uploads.items()}
     assert ids["a"] != ids["b"]
     assert [r.json["tenant"] for r in uploads.values()] == ["acme", "globex"]
@@ -611,11 +640,10 @@ def test_two_tenants_uploading_the_same_bytes_get_separate_datasets(env):
     for who, tenant in (("a", "acme"), ("b", "globex")):
         assert paths[who].startswith(f"tenants/{tenant}/")
         assert (env.settings.artifacts_dir / paths[who]).read_bytes() == data
-        assert sorted(p.name for p in (env.state / "datasets" / tenant).iterdir()) == [ids[who]]
 
 
 def test_a_failed_commit_removes_the_folder_and_the_newly_stored_zip(env, monkeypatch):
-    """The intake passed but the row could not be recorded: a 500 and, again, nothing left."""
+    """The upload was stored but the row could not be recorded: a 500 and, again, nothing left."""
     audit_entries = env.count(AuditLogEntry)
 
     def broken_record(*_args, **_kwargs):
@@ -629,17 +657,21 @@ def test_a_failed_commit_removes_the_folder_and_the_newly_stored_zip(env, monkey
 
 def test_a_failed_commit_keeps_a_zip_an_earlier_dataset_stored(env, monkeypatch):
     first = env.upload(good())
-    assert first.status_code == 201
+    assert first.status_code == 202
+    with env.sessions() as s:
+        upload = env.settings.artifacts_dir / s.get(Dataset, first.json["id"]).artifact_path
     kept = sorted(env.leftovers())
-    assert len(kept) == 7  # the dataset folder, its five files and the stored zip
+    assert len(kept) == 1  # the prepared set (the upload is named by its row)
     monkeypatch.setattr("gate.api.datasets.record", lambda *a, **k: 1 / 0)
     assert env.upload(good()).status_code == 500
-    assert sorted(env.leftovers()) == kept and env.count(Dataset) == 1
+    assert sorted(env.leftovers()) == kept and env.count(Dataset) == 1 and upload.is_file()
 
 
 def test_a_jpeg_named_png_is_accepted_as_jpeg(env):
     """The intake goes by the bytes, not the name: a JPEG called .png is a JPEG image, re-encoded to PNG."""
     r = env.upload(zip_of(*pair("a", image=image_bytes("JPEG", size=(16, 16)))))
-    assert r.status_code == 201, r.json
-    record = json.loads((env.state / "datasets" / "acme" / r.json["id"] / "intake.json").read_text())
+    assert r.status_code == 202 and r.json["status"] == "accepted", r.json
+    with env.sessions() as s, zipfile.ZipFile(env.settings.artifacts_dir / s.get(Dataset, r.json["id"]).prepared_path) \
+            as prepared:
+        record = json.loads(prepared.read("intake.json"))
     assert [(f["source"], f["source_format"]) for f in record["files"]] == [("a.png", "JPEG")]
