@@ -1,7 +1,8 @@
 """Cost of the Moreau hypergradient: HVP / gradient, Moreau / first-order outer step, peak memory.
 
     python -m benchmarks.hypergradient [--model shapes-world|sd-v1.4] [--latent N] [--samples J]
-                                       [--adapt-steps S] [--dtype float32|bfloat16] [--device cpu|cuda]
+                                       [--adapt-steps S] [--methods full lora] [--gamma G]
+                                       [--dtype float32|bfloat16] [--device cpu|cuda]
 
 ``shapes-world`` is the packaged world model; ``sd-v1.4`` is a UNet of SD v1.4's shape with
 random weights (860M parameters) at a reduced latent size on CPU. All figures come from
@@ -104,9 +105,10 @@ def _config(args, method: str) -> AlignConfig:
         # right-hand side makes the Richardson solve free (every product of 0 is skipped).
         objective=ObjectiveConfig(harm="ga"),
         outer=OuterConfig(steps=100, samples=args.samples, scope="attention-lora"),
-        hypergradient=HypergradientConfig(method=method, hvp="finite-difference", richardson_steps=5),
+        hypergradient=HypergradientConfig(method=method, hvp="finite-difference", richardson_steps=5,
+                                          gamma=args.gamma),
         distribution=Distribution(learning_rates=(1e-5,), steps=(args.adapt_steps,), batch_sizes=(args.batch_size,),
-                                  losses=("standard",), methods=("full", "lora"), optimizers=("adam",)),
+                                  losses=("standard",), methods=tuple(args.methods), optimizers=("adam",)),
     )
 
 
@@ -251,6 +253,11 @@ def main() -> None:
     parser.add_argument("--adapt-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"],
+                        help="pi(C)'s methods; a full configuration simulates a fine-tune of every weight "
+                             "(on sd-v1.4 that is several 3.4 GB copies: about 20 GB of RAM)")
+    parser.add_argument("--gamma", type=float, default=1.0,
+                        help="the Moreau model's gamma (1: the config default; the ADAPT's lr x steps models it)")
     parser.add_argument("--compare-lr", type=float, default=1e-2, help="SGD learning rate of the unrolled comparison")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -304,8 +311,9 @@ def main() -> None:
     peaks = {}
     for kind in ("resalign", "finetune"):
         cmd = [sys.executable, "-m", "benchmarks.hypergradient", "--measure-memory", kind]
-        for flag in ("model", "latent", "samples", "adapt_steps", "batch_size", "dtype", "device"):
+        for flag in ("model", "latent", "samples", "adapt_steps", "batch_size", "gamma", "dtype", "device"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cmd += ["--methods", *args.methods]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         peaks[kind] = json.loads(out)
 
@@ -313,7 +321,8 @@ def main() -> None:
         "benchmark": "hypergradient", "model": args.model if args.model == "shapes-world"
         else f"sd-v1.4-shaped UNet, random weights, {args.latent}x{args.latent} latents",
         "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size, "samples_J": args.samples,
-        "adapt_steps": args.adapt_steps, "richardson_K": k, "scope": "attention-lora",
+        "adapt_steps": args.adapt_steps, "methods": args.methods, "richardson_K": k, "gamma": args.gamma,
+        "scope": "attention-lora",
         "gradient_s": round(grad_s, 4),
         "hvp_fd_over_grad": round(fd_k_s / k / grad_s, 3),
         "hvp_autograd_over_grad": round(ag_k_s / k / grad_s, 3),
