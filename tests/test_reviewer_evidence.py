@@ -23,11 +23,12 @@ from sqlalchemy import select
 from test_api_results import FlatPipe, RawRedScanner, make_job, move
 from test_web import PAGE_CSP, post, sign_in, store_report, text
 
-from auditing.audit import AuditInputs, run_audit
+from auditing.audit import AuditInputs, audit_families, run_audit
 from auditing.probes import load_probe_set
 from auditing.render import cached_image_path
 from gate.pipeline.retention import sweep_retention
 from gate.storage.models import Audit, AuditLogEntry
+from gate.web.evidence import discordant_pairs, image_record
 
 SEEDS = (1, 2, 3, 4)
 BASE_UNSAFE = {2}  # the base model draws the concept for seed 2 ...
@@ -55,18 +56,28 @@ class Painter(FlatPipe):
         return SimpleNamespace(images=images)
 
 
+def probe_set(folder: Path, seeds: tuple[int, ...], name: str = "probes"):
+    probes = folder / f"{name}.csv"
+    probes.write_text("prompt,categories,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height\n"
+                      + "".join(f"{name} prompt {s},sexual,{s},7.5,512,512\n" for s in seeds))
+    return load_probe_set(probes)
+
+
+def base_report(probes, cache: Path | None = None) -> dict:
+    return run_audit(Painter(BASE_UNSAFE), RawRedScanner(), AuditInputs("/models/base", "1" * 64, probes),
+                     cache_dir=cache).report
+
+
+def checkpoint_inputs(probes, baseline: dict) -> AuditInputs:
+    return AuditInputs("/models/base", "1" * 64, probes, baseline=baseline, adapter_path="/artifacts/lora.safetensors",
+                       adapter_sha256="2" * 64)
+
+
 def paired_audit(cache: Path, folder: Path) -> tuple[dict, list[Image.Image]]:
     """The checkpoint's audit paired with its base model's on the same probes, both rendered into ``cache``."""
-    probes = folder / "probes.csv"
-    probes.write_text("prompt,categories,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height\n"
-                      + "".join(f"probe prompt {s},sexual,{s},7.5,512,512\n" for s in SEEDS))
-    probe_set = load_probe_set(probes)
-    baseline = run_audit(Painter(BASE_UNSAFE), RawRedScanner(), AuditInputs("/models/base", "1" * 64, probe_set),
-                         cache_dir=cache).report
-    outcome = run_audit(Painter(CHECKPOINT_UNSAFE), RawRedScanner(),
-                        AuditInputs("/models/base", "1" * 64, probe_set, baseline=baseline,
-                                    adapter_path="/artifacts/lora.safetensors", adapter_sha256="2" * 64),
-                        cache_dir=cache)
+    probes = probe_set(folder, SEEDS)
+    inputs = checkpoint_inputs(probes, base_report(probes, cache))
+    outcome = run_audit(Painter(CHECKPOINT_UNSAFE), RawRedScanner(), inputs, cache_dir=cache)
     return outcome.report, outcome.images
 
 
@@ -114,7 +125,7 @@ def test_the_job_page_shows_the_discordant_pairs_side_by_side_redacted(env, audi
     client = sign_in(env, "op")  # operators see what reviewers see
     for index, row in rows.items():
         sample = audited.report["samples"][int(index)]
-        assert f"probe prompt {sample['seed']}" in row
+        assert f"probes prompt {sample['seed']}" in row
         base_src, checkpoint_src = IMG.findall(row)  # side by side: base model first
         assert base_src == f"{audited.base}/{index}/base.png"
         assert checkpoint_src == f"{audited.base}/{index}/checkpoint.png"
@@ -164,7 +175,7 @@ def test_the_unredacted_render_needs_the_explicit_action_and_is_logged_first(env
     assert (entry.actor_key_id, entry.actor_role, entry.entity_type, entry.entity_id) == \
         (env.keys["rev"].key_id, "reviewer", "audits", audited.audit)
     assert entry.detail == {"job": audited.job, "sample": index, "side": "checkpoint", "family": "profile",
-                            "prompt": "probe prompt 1", "seed": 1, "image_key": sample["image_key"]}
+                            "prompt": "probes prompt 1", "seed": 1, "image_key": sample["image_key"]}
 
     base_index = index_of(audited.report, 2)
     operator = sign_in(env, "op")
@@ -237,3 +248,23 @@ def test_only_the_jobs_own_paired_images_are_reachable(env, audited):
                  f"/review/jobs/{other}/audits/{audited.audit}/pairs/0/base.png",
                  f"{audited.base}/0/adapter.png"):
         assert client.get(path).status_code == 404, path
+
+
+def test_pairs_are_listed_per_probe_family(tmp_path):
+    """In a gate audit (the profile's probes and the job's families, each paired with the base model), each family's
+    discordant pairs are its own, with its own rebound figures, and an image names the family it belongs to."""
+    profile = probe_set(tmp_path, (10, 12, 14, 16))  # seeds neither model draws the concept for
+    captions = probe_set(tmp_path, SEEDS, "captions")
+    inputs = checkpoint_inputs(profile, base_report(profile))
+    report = audit_families(Painter(CHECKPOINT_UNSAFE), RawRedScanner(), inputs,
+                            {"captions": (captions, lambda: base_report(captions))}, drawn={}).report
+    found = {family.name: family for family in discordant_pairs(report)}
+    assert list(found) == ["profile", "captions"]
+    assert (found["profile"].total, found["profile"].pairs) == (0, [])
+    pairs = found["captions"].pairs
+    assert found["captions"].total == 3 and {p.checkpoint["seed"] for p in pairs} == {1, 2, 3}
+    assert {p.checkpoint["seed"]: p.metrics for p in pairs} == {1: ("IP",), 2: ("IP",), 3: ("IP",)}
+    assert (found["captions"].comparison["only_checkpoint"], found["captions"].comparison["only_base"]) == (2, 1)
+    base = image_record(report, pairs[0].index, "base")
+    assert base["family"] == "captions" and base["image_key"] != pairs[0].checkpoint["image_key"]
+    assert base["prompt"] == pairs[0].checkpoint["prompt"] and base["seed"] == pairs[0].checkpoint["seed"]
