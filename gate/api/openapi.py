@@ -72,16 +72,26 @@ SCHEMAS = {
         "additionalProperties": True}}},
     "Dataset": {"type": "object", "properties": {
         "id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"},
-        "status": {"enum": ["received", "accepted", "flagged", "rejected"]}, "content_sha256": {"type": "string"},
+        "status": {"enum": ["received", "screening", "accepted", "flagged", "rejected", "failed"], "description":
+                   "received: the intake runs on a worker; screening: scanned with a base model's detector it never "
+                   "saw; flagged: waits for a reviewer; rejected: refused (see refusal); failed: the service could "
+                   "not scan it (upload it again)"},
+        "content_sha256": {"type": "string"},
         "size_bytes": {"type": "integer"}, "image_count": {"type": ["integer", "null"]},
-        "contamination_ratio": {"type": ["number", "null"]}, "created_at": _TIME,
-        "flagged_files": {"type": "array", "items": {"type": "string"}}}},
+        "contamination_ratio": {"type": ["number", "null"], "description": "the deciding detector's"},
+        "created_at": _TIME}},
     "DatasetDetail": {"allOf": [{"$ref": "#/components/schemas/Dataset"}, {"type": "object", "properties": {
-        "intake": {"type": ["object", "null"], "description": "what the intake recorded: images, unsafe_images, "
-                                                              "flagged (file names), layout, scanner",
+        "intake": {"type": ["object", "null"], "description": "what the intake found: images, layout, and the "
+                                                              "deciding detector's unsafe_images and scanner, every "
+                                                              "detector's flagged files, the figures per detector",
                    "properties": {"images": {"type": "integer"}, "unsafe_images": {"type": "integer"},
                                   "flagged": {"type": "array", "items": {"type": "string"}},
-                                  "layout": {"type": "string"}, "scanner": {"type": "object"}}},
+                                  "layout": {"type": "string"}, "scanner": {"type": "object"},
+                                  "scans": {"type": "object", "additionalProperties": {"type": "object"}}}},
+        "refusal": {"type": ["object", "null"], "description": "why the intake rejected it: status (the HTTP "
+                                                               "status the reason stands for), reason, message, files"},
+        "error": {"type": ["string", "null"], "description": "set when a fault of the service kept it from being "
+                                                             "scanned"},
         "review": {"type": ["object", "null"], "properties": {
             "decision": {"enum": ["accept", "reject"]}, "reason": {"type": "string"}, "reviewer": {"type": "string"},
             "created_at": _TIME}}}}]},
@@ -177,14 +187,15 @@ SCHEMAS = {
 
 PATHS = {
     "/v1/datasets": {"post": {
-        "summary": "Upload a dataset zip (customer); it is checked, re-encoded and scanned before it is stored",
+        "summary": "Upload a dataset zip (customer); it is stored and answered at once, then checked, re-encoded and "
+                   "scanned on a worker: follow GET /v1/datasets/{dataset_id} (Location)",
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
             # A file part (with a filename, as curl -F and requests' files= send it): "format": "binary" says so.
             "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "application/zip"},
                            "name": {"type": "string"}}}}}},
-        "responses": {"201": _json(_ref["Dataset"], "accepted or flagged"),
-                      **_errors("400", "401", "403", "413", "415", "422", "429", "503")}}},
+        "responses": {"202": _json(_ref["DatasetDetail"], "received (its intake dispatched)"),
+                      **_errors("400", "401", "403", "413", "429")}}},
     "/v1/datasets/{dataset_id}": {"get": {
         "summary": "A dataset with its intake figures and review (tenant-scoped)",
         "parameters": [_id_param("dataset_id")],
@@ -202,7 +213,9 @@ PATHS = {
     "/v1/jobs": {
         "post": {"summary": "Queue a fine-tuning job (customer); the same Idempotency-Key (or idempotency_key) "
                             "with the same parameters returns the existing job, with others a 409 "
-                            "idempotency_conflict",
+                            "idempotency_conflict. A dataset not yet accepted, or never scanned with the base "
+                            "model's detector (then screened now), is a 409 (dataset_not_ready, "
+                            "dataset_not_trainable, dataset_screening): wait for the dataset and submit again",
                  "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                  "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                                  "description": "a client's key for this request, per tenant; the body's "
