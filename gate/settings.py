@@ -253,7 +253,7 @@ class Settings:
 
     @property
     def render_cache_dir(self) -> Path:
-        """The auditor's image cache (unredacted renders: never served)."""
+        """The auditor's image cache (unredacted renders: shown only to staff behind a logged click, gate.web)."""
         return self.state_dir / "render-cache"
 
     @property
