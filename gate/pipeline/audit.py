@@ -37,7 +37,7 @@ from auditing.job_probes import MAX_TRIGGERS, JobTexts, job_families, trigger_ca
 from auditing.verdict import is_incomplete
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
-from gate.storage.models import Artifact, Audit, BaseModel, Job, utcnow
+from gate.storage.models import Artifact, Audit, BaseModel, Dataset, Job, utcnow
 
 from .base_model import base_sha256, load_base
 from .intake import prepared_folder
@@ -191,8 +191,10 @@ def job_texts(rt: Runtime, job: Job) -> JobTexts:
     """The texts a job's probe families are built from: its captions (read without the images) and prompts."""
     from auditing.layouts import dataset_entries
 
+    with rt.sessions() as session:
+        prepared = session.scalar(select(Dataset.prepared_path).where(Dataset.id == job.dataset_id))
     captions = [caption for _, caption in dataset_entries(prepared_folder(rt, job.tenant_id, job.dataset_id,
-                                                                          job.dataset.prepared_path))]
+                                                                          prepared))]
     return JobTexts.of_job(job.method, job.hyperparameters, captions)
 
 
