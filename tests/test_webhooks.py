@@ -453,3 +453,23 @@ def test_a_tenants_default_webhook_serves_jobs_without_their_own(env):
     assert env.client.put("/v1/webhook", headers=a, json={"url": None}).json == {"url": None, "secret": True}
     _stage(env, plain["id"], "auditing")  # no target any more: nothing owed
     assert len(_outbox(env)) == 2
+
+
+def test_a_delivery_reads_the_tenants_default_when_it_is_made(env, caplog):
+    """An event owed while the default was one URL goes to the URL set since; once the default is removed, what
+    is still owed is abandoned unsent."""
+    a = env.headers("a")
+    _secret(env)
+    with receiver([200]) as (before, seen_before, _), receiver([200]) as (after, seen_after, _):
+        assert env.client.put("/v1/webhook", headers=a, json={"url": before}).status_code == 200
+        job = _job(env).json["id"]
+        seq = _stage(env, job)
+        assert env.client.put("/v1/webhook", headers=a, json={"url": after}).status_code == 200
+        assert webhooks.deliver_due(env.sessions, env.settings) == 1
+        _stage(env, job, "auditing")
+        assert env.client.put("/v1/webhook", headers=a, json={"url": None}).status_code == 200
+        with caplog.at_level(logging.WARNING, logger="gate.pipeline.webhooks"):
+            assert webhooks.deliver_due(env.sessions, env.settings) == 1
+    assert seen_before == [] and [json.loads(body)["event"]["seq"] for _, body in seen_after] == [seq]
+    assert [state for _, state, _ in _outbox(env)] == ["delivered", "abandoned"]
+    assert any("abandoned" in r.message for r in caplog.records)

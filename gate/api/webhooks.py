@@ -12,7 +12,7 @@ from __future__ import annotations
 from flask import Blueprint, g, request
 
 from gate.auth import CUSTOMER
-from gate.pipeline.webhooks import SIGNATURE_HEADER, RefusedTarget, check_target, new_secret
+from gate.pipeline.webhooks import SIGNATURE_HEADER, URL_MAX_CHARS, RefusedTarget, check_target, new_secret
 from gate.service.errors import ApiError
 from gate.storage.audit_log import record
 from gate.storage.models import Tenant, WebhookSecret
@@ -55,7 +55,7 @@ def set_default():
         try:
             check_target(url, gate().settings.webhook_private_targets == "allow")
         except RefusedTarget as exc:
-            raise ApiError(400, "invalid_request", f"url {exc}", field="url") from None
+            raise ApiError(400, "invalid_request", f"url {exc}", field="url", maximum=URL_MAX_CHARS) from None
     key = g.db.get(WebhookSecret, principal.tenant_id)
     if key is None:
         raise ApiError(409, "webhook_secret_missing", "a webhook needs the tenant's signing secret: create it first "
