@@ -208,7 +208,7 @@ def create():
             return _replay(job, sha256, key_field)
         raise
     log.info("job %s of %s queued (%s on %s)", job.id, job.tenant_id, method, base_model.name)
-    hand_job_to_queues(job, lambda: app.dispatcher.job(job.id), app.settings.tenant_dispatch_share)
+    hand_job_to_queues(job, app.dispatcher.job, app.settings.tenant_dispatch_share)
     return job_json(job), 201
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from flask import g
 
-from gate.pipeline.fairness import admit
+from gate.pipeline.fairness import admit, dispatch_waiting
 from gate.storage.audit_log import SYSTEM, StaleState, transition
 from gate.storage.models import AlignmentRun, Job, utcnow
 
@@ -43,8 +43,12 @@ def hand_to_queues(row: Job | AlignmentRun, send: Callable[[], None], field: str
         raise ApiError(503, "queue_unavailable", f"{field} {row.id} {error}", **{field: row.id}) from None
 
 
-def hand_job_to_queues(job: Job, send: Callable[[], None], share: int) -> None:
-    """``send()`` the new job's message, as ``hand_to_queues``, if its tenant has fewer than ``share`` jobs sent
-    and not started and none held; else leave it held (committed) for the fair dispatcher."""
+def hand_job_to_queues(job: Job, send: Callable[[str], None], share: int) -> None:
+    """``send(job.id)``, as ``hand_to_queues`` does, if its tenant has fewer than ``share`` jobs sent and not
+    started and none held; else leave it held for the fair dispatcher, and run it for the tenant at once: a
+    dispatcher that counted this job while it was undecided may have left a slot free."""
     if admit(g.db, job, share):
-        hand_to_queues(job, send, "job")
+        hand_to_queues(job, lambda: send(job.id), "job")
+        return
+    dispatch_waiting(g.db, send, share, tenants=[job.tenant_id])
+    g.db.refresh(job)
