@@ -233,6 +233,19 @@ def test_a_held_job_is_dispatched_once_the_tenants_first_starts_training(rt, job
     assert sent == younger[1:] and _held(rt.sessions, "acme") == []
 
 
+def test_the_workers_start_hook_sends_the_tenants_next_held_job(rt, job_id, monkeypatch):  # noqa: F811
+    """``gate.worker.tasks`` hands the train stage a ``started`` that dispatches through the worker's Celery app."""
+    from gate.worker import tasks
+
+    younger = _submit(rt.sessions, "acme", 2)
+    sent = Sent()
+    monkeypatch.setattr(tasks, "runtime", lambda: rt)
+    monkeypatch.setattr(tasks, "CeleryDispatcher", lambda app: type("Dispatcher", (), {"job": staticmethod(sent)}))
+    _start(rt.sessions, job_id)
+    tasks._send_next_of(app=None)("acme")
+    assert sent == younger[1:]
+
+
 def test_a_job_handed_back_by_the_reaper_waits_for_a_slot_first_in_line(sessions):  # noqa: F811
     """A training job whose worker died goes back to the train queue's line of its tenant: held while the tenant's
     slots are taken, then sent before the tenant's younger jobs."""

@@ -17,8 +17,9 @@ tenant's younger ones).
 Each decision to send is a compare-and-set on ``dispatched_at`` that counts the tenant's jobs in flight in the
 same statement, taken under the tenant's row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises
 all writers, and an UPDATE with its subquery is one statement under its write lock). So two dispatchers at once
-never exceed the share, and none sends a job twice. Jobs enter the outbox before the decision (a new job is
-committed with its dispatch recorded, as before), so a decision under way counts them: the share errs on holding.
+never exceed the share, and none sends a job twice. A new job enters the outbox before its decision (it is
+committed with its dispatch recorded, as before), so a decision under way counts it: the share errs on holding,
+and the creation that then holds its job runs the tenant's dispatch itself (``gate.api.queueing``).
 """
 
 from __future__ import annotations
@@ -134,10 +135,7 @@ def dispatch_waiting(session: Session, send: Callable[[str], None], share: int,
     for job_id, tenant_id in session.execute(select(held.c.id, held.c.tenant_id).where(held.c.pos <= share)
                                              .order_by(held.c.pos)):
         lines[tenant_id].append(job_id)
-    if not lines:
-        session.rollback()
-        return 0
-    order = _turn_order(lines, _last_served(session, lines))
+    order = _turn_order(lines, _last_served(session, lines)) if lines else []
     session.rollback()  # end the reads before the locked decisions
     sent = []
     for turn in range(share):
