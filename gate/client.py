@@ -29,8 +29,11 @@ from gate.settings import KEY_ENV, URL_ENV
 
 # States a job leaves only by a person's act (a reviewer's decision, an operator's requeue), or never.
 SETTLED = ("released", "review", "withheld", "failed", "cancelled")
+# A dataset's intake (or its screening for a base model) has decided; ``received`` and ``screening`` have not.
+DATASET_SETTLED = ("accepted", "flagged", "rejected", "failed")
 TIMEOUT_S = 60.0  # one HTTP request
 WAIT_S = 3600.0  # a whole job: training and audit
+INTAKE_WAIT_S = 1800.0  # a dataset's intake on a worker: archive checks, re-encoding, scans
 POLL_S, MAX_POLL_S, BACKOFF = 1.0, 15.0, 1.5  # waits poll from POLL_S, stretching by BACKOFF while nothing moves
 CHUNK_BYTES = 1 << 20
 ZIP_TYPE = "application/zip"
@@ -70,12 +73,13 @@ class DownloadError(Exception):
 
 
 class WaitTimeout(TimeoutError):
-    """Jobs not settled within the wait's timeout; ``jobs`` holds each one as last seen."""
+    """Jobs (or datasets) not settled within the wait's timeout; ``jobs`` holds each one as last seen."""
 
-    def __init__(self, jobs: dict[str, dict], timeout_s: float):
+    def __init__(self, jobs: dict[str, dict], timeout_s: float, settled: tuple[str, ...] = SETTLED,
+                 what: str = "jobs"):
         self.jobs, self.timeout_s = jobs, timeout_s
-        pending = sorted(i for i, job in jobs.items() if job["status"] not in SETTLED)
-        super().__init__(f"jobs not settled after {timeout_s:g} s: {pending}")
+        pending = sorted(i for i, row in jobs.items() if row["status"] not in settled)
+        super().__init__(f"{what} not settled after {timeout_s:g} s: {pending}")
 
 
 class _MultipartBody:
@@ -194,29 +198,48 @@ class Client:
     # --- datasets ---------------------------------------------------------------------------------------------
 
     def upload_dataset(self, source: str | Path | bytes | IO[bytes], *, name: str | None = None,
-                       filename: str | None = None, progress: Progress | None = None) -> dict:
-        """``POST /v1/datasets``: a dataset zip from a path, bytes or a seekable binary file, streamed."""
+                       filename: str | None = None, progress: Progress | None = None, wait: bool = True,
+                       timeout_s: float = INTAKE_WAIT_S, on_poll: Callable[[dict], None] | None = None) -> dict:
+        """``POST /v1/datasets``: a dataset zip from a path, bytes or a seekable binary file, streamed. The gate
+        answers ``received`` and takes it in on a worker; with ``wait`` (the default) this returns the dataset
+        once its intake has decided (``DATASET_SETTLED``; ``on_poll`` sees each read), else the answer as is."""
         if isinstance(source, (str, Path)):
             with open(source, "rb") as f:
-                return self.upload_dataset(f, name=name, filename=filename or Path(source).name, progress=progress)
+                return self.upload_dataset(f, name=name, filename=filename or Path(source).name, progress=progress,
+                                           wait=wait, timeout_s=timeout_s, on_poll=on_poll)
         stream = io.BytesIO(source) if isinstance(source, bytes) else source
         size = stream.seek(0, os.SEEK_END) - stream.seek(0)
         body = _MultipartBody({"name": name} if name is not None else {}, filename or "dataset.zip", stream, size,
                               progress)
-        return self._json("POST", "/v1/datasets", data=body, headers={"Content-Type": body.content_type})
+        dataset = self._json("POST", "/v1/datasets", data=body, headers={"Content-Type": body.content_type})
+        return self.wait_dataset(dataset["id"], timeout_s=timeout_s, on_poll=on_poll) if wait else dataset
 
     def dataset(self, dataset_id: str) -> dict:
         return self._json("GET", f"/v1/datasets/{_segment(dataset_id)}")
 
+    def wait_dataset(self, dataset_id: str, *, timeout_s: float = INTAKE_WAIT_S, poll_s: float = POLL_S,
+                     max_poll_s: float = MAX_POLL_S, on_poll: Callable[[dict], None] | None = None) -> dict:
+        """The dataset once its intake or screening has decided (``DATASET_SETTLED``), polling as ``wait_all``
+        does; raises ``WaitTimeout`` after ``timeout_s``."""
+        return self._poll(self.dataset, [dataset_id], lambda d: d["status"] in DATASET_SETTLED, ("status",),
+                          timeout_s, poll_s, max_poll_s, on_poll, DATASET_SETTLED, "datasets")[dataset_id]
+
     # --- jobs -------------------------------------------------------------------------------------------------
 
     def create_job(self, base_model: str, dataset: str, method: str, hyperparameters: dict | None = None,
-                   idempotency_key: str | None = None) -> dict:
-        """``POST /v1/jobs``; with ``idempotency_key``, a retry returns the job the first call created."""
+                   idempotency_key: str | None = None, on_poll: Callable[[dict], None] | None = None) -> dict:
+        """``POST /v1/jobs``; with ``idempotency_key``, a retry returns the job the first call created. A dataset
+        the gate first screens with the base model's detector (409 ``dataset_screening``) is waited for
+        (``on_poll`` sees it) and the job created once it is accepted; otherwise that 409 is raised."""
         body = {"base_model": base_model, "dataset": dataset, "method": method,
                 "hyperparameters": hyperparameters or {}}
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
+        try:
+            return self._json("POST", "/v1/jobs", json=body)
+        except GateError as exc:
+            if exc.reason != "dataset_screening" or self.wait_dataset(dataset, on_poll=on_poll)["status"] != "accepted":
+                raise
         return self._json("POST", "/v1/jobs", json=body)
 
     def job(self, job_id: str) -> dict:
@@ -258,25 +281,33 @@ class Client:
         """Poll each job until ``until`` holds for all of them. The interval starts at ``poll_s`` and stretches by
         ``BACKOFF`` up to ``max_poll_s`` while no job's status, stage or progress changes. ``on_poll`` sees every
         job read (progress bars). Raises ``WaitTimeout`` after ``timeout_s``."""
-        pending, seen, done = list(dict.fromkeys(job_ids)), {}, {}
+        return self._poll(self.job, job_ids, until, ("status", "stage", "progress"), timeout_s, poll_s, max_poll_s,
+                          on_poll, SETTLED, "jobs")
+
+    @staticmethod
+    def _poll(read: Callable[[str], dict], ids: Iterable[str], until: Callable[[dict], bool], keys: tuple[str, ...],
+              timeout_s: float, poll_s: float, max_poll_s: float, on_poll: Callable[[dict], None] | None,
+              settled: tuple[str, ...], what: str) -> dict[str, dict]:
+        """``read`` each id until ``until`` holds for all, backing off while none of ``keys`` changes."""
+        pending, seen, done = list(dict.fromkeys(ids)), {}, {}
         deadline, interval = time.monotonic() + timeout_s, poll_s
         while True:
             moved = False
-            for job_id in pending:
-                job = self.job(job_id)
-                before = seen.get(job_id)
-                moved |= before is None or any(job[k] != before[k] for k in ("status", "stage", "progress"))
-                seen[job_id] = job
+            for row_id in pending:
+                row = read(row_id)
+                before = seen.get(row_id)
+                moved |= before is None or any(row[k] != before[k] for k in keys)
+                seen[row_id] = row
                 if on_poll is not None:
-                    on_poll(job)
-                if until(job):
-                    done[job_id] = job
+                    on_poll(row)
+                if until(row):
+                    done[row_id] = row
             pending = [i for i in pending if i not in done]
             if not pending:
-                return {job_id: done[job_id] for job_id in seen}
+                return {row_id: done[row_id] for row_id in seen}
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WaitTimeout(seen, timeout_s)
+                raise WaitTimeout(seen, timeout_s, settled, what)
             interval = poll_s if moved else min(interval * BACKOFF, max_poll_s)
             time.sleep(min(interval, left))
 

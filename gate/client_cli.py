@@ -5,7 +5,8 @@ would sit in the shell history and the process list). ``--json`` prints machine-
 (one JSON document, or one event per line); messages and progress bars go to stderr, the bars only to a
 terminal. A refused request prints the API's reason, field and limit and exits 1; ``--json`` also prints its
 error body on stdout. ``jobs wait`` exits 0 when the job is released, 1 when it settled otherwise (in review,
-withheld, failed, cancelled) and 3 when the timeout passed first.
+withheld, failed, cancelled) and 3 when the timeout passed first. ``datasets upload`` waits for the intake on the
+gate's worker in the same way: 0 when the dataset is accepted, 1 when flagged, rejected or failed, 3 on timeout.
 """
 
 from __future__ import annotations
@@ -77,11 +78,39 @@ def _show_job(job: dict) -> list[str]:
     return lines
 
 
+def _dataset_progress(bar) -> Callable[[dict], None]:
+    """The intake's state as the bar's text (it reports no fraction): each poll ticks the bar."""
+    def update(dataset: dict) -> None:
+        bar.update()
+        bar.set_postfix_str(dataset["status"])
+
+    return update
+
+
+def _show_dataset(dataset: dict) -> list[str]:
+    lines = [f"dataset {dataset['id']}: {dataset['status']}, {dataset['image_count']} images, "
+             f"contamination {dataset['contamination_ratio']}"]
+    if refusal := dataset.get("refusal"):
+        lines.append(f"  refused ({refusal['status']} {refusal['reason']}): {printable(refusal['message'])}")
+    if dataset.get("error"):
+        lines.append(f"  error: {dataset['error']}")
+    return lines
+
+
 def _cmd_upload(client, args):
+    from gate.client import WaitTimeout
+
     with _bar(desc="upload", unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        dataset = client.upload_dataset(args.file, name=args.name, progress=_byte_progress(bar))
-    return dataset, [f"dataset {dataset['id']}: {dataset['status']}, {dataset['image_count']} images, "
-                     f"contamination {dataset['contamination_ratio']}"]
+        dataset = client.upload_dataset(args.file, name=args.name, progress=_byte_progress(bar), wait=False)
+    if args.no_wait:
+        return dataset, _show_dataset(dataset)
+    with _bar(desc="intake", unit="poll", bar_format="{desc}: {postfix} ({elapsed})") as bar:
+        try:
+            dataset = client.wait_dataset(dataset["id"], timeout_s=args.timeout, on_poll=_dataset_progress(bar))
+        except WaitTimeout as exc:
+            dataset = exc.jobs[dataset["id"]]
+            return dataset, [str(exc), *_show_dataset(dataset)], TIMED_OUT
+    return dataset, _show_dataset(dataset), 0 if dataset["status"] == "accepted" else 1
 
 
 def _cmd_create(client, args):
@@ -190,6 +219,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     upload = command(datasets, "upload", _cmd_upload, "upload a dataset zip (docs/intake.md)")
     upload.add_argument("file", help="the zip of images and same-name captions")
     upload.add_argument("--name", help="the dataset's name (default: the file name)")
+    upload.add_argument("--no-wait", action="store_true",
+                        help="return once the upload is stored (status received), not after its intake")
+    upload.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds to wait for the intake (default 1800; then exit 3)")
 
     jobs = sub.add_parser("jobs", help="fine-tuning jobs on a gate (the API client)").add_subparsers(
         dest="jobs_command", required=True)

@@ -50,6 +50,41 @@ def test_upload_streams_the_zip_and_reports_progress(gate, tmp_path):
     assert customer(gate).dataset(dataset["id"])["content_sha256"] == dataset["content_sha256"]
 
 
+def test_upload_waits_for_the_intake_on_the_worker(gate, capsys, monkeypatch, tmp_path):
+    """The gate answers ``received``; the client polls until the worker's intake decides (it runs a second after
+    the upload here), and ``datasets upload`` shows it and exits 0 only for an accepted dataset."""
+    gate.dispatcher.intake = lambda dataset_id: threading.Timer(1.0, gate.run_intake, (dataset_id,)).start()
+    client = customer(gate)
+    assert client.upload_dataset(good_zip(), wait=False)["status"] == "received"
+    seen = []
+    dataset = client.upload_dataset(good_zip(n=20, red=1), on_poll=lambda d: seen.append(d["status"]))
+    assert dataset["status"] == "flagged" and seen[0] == "received" and seen[-1] == "flagged"
+    with pytest.raises(WaitTimeout, match="datasets not settled"):
+        client.upload_dataset(good_zip(n=5), timeout_s=0.2)
+    monkeypatch.setenv("FTGATE_API_KEY", gate.keys["a"].key)
+    monkeypatch.setenv("FTGATE_URL", gate.url)
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    code, out, err = ftgate(capsys, "datasets", "upload", str(tmp_path / "bad.zip"))
+    assert code == 1 and "rejected" in out and "not_a_zip" in out
+
+
+def test_create_job_waits_for_a_screening_and_creates_the_job(gate, tmp_path):
+    """A base model registered after the upload: the first job asks for a screening (409 dataset_screening),
+    which the client waits out, creating the job once the dataset is accepted."""
+    from test_api import registrable_model
+
+    client = customer(gate)
+    dataset = client.upload_dataset(good_zip())
+    model, probes = registrable_model(tmp_path)
+    profile = {"probes": str(probes), "detector": "shapes", "detector_options": {"concept": "red circle"}}
+    later = Client(gate.url, gate.keys["op"].key).create_base_model("later", str(model), profile)
+    gate.dispatcher.intake = lambda dataset_id: threading.Timer(0.5, gate.run_intake, (dataset_id,)).start()
+    seen = []
+    job = client.create_job(later["id"], dataset["id"], "lora", {"steps": 10}, on_poll=lambda d: seen.append(d))
+    assert job["status"] == "queued" and seen[-1]["status"] == "accepted"
+    assert set(client.dataset(dataset["id"])["intake"]["scans"]) == {"nudenet", 'shapes:{"concept":"red circle"}'}
+
+
 def test_create_show_list_and_idempotent_retry(gate):
     client = customer(gate)
     dataset = client.upload_dataset(good_zip(), name="set \"quoted\"")
