@@ -14,12 +14,12 @@ served least recently first (its newest train dispatch among its live jobs; none
 first within a tenant (so a job handed back by the reaper, or queued again by an operator, goes before the
 tenant's younger ones).
 
-Each decision to send is a compare-and-set on ``dispatched_at`` that counts the tenant's jobs in flight in the
-same statement, taken under the tenant's row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises
-all writers, and an UPDATE with its subquery is one statement under its write lock). So two dispatchers at once
-never exceed the share, and none sends a job twice. A new job enters the outbox before its decision (it is
-committed with its dispatch recorded, as before), so a decision under way counts it: the share errs on holding,
-and the creation that then holds its job runs the tenant's dispatch itself (``gate.api.queueing``).
+Each decision to send is a compare-and-set on ``dispatched_at`` that counts the tenant's jobs in flight in the same
+statement, taken under the tenant's row lock (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite serialises all
+writers, and an UPDATE with its subquery is one statement under its write lock). So two dispatchers at once never
+exceed the share, and none sends a job twice. A new job enters the outbox before its decision (it is committed with
+its dispatch recorded, as before), so a decision under way counts it: the share errs on holding, and the creation
+that then holds its job runs the tenant's dispatch itself (``gate.api.queueing``).
 """
 
 from __future__ import annotations
@@ -67,8 +67,11 @@ def in_flight(tenant_id: str, besides: str | None = None):
 
 
 def _lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise the tenant's dispatch decisions (PostgreSQL; SQLite ignores FOR UPDATE, its writers are serial)."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    """Serialise the tenant's dispatch decisions (PostgreSQL; SQLite ignores FOR UPDATE, its writers are serial).
+    ``FOR NO KEY UPDATE``: rows inserted for the tenant meanwhile (a job, an audit-log entry) take the key-share
+    lock their foreign key needs without waiting, so a transaction that updates a job and then logs it never
+    deadlocks with a decision about that job."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
 
 
 def admit(session: Session, job: Job, share: int) -> bool:
