@@ -14,7 +14,9 @@ A message can also go missing with no lease to expire: the broker loses it, or t
 (or finds the broker down) between committing the state that calls for it and sending it. Every such state
 change records ``dispatched_at`` in its own transaction, so ``reconcile`` (the reaper's other half) can send
 again what nobody started within ``dispatch_grace_seconds``: a transactional outbox whose outbox is the job's
-row. Duplicates are harmless: each stage starts by taking its job by compare-and-set (``take``).
+row. Duplicates are harmless: each stage starts by taking its job by compare-and-set (``take``). A job held for
+fair dispatch across tenants has no dispatch recorded (``gate.pipeline.fairness``): the reconciler leaves it to
+the fair dispatcher, and ``reap`` hands a training job back held.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def reap(sessions: sessionmaker[Session], requeue: Callable[[str, str, str], Non
 
 
 # What waits for a message, by the stage that message starts: (kind, stage, model, the rows' condition).
-_WAITING = (("job", "train", Job, Job.status == "queued"),
+_WAITING = (("job", "train", Job, Job.status == "queued"),  # a held job's null dispatched_at never matches
             # trained (or its audit's lease reaped), and no worker has taken the audit since
             ("job", "audit", Job, (Job.status == "auditing") & Job.lease_expires_at.is_(None)),
             ("alignment", "align", AlignmentRun, AlignmentRun.status == "queued"))
