@@ -190,7 +190,7 @@ def create():
         dataset = get_for_principal(g.db, Dataset, body["dataset"], principal)
     except RowNotFound:
         raise ApiError(404, "not_found", f"no dataset {body['dataset']!r}", field="dataset") from None
-    require_trainable(g.db, principal, dataset, base_model, app.dispatcher.dataset)
+    require_trainable(g.db, principal, dataset, base_model, app.dispatcher)
     webhook_url = _webhook_url(body, principal, app.settings)
     check_job_quota(g.db, principal.tenant_id, app.settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,

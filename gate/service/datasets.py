@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def require_trainable(session: Session, principal: Principal, dataset: Dataset, base_model: BaseModel,
-                      dispatch) -> None:
+                      dispatcher) -> None:
     """Return if ``dataset`` may train on ``base_model``; else a 409 naming ``dataset``: ``dataset_not_ready``
     while its intake runs, ``dataset_not_trainable`` when it is not accepted, ``dataset_screening`` after
-    committing it to ``screening`` and calling ``dispatch(dataset_id)`` when it was never scanned with the base
-    model's detector (the client waits for ``GET /v1/datasets/<id>`` and creates the job again)."""
+    committing it to ``screening`` and calling ``dispatcher.dataset(dataset_id)`` when it was never scanned with
+    the base model's detector (the client waits for ``GET /v1/datasets/<id>`` and creates the job again)."""
     wait = f"create the job once GET /v1/datasets/{dataset.id} shows it {TRAINABLE_DATASET}"
     if dataset.status in INTAKE_STATES:
         raise ApiError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}: its intake has not "
@@ -54,7 +54,7 @@ def require_trainable(session: Session, principal: Principal, dataset: Dataset, 
         session.rollback()
     else:
         try:
-            dispatch(dataset.id)
+            dispatcher.dataset(dataset.id)
         except Exception:  # the broker is away: the reaper dispatches a screening whose dispatch is overdue
             log.exception("dataset %s: its screening could not be dispatched; the reaper will send it", dataset.id)
     raise ApiError(409, "dataset_screening", f"dataset {dataset.id} was never scanned with {name}, the detector "

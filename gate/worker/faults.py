@@ -252,16 +252,22 @@ class GateSession:
         return self.clients[who].request("GET", path, check=False)
 
     def dataset(self) -> str:
-        """The customer's dataset (uploaded once; every job trains on it)."""
+        """The customer's dataset (uploaded once; every job trains on it), taken in by a worker: in a session
+        started without workers, one that consumes only the intake queue (no jobs, no reaper)."""
         if self._dataset is None:
             from gate.client import GateError
             from gate.demo import customer_zip
 
+            if not any(worker.poll() is None for worker in self.gate.workers):
+                self.gate.start_worker(queues="intake", reaper=False)
             try:
-                self._dataset = self.clients["a"].upload_dataset(customer_zip(0.0, DATASET_IMAGES),
-                                                                 filename="d.zip")["id"]
+                dataset = self.clients["a"].upload_dataset(customer_zip(0.0, DATASET_IMAGES), filename="d.zip")
             except GateError as exc:
                 raise RuntimeError(f"uploading the dataset: {exc}") from None
+            if dataset["status"] != "accepted":
+                raise RuntimeError(f"the dataset's intake ended {dataset['status']}: "
+                                   f"{dataset['refusal'] or dataset['error']}")
+            self._dataset = dataset["id"]
         return self._dataset
 
     def _job_body(self, steps: int, seed: int) -> dict:

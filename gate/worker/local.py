@@ -52,10 +52,12 @@ class LocalGate:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=self.env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, queues: str = "intake,train,audit,align") -> subprocess.Popen:
-        """A worker process on ``queues``; several may run (one is enough for the demo)."""
+    def start_worker(self, queues: str = "intake,train,audit,align", reaper: bool = True) -> subprocess.Popen:
+        """A worker process on ``queues`` (with a reaper beside it unless ``reaper`` is false); several may run
+        (one is enough for the demo)."""
         worker = self._spawn(f"worker-{len(self.workers)}", "worker", "--queues", queues,
-                             "--name", f"ftgate-{len(self.workers)}-{os.getpid()}@%h", module=self.worker_module)
+                             "--name", f"ftgate-{len(self.workers)}-{os.getpid()}@%h",
+                             *(() if reaper else ("--no-reaper",)), module=self.worker_module)
         self.workers.append(worker)
         return worker
 
