@@ -3,14 +3,14 @@
     python -m benchmarks.gate_load [--clients 20] [--jobs 200] [--reads-per-submit 5] [--state DIR]
 
 The server is the real one: ``ftgate serve`` (threaded WSGI) started by a ``LocalGate`` on loopback, SQLite
-under the state directory, every accepted job handed to Celery on the embedded Redis. No worker runs:
+under the state directory, every accepted job handed to Celery on the embedded Redis. No job worker runs:
 training 200 jobs would take hours on a CPU and its load would swamp the API being measured, so the jobs
-stay queued, which also lets the broker's queue be counted. Each client (a thread with its own key and
-``gate.client.Client``, the shipped client) submits its share of the jobs, reading the status of one of its
-jobs after each submission ``--reads-per-submit`` times, so every status read happens while the other clients
-submit. Afterwards one
-client alone reads statuses (``idle_read_*``): the same request without the load, to tell the machine's
-own speed (and whatever else runs on it) from the effect of the load.
+stay queued, which also lets the broker's queue be counted. The one dataset the jobs train on is taken in,
+before the clients start, by a worker on the ``intake`` queue alone (``GateSession.dataset``). Each client (a
+thread with its own key and ``gate.client.Client``, the shipped client) submits its share of the jobs, reading
+the status of one of its jobs after each submission ``--reads-per-submit`` times, so every status read happens
+while the other clients submit. Afterwards one client alone reads statuses (``idle_read_*``): the same request
+without the load, to tell the machine's own speed (and whatever else runs on it) from the effect of the load.
 
 Accounting: every submission answered, one job row per returned id, ids distinct, one message per job in
 the broker's ``train`` queue, no 5xx. Prints one JSON line (latencies in ms).
@@ -113,7 +113,8 @@ def run_load(state: str | Path, clients: int = 20, jobs: int = 200, reads_per_su
         "submit_p50_ms": round(statistics.median([ms for ms, _ in submits]), 1),
         "submit_p99_ms": round(_percentile([ms for ms, _ in submits], 99), 1),
         "goal_p99_ms": GOAL_P99_MS, "wall_s": round(wall, 1), "requests_per_s": round(len(responses) / wall, 1),
-        "server": "ftgate serve (werkzeug, threaded) via LocalGate on loopback; SQLite; embedded Redis; no worker",
+        "server": "ftgate serve (werkzeug, threaded) via LocalGate on loopback; SQLite; embedded Redis; "
+                  "an intake-only worker, no job worker",
         "cpus": os.cpu_count(), "load_average_1m_before": round(load_before, 2),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
     }
