@@ -33,8 +33,8 @@ class Sent(list):
         self.append(job)
 
 
-def _tenant(sessions, tenant: str) -> tuple[str, str]:  # noqa: F811
-    """A tenant with an accepted dataset, and a base model; (base model id, dataset id)."""
+def _tenant(sessions, tenant: str) -> None:  # noqa: F811
+    """A tenant with an accepted dataset, and a base model."""
     with sessions() as s:
         s.add(Tenant(id=tenant, name=tenant))
         base = BaseModel(name=f"m-{tenant}", path="/m", weights_sha256="a" * 64)
@@ -42,7 +42,6 @@ def _tenant(sessions, tenant: str) -> tuple[str, str]:  # noqa: F811
                           artifact_path="k", size_bytes=1)
         s.add_all([base, dataset])
         s.commit()
-        return base.id, dataset.id
 
 
 def _submit(sessions, tenant: str, n: int, first_second: int = 0, share: int = SHARE,  # noqa: F811
@@ -217,8 +216,8 @@ def test_two_dispatchers_at_once_never_exceed_the_share_nor_send_a_job_twice(ses
 def test_a_held_job_is_dispatched_once_the_tenants_first_starts_training(rt, job_id, monkeypatch):  # noqa: F811
     """The train stage calls ``started`` once it has taken the job; the worker's hook sends the tenant's next held
     job then, not at the reaper's next pass."""
-    younger = _submit(rt.sessions, "acme", 2)  # with the fixture's job, the tenant's slots are taken
-    assert _held(rt.sessions, "acme") == younger[1:]
+    more = _submit(rt.sessions, "acme", 2)  # with the fixture's job, the tenant's slots are taken
+    assert _held(rt.sessions, "acme") == more[1:]
     sent = Sent()
 
     class Stop(Exception):
@@ -230,20 +229,20 @@ def test_a_held_job_is_dispatched_once_the_tenants_first_starts_training(rt, job
 
     with pytest.raises(Stop):
         train.train(rt, job_id, "w1/a", started=started)
-    assert sent == younger[1:] and _held(rt.sessions, "acme") == []
+    assert sent == more[1:] and _held(rt.sessions, "acme") == []
 
 
 def test_the_workers_start_hook_sends_the_tenants_next_held_job(rt, job_id, monkeypatch):  # noqa: F811
     """``gate.worker.tasks`` hands the train stage a ``started`` that dispatches through the worker's Celery app."""
     from gate.worker import tasks
 
-    younger = _submit(rt.sessions, "acme", 2)
+    more = _submit(rt.sessions, "acme", 2)
     sent = Sent()
     monkeypatch.setattr(tasks, "runtime", lambda: rt)
     monkeypatch.setattr(tasks, "CeleryDispatcher", lambda app: type("Dispatcher", (), {"job": staticmethod(sent)}))
     _start(rt.sessions, job_id)
     tasks._send_next_of(app=None)("acme")
-    assert sent == younger[1:]
+    assert sent == more[1:]
 
 
 def test_a_job_handed_back_by_the_reaper_waits_for_a_slot_first_in_line(sessions):  # noqa: F811
