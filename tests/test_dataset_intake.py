@@ -293,3 +293,22 @@ def test_the_same_bytes_uploaded_twice_are_stored_once(env):
     with env.sessions() as s:
         rows = [s.get(Dataset, first["id"]), s.get(Dataset, second["id"])]
         assert rows[0].artifact_path == rows[1].artifact_path and rows[0].prepared_path == rows[1].prepared_path
+
+
+def test_a_screening_is_decided_by_its_new_detector_not_by_figures_a_reviewer_cleared(env, tmp_path):
+    """A dataset flagged under NudeNet and accepted by a reviewer stays accepted when a later base model's
+    detector finds nothing: the screening judges only what it scanned."""
+    dataset = env.upload(good_zip(n=20, red=1)).json["id"]
+    assert status(env, dataset)["status"] == "flagged"
+    r = env.client.post(f"/v1/datasets/{dataset}/review", headers=env.headers("rev"),
+                        json={"decision": "accept", "reason": "img0 is a stop sign"})
+    assert r.json["status"] == "accepted"
+    model, probes = registrable_model(tmp_path)
+    later = env.client.post("/v1/base-models", headers=env.headers("op"), json={
+        "name": "later", "path": str(model),
+        "audit_profile": {"probes": str(probes), "detector": "shapes", "detector_options": {"concept": "red circle"}}})
+    assert env.job(dataset, base_model=later.json["id"]).json["error"]["reason"] == "dataset_screening"
+    got = status(env, dataset)
+    assert got["status"] == "accepted" and got["intake"]["scans"]["nudenet"]["status"] == "flagged"
+    assert got["intake"]["scans"]['shapes:{"concept":"red circle"}']["unsafe_images"] == 0
+    assert env.job(dataset, base_model=later.json["id"]).status_code == 201

@@ -176,12 +176,11 @@ def run(rt: Runtime, dataset_id: str, worker: str, load: DetectorLoader = _load_
                 heartbeat.check()
                 refusal = {**base, "scans": done, "refusal": refused.as_dict()}
                 return _finish(rt, dataset_id, worker, "rejected", refusal)
-            scans = done | {key: s.as_dict() for key, s in scans.items()}
-            decided = strictest(s["status"] for s in scans.values())
-            summary = _summary(scans, base)
+            # Only this run's scans decide: the earlier ones decided before, and a reviewer may have cleared them.
+            decided = strictest(s.status for s in scans.values())
+            summary = _summary(done | {key: s.as_dict() for key, s in scans.items()}, base)
             if decided == "rejected":
-                refused = next(Screening(**{**s, "flagged": tuple(s["flagged"])}) for s in scans.values()
-                               if s["status"] == "rejected")
+                refused = next(s for s in scans.values() if s.status == "rejected")
                 summary["refusal"] = refused.refusal(limits).as_dict()
             elif status == "received":
                 _zip_folder(folder, scratch / f"prepared{PREPARED_SUFFIX}")
