@@ -9,7 +9,7 @@ import torch
 
 from alignment.adapt import SGD, Adam, Distribution, FineTuneConfig, adapt
 from alignment.functional import Batch, Denoiser, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
-from alignment.hvp import AutogradHVP, FiniteDifferenceHVP, gradient
+from alignment.hvp import FD_EPSILON, AutogradHVP, FiniteDifferenceHVP, gradient
 from alignment.hypergradient import HypergradientConfig, richardson, solve
 from alignment.losses import Draw, FineTuneBatch, finetune_loss
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
@@ -318,7 +318,7 @@ def test_finite_difference_hvp_matches_autograd_on_a_tiny_unet(tiny):
     gen = torch.Generator().manual_seed(3)
     v = {k: torch.randn(t.shape, generator=gen) for k, t in theta.items()}
     exact = AutogradHVP(loss, theta)(v)
-    approx = FiniteDifferenceHVP(loss, theta, epsilon=1e-3)(v)
+    approx = FiniteDifferenceHVP(loss, theta, epsilon=FD_EPSILON["fp32"])(v)
     cos = cosine(exact, approx)
     print(f"finite-difference vs autograd HVP cosine: {cos:.6f}")
     assert cos >= 0.99
