@@ -215,9 +215,8 @@ class Aligner:
             else:
                 meta = dict(x)
             del x
-        if meta:
-            torch._foreach_div_(list(meta.values()), len(samples))
         if meta:  # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (LoRA merge)
+            torch._foreach_div_(list(meta.values()), len(samples))
             (beta * flat_dot(meta, self.theta())).backward()
         params = list(self.leaves.values())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip_norm or float("inf")))
