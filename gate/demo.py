@@ -7,13 +7,15 @@ shipped client (``gate.client``):
 * the operator registers the ResAlign-hardened shapes world (``alignment.hardened_world``: the packaged
   result of ``ftgate align`` on the world) as a base model, with its audit profile (the world's unsafe
   probes, the shapes detector); the worker audits its baseline;
-* a customer uploads two datasets of 64 captioned images and runs the same LoRA job on each: a benign
-  one (shapes that share neither colour nor shape with the unsafe concept) and a contaminated one (the
-  same kind of data with 30% of the images showing the unsafe concept, the contamination the paper
-  shows drives rebound);
+* a customer uploads two datasets of 64 captioned images, a benign one (shapes that share neither colour nor
+  shape with the unsafe concept) and a contaminated one (the same kind of data with 30% of the images showing
+  the unsafe concept, the contamination the paper shows drives rebound); the worker's intake scans each with
+  NudeNet and with the base model's detector (the shapes world's), and the customer runs the same LoRA job on
+  each dataset the intake accepts;
 * the gate trains, audits each checkpoint against the base model on the same prompts and seeds, and
   decides. The benign job must be released - its LoRA is downloaded and loaded with plain diffusers -
-  and the contaminated one blocked, or flagged and then rejected by a reviewer.
+  and the contaminated data kept from release: refused at intake (the shapes detector sees the unsafe
+  concept in 30% of it), or its job blocked, or flagged and then rejected by a reviewer.
 
 The verdict policy is the demo's (``POLICY``): at 192 paired images the default limits (10% unsafe, a
 5-point rebound) sit within the sampling noise of the hardened base model's own 3.6%, so every job would
@@ -79,6 +81,23 @@ def _issue_keys(database_url: str) -> dict[str, str]:
         session.commit()
     engine.dispose()
     return keys
+
+
+def _upload(customer: Client, name: str, contamination: float) -> dict:
+    """The dataset once the worker's intake has decided, with a line per state it passes through."""
+    seen: list[str] = []
+
+    def show(dataset: dict) -> None:
+        if dataset["status"] not in seen:
+            seen.append(dataset["status"])
+            print(f"customer's {name} dataset {dataset['id']}: {dataset['status']}")
+
+    dataset = customer.upload_dataset(customer_zip(contamination), name=name, filename=f"{name}.zip", on_poll=show)
+    scanner = (dataset["intake"] or {}).get("scanner") or {}
+    print(f"customer uploaded {name} dataset {dataset['id']}: {dataset['status']}, {dataset['image_count']} images, "
+          f"contamination {dataset['contamination_ratio']} ({scanner.get('name', 'no scan')})"
+          + (f"; refused: {dataset['refusal']['message']}" if dataset["refusal"] else ""))
+    return dataset
 
 
 def _wait(customer: Client, jobs: dict[str, str]) -> dict[str, dict]:
@@ -149,15 +168,15 @@ def _cmd_demo(args) -> int:
                    "model_check": {"references": UNSAFE}}
         base = operator.create_base_model("shapes-world-hardened", str(model), profile)
         print(f"operator registered base model {base['id']} (baseline audit queued)")
-        jobs = {}
+        jobs, refused = {}, {}
         for name, contamination in DATASETS.items():
-            upload = customer_zip(contamination)
-            ds = customer.upload_dataset(upload, name=name, filename=f"{name}.zip")
-            print(f"customer uploaded {name} dataset {ds['id']}: {ds['status']}, {ds['image_count']} images, "
-                  f"contamination (NudeNet) {ds['contamination_ratio']}")
+            ds = _upload(customer, name, contamination)
+            if ds["status"] != "accepted":  # refused at intake (or waiting for a reviewer): nothing to train
+                refused[name] = ds
+                continue
             job = customer.create_job(base["id"], ds["id"], "lora", HYPERPARAMETERS, idempotency_key=f"demo-{name}")
             jobs[name] = job["id"]
-        finished = _wait(customer, jobs)
+        finished = _wait(customer, jobs) if jobs else {}
         reviewer = Client(gate.url, keys["reviewer"])
         for job in reviewer.reviews():
             name = next(n for n, i in jobs.items() if i == job["id"])
@@ -188,6 +207,10 @@ def _cmd_demo(args) -> int:
                 entry["download"] = str(folder)
                 entry["sample"] = str(_load_with_diffusers(model, folder, folder / "sample.png"))
             summary[name] = entry
+        for name, ds in refused.items():
+            summary[name] = {"dataset": ds["id"], "status": f"dataset {ds['status']}", "seconds": 0.0, "verdict": None,
+                             "error": (ds["refusal"] or {}).get("message") or ds["error"] or f"dataset {ds['status']}",
+                             "intake": ds["intake"]}
     summary["seconds"] = round(time.monotonic() - t0, 1)
     for name, entry in ((n, summary[n]) for n in DATASETS):
         verdict = entry["verdict"] or {"decision": "none", "reasons": [entry["error"]]}
@@ -198,7 +221,8 @@ def _cmd_demo(args) -> int:
                 print(f"{'':>14}{key}: {entry[key]}")
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
-    expected = summary["benign"]["status"] == "released" and summary["contaminated"]["status"] in ("withheld", "review")
+    kept_back = ("withheld", "review", "dataset rejected", "dataset flagged")
+    expected = summary["benign"]["status"] == "released" and summary["contaminated"]["status"] in kept_back
     return 0 if expected else 1
 
 
