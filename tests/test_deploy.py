@@ -259,8 +259,7 @@ def test_dashboard_and_alerts_use_exactly_the_exported_metric_names(tmp_path, mi
     subprocess.run([sys.executable, "-c", OBSERVE_ALL, str(env.settings.metrics_dir)], cwd=ROOT, check=True,
                    timeout=60)
     url, _client = broker
-    app = create_app(dataclasses.replace(env.settings, broker_url=url), dispatcher=env.dispatcher,
-                     scanner=None)
+    app = create_app(dataclasses.replace(env.settings, broker_url=url), dispatcher=env.dispatcher)
     families = scrape(env, app.test_client())
     exported = {s.name for f in families.values() for s in f.samples} | set(families)
     assert {"ftgate_queue_messages", "ftgate_stages_in_progress", "ftgate_stage_duration_seconds"} <= set(families)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from sqlalchemy import select
-from test_api import Env, RecordingDispatcher, RedScanner, good_zip, served
+from test_api import Env, RecordingDispatcher, good_zip, served
 from test_pipeline import PROBES, job_id, rt  # noqa: F401  (fixtures)
 
 from gate.api import create_app
@@ -52,7 +52,7 @@ def test_a_job_run_leaves_its_events_in_order_and_shows_no_audit_internals(rt, j
         ensure_tenant(s, "globex", SYSTEM)
         globex = create_key(s, "globex", "customer", SYSTEM)
         s.commit()
-    client = create_app(rt.settings, dispatcher=RecordingDispatcher(), scanner=RedScanner()).test_client()
+    client = create_app(rt.settings, dispatcher=RecordingDispatcher()).test_client()
     assert train.train(rt, job_id, "w1/a") is True
     _audited(rt, job_id, "block", [f"audit incomplete: {SECRET} is unreadable"])
     final = verdict.decide(rt, job_id)

@@ -22,7 +22,7 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
-from test_api import Env, RecordingDispatcher, RedScanner
+from test_api import Env, RecordingDispatcher
 from test_api_results import make_job, move
 
 from auditing.verdict import INCOMPLETE
@@ -289,7 +289,7 @@ def test_queue_lengths_are_read_from_the_broker(env, broker, monkeypatch):
         for priority in priorities:
             celery.send_task(task_of[queue], args=("0" * 8,), priority=priority)
     assert client.llen("audit") == 0  # prioritised messages are not in the plain list
-    app = create_app(settings, dispatcher=RecordingDispatcher(), scanner=RedScanner())
+    app = create_app(settings, dispatcher=RecordingDispatcher())
     families = scrape(env, app.test_client())
     assert samples(families, "ftgate_broker_up") == {(): 1}
     assert samples(families, "ftgate_queue_messages") == {(("queue", q),): len(sent.get(q, [])) for q in QUEUES}
@@ -298,7 +298,7 @@ def test_queue_lengths_are_read_from_the_broker(env, broker, monkeypatch):
     attempts = []
     connect = redis.connection.Connection._connect
     monkeypatch.setattr(redis.connection.Connection, "_connect", lambda self: attempts.append(1) or connect(self))
-    families = scrape(env, create_app(down, dispatcher=RecordingDispatcher(), scanner=RedScanner()).test_client())
+    families = scrape(env, create_app(down, dispatcher=RecordingDispatcher()).test_client())
     assert samples(families, "ftgate_broker_up") == {(): 0}
     assert "ftgate_queue_messages" not in families
     assert len(attempts) == 1  # one try, not redis-py's default ten with backoff: a scrape must not hang

@@ -9,14 +9,13 @@ never waits on training.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from auditing.detectors.base import Detector
 from gate.pipeline.runtime import Runtime
 from gate.settings import Settings, load_settings
 from gate.storage.artifacts import Store
@@ -50,24 +49,13 @@ class Gate:
     sessions: sessionmaker[Session]
     store: Store
     dispatcher: Dispatcher
-    _scanner: Detector | None = field(default=None, repr=False)
-
-    @property
-    def scanner(self) -> Detector:
-        """The intake's contamination scanner; NudeNet is loaded on the first upload, not at start-up."""
-        if self._scanner is None:
-            from auditing.detectors.registry import load_detector
-
-            self._scanner = load_detector("nudenet")
-        return self._scanner
 
 
 def gate() -> Gate:
     return current_app.extensions["ftgate"]
 
 
-def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
-               scanner: Detector | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None) -> Flask:
     """Build the API (also the WSGI factory: ``gunicorn 'gate.api:create_app()'``). The database must
     already be at the code's schema head (``ftgate db upgrade``). Without a dispatcher, work goes to the
     Celery queues of ``settings``' broker."""
@@ -80,7 +68,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False
-    app.extensions["ftgate"] = Gate(settings, rt.engine, rt.sessions, rt.store, dispatcher, scanner)
+    app.extensions["ftgate"] = Gate(settings, rt.engine, rt.sessions, rt.store, dispatcher)
 
     @app.before_request
     def _open_session() -> None:

@@ -12,7 +12,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from gate.auth import Forbidden, NotFound
-from gate.intake import IntakeError, ScanError
+from gate.intake import IntakeError
 from gate.service.errors import ApiError, bounded_text  # noqa: F401  (the routes import both from here)
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(exc.status, exc.reason, exc.message, **exc.extra)
 
     @app.errorhandler(IntakeError)
-    def _intake_error(exc: IntakeError):
+    def _intake_error(exc: IntakeError):  # an upload over max_upload_bytes; the rest is the worker's intake
         body = exc.as_dict()
         return jsonify({"error": body}), exc.status
 
@@ -49,12 +49,6 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(NotFound)
     def _not_found(exc: NotFound):
         return error_response(404, "not_found", str(exc))
-
-    @app.errorhandler(ScanError)
-    def _scan_error(exc: ScanError):
-        # The scanner is ours, not the customer's: a 5xx, and the upload was refused (fail closed).
-        log.error("contamination scan failed: %s", exc)
-        return error_response(503, "scan_failed", "the contamination scanner failed; nothing was stored, retry later")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

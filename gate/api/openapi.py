@@ -30,8 +30,8 @@ _ERRORS = {code: {"description": text, "content": {"application/json": {"schema"
                               "409": "conflict", "413": "too large", "415": "unsupported upload content",
                               "422": "refused by the contamination policy",
                               "429": "a per-tenant quota or a rate limit (limit, maximum)",
-                              "503": "a dependency failed (the scanner, the job queues, or a stored file's "
-                                     "integrity check)"}.items()}
+                              "503": "a dependency failed (the job queues, or a stored file's integrity "
+                                     "check)"}.items()}
 
 
 def _json(schema: dict, description: str) -> dict:
