@@ -243,7 +243,7 @@ class Settings:
         return self.state_dir / "redis"
 
     def dataset_folder(self, tenant_id: str, dataset_id: str) -> Path:
-        """A dataset's checked caption folder (written by the intake, read by training)."""
+        """This host's cache of a dataset's prepared caption folder (filled from the store: gate.pipeline.intake)."""
         return self.state_dir / "datasets" / tenant_id / dataset_id
 
     @property
