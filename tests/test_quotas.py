@@ -67,7 +67,7 @@ def test_datasets_and_their_bytes_are_capped_per_tenant(tmp_path, migrated, limi
     data = good_zip()
     maximum = 1 if limit == "max_datasets" else len(data) + 10
     env = env_with(tmp_path, migrated, **{limit: maximum})
-    assert env.upload(data).status_code == 201
+    assert env.upload(data).status_code == 202
     files, stored = env.dataset_files(), set(env.settings.artifacts_dir.rglob("*"))
     refused = env.upload(good_zip(4))
     assert refused.status_code == 429
@@ -76,4 +76,4 @@ def test_datasets_and_their_bytes_are_capped_per_tenant(tmp_path, migrated, limi
     assert error(refused)["current"] == (1 if limit == "max_datasets" else len(data))
     assert env.count(Dataset) == 1 and env.dataset_files() == files
     assert set(env.settings.artifacts_dir.rglob("*")) == stored
-    assert env.upload(data, who="b").status_code == 201
+    assert env.upload(data, who="b").status_code == 202
