@@ -376,3 +376,12 @@ class Client:
     def decide_review(self, job_id: str, decision: str, reason: str) -> dict:
         """A reviewer's ``approve`` or ``reject`` of a job in review."""
         return self._json("POST", f"/v1/reviews/{_segment(job_id)}", json={"decision": decision, "reason": reason})
+
+    def dataset_reviews(self) -> list[dict]:
+        """Flagged datasets waiting for a reviewer, oldest first (reviewers, operators)."""
+        return self._pages("/v1/dataset-reviews", "datasets")
+
+    def decide_dataset(self, dataset_id: str, decision: str, reason: str) -> dict:
+        """A reviewer's ``accept`` or ``reject`` of a flagged dataset: an accepted one can train."""
+        return self._json("POST", f"/v1/datasets/{_segment(dataset_id)}/review",
+                          json={"decision": decision, "reason": reason})

@@ -196,7 +196,8 @@ class Settings:
         backend = self.database_url.partition(":")[0].partition("+")[0]
         if backend not in DATABASE_BACKENDS or "://" not in self.database_url:
             raise SettingsError("database_url", f"database_url must be a URL for one of {list(DATABASE_BACKENDS)} "
-                                                f"(e.g. postgresql+psycopg://user@host/db); got {redact(self.database_url)!r}")
+                                                "(e.g. postgresql+psycopg://user@host/db); got "
+                                                f"{redact(self.database_url)!r}")
         if self.broker_url is not None and urlsplit(self.broker_url).scheme not in BROKER_SCHEMES:
             raise SettingsError("broker_url", f"broker_url must use one of the schemes {list(BROKER_SCHEMES)}, or be "
                                               f"unset for the embedded Redis; got {redact(self.broker_url)!r}")

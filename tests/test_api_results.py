@@ -511,38 +511,38 @@ def test_customer_cannot_start_a_job_on_another_tenants_dataset(env):
 # --- 4. roles on every route ----------------------------------------------------------------------------------
 
 # (method, route rule) -> expected status for customer (the rows' owner), reviewer, operator, and no key.
-C, R, O, NONE = "customer", "reviewer", "operator", None
+C, R, OP, NONE = "customer", "reviewer", "operator", None
 ROLE_TABLE: dict[tuple[str, str], dict[str | None, int]] = {
-    ("POST", "/v1/datasets"): {C: 202, R: 403, O: 403, NONE: 401},
-    ("GET", "/v1/datasets/<dataset_id>"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/dataset-reviews"): {C: 403, R: 200, O: 200, NONE: 401},
-    ("POST", "/v1/datasets/<dataset_id>/review"): {C: 403, R: 200, O: 403, NONE: 401},
-    ("POST", "/v1/jobs"): {C: 201, R: 403, O: 403, NONE: 401},
-    ("GET", "/v1/jobs"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/report"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/report.html"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/artifact"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/log"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/events"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/jobs/<job_id>/events/<seq>/image"): {C: 404, R: 404, O: 404, NONE: 401},  # no sample event
-    ("POST", "/v1/jobs/<job_id>/cancel"): {C: 409, R: 403, O: 403, NONE: 401},  # the job is in review
-    ("POST", "/v1/jobs/<job_id>/requeue"): {C: 403, R: 403, O: 409, NONE: 401},  # not failed
-    ("POST", "/v1/webhook-secret"): {C: 201, R: 403, O: 403, NONE: 401},
-    ("GET", "/v1/webhook"): {C: 200, R: 403, O: 403, NONE: 401},
-    ("PUT", "/v1/webhook"): {C: 400, R: 403, O: 403, NONE: 401},  # no body
-    ("GET", "/v1/reviews"): {C: 403, R: 200, O: 200, NONE: 401},
-    ("POST", "/v1/reviews/<job_id>"): {C: 403, R: 200, O: 403, NONE: 401},
-    ("POST", "/v1/base-models"): {C: 403, R: 403, O: 201, NONE: 401},
-    ("GET", "/v1/base-models"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("GET", "/v1/base-models/<base_model_id>"): {C: 200, R: 200, O: 200, NONE: 401},
-    ("POST", "/v1/alignments"): {C: 403, R: 403, O: 201, NONE: 401},
-    ("GET", "/v1/alignments/<run_id>"): {C: 403, R: 403, O: 200, NONE: 401},
-    ("GET", "/healthz"): {C: 200, R: 200, O: 200, NONE: 200},
-    ("GET", "/metrics"): {C: 403, R: 403, O: 200, NONE: 401},
-    ("GET", "/openapi.json"): {C: 200, R: 200, O: 200, NONE: 200},
+    ("POST", "/v1/datasets"): {C: 202, R: 403, OP: 403, NONE: 401},
+    ("GET", "/v1/datasets/<dataset_id>"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/dataset-reviews"): {C: 403, R: 200, OP: 200, NONE: 401},
+    ("POST", "/v1/datasets/<dataset_id>/review"): {C: 403, R: 200, OP: 403, NONE: 401},
+    ("POST", "/v1/jobs"): {C: 201, R: 403, OP: 403, NONE: 401},
+    ("GET", "/v1/jobs"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/report"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/report.html"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/artifact"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/log"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/events"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/jobs/<job_id>/events/<seq>/image"): {C: 404, R: 404, OP: 404, NONE: 401},  # no sample event
+    ("POST", "/v1/jobs/<job_id>/cancel"): {C: 409, R: 403, OP: 403, NONE: 401},  # the job is in review
+    ("POST", "/v1/jobs/<job_id>/requeue"): {C: 403, R: 403, OP: 409, NONE: 401},  # not failed
+    ("POST", "/v1/webhook-secret"): {C: 201, R: 403, OP: 403, NONE: 401},
+    ("GET", "/v1/webhook"): {C: 200, R: 403, OP: 403, NONE: 401},
+    ("PUT", "/v1/webhook"): {C: 400, R: 403, OP: 403, NONE: 401},  # no body
+    ("GET", "/v1/reviews"): {C: 403, R: 200, OP: 200, NONE: 401},
+    ("POST", "/v1/reviews/<job_id>"): {C: 403, R: 200, OP: 403, NONE: 401},
+    ("POST", "/v1/base-models"): {C: 403, R: 403, OP: 201, NONE: 401},
+    ("GET", "/v1/base-models"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("GET", "/v1/base-models/<base_model_id>"): {C: 200, R: 200, OP: 200, NONE: 401},
+    ("POST", "/v1/alignments"): {C: 403, R: 403, OP: 201, NONE: 401},
+    ("GET", "/v1/alignments/<run_id>"): {C: 403, R: 403, OP: 200, NONE: 401},
+    ("GET", "/healthz"): {C: 200, R: 200, OP: 200, NONE: 200},
+    ("GET", "/metrics"): {C: 403, R: 403, OP: 200, NONE: 401},
+    ("GET", "/openapi.json"): {C: 200, R: 200, OP: 200, NONE: 200},
 }
-WHO = {C: "a", R: "rev", O: "op", NONE: None}
+WHO = {C: "a", R: "rev", OP: "op", NONE: None}
 COUNTED = (Dataset, Job, Review, BaseModel, AlignmentRun)
 
 
@@ -558,7 +558,7 @@ def test_role_table_covers_every_route(env):
     assert routes == set(ROLE_TABLE)
 
 
-@pytest.mark.parametrize("role", [C, R, O, NONE], ids=["customer", "reviewer", "operator", "no-key"])
+@pytest.mark.parametrize("role", [C, R, OP, NONE], ids=["customer", "reviewer", "operator", "no-key"])
 def test_roles_on_every_route(env, role, tmp_path):
     """Each route answers each role as ROLE_TABLE says; a refused request (401/403) creates or changes nothing
     and says why in the standard error body."""
@@ -605,7 +605,7 @@ def test_roles_on_every_route(env, role, tmp_path):
     assert failures == []
     if role == R:
         assert (status_of(env, in_review), dataset_status(env, flagged)) == ("released", "accepted")
-    elif role == O:
+    elif role == OP:
         assert env.dispatcher.baselines and len(env.dispatcher.alignments) == 1
     else:
         assert (status_of(env, in_review), dataset_status(env, flagged)) == ("review", "flagged")

@@ -3,9 +3,10 @@
 A real flagged job: a customer uploads a shapes-world dataset (one image in ten shows the unsafe concept, so
 the intake flags it), a reviewer accepts the dataset, the customer asks for a LoRA job, and the worker stages
 run in process (train, audit against the base model's baseline, verdict) under a policy whose ceiling the
-audit can neither confirm nor rule out, so the job waits in review. The app is served on 127.0.0.1 from a thread; the browser signs in with the
-reviewer's key, opens the queue and the job, approves it with a reason, sees the checkpoint become
-downloadable and downloads it; then the customer signs in and sees its job read-only.
+audit can neither confirm nor rule out, so the job waits in review. The app is served on 127.0.0.1 from a
+thread; the browser signs in with the reviewer's key, opens the queue and the job, approves it with a reason,
+sees the checkpoint become downloadable and downloads it; then the customer signs in and sees its job
+read-only.
 
 Screenshots of each step go to ``test-artifacts/browser/`` at the repository root.
 """

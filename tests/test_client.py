@@ -314,3 +314,18 @@ def test_lists_follow_every_page_and_an_operator_requeues_over_http(gate, capsys
     job = json.loads(capsys.readouterr().out)
     assert (job["id"], job["status"], job["attempts"]) == (failed, "queued", 0)
     assert job["stage"] == HELD_STAGE and failed not in gate.enqueued  # the tenant's dispatch slots hold two of made
+
+
+def test_a_reviewer_accepts_a_flagged_dataset_and_then_it_trains(gate):
+    client, reviewer = customer(gate), Client(gate.url, gate.keys["rev"].key)
+    flagged = client.upload_dataset(good_zip(n=20, red=1), name="flagged")
+    with pytest.raises(GateError) as refused:
+        client.create_job(gate.base_model_id, flagged["id"], "lora", {"steps": 10})
+    assert refused.value.status == 409 and refused.value.body["reason"] == "dataset_not_trainable"
+    assert [d["id"] for d in reviewer.dataset_reviews()] == [flagged["id"]]
+    with pytest.raises(GateError) as not_a_reviewer:
+        client.decide_dataset(flagged["id"], "accept", "mine")
+    assert not_a_reviewer.value.status == 403
+    decided = reviewer.decide_dataset(flagged["id"], "accept", "the flagged image is a red tile, not the concept")
+    assert decided["status"] == "accepted" and reviewer.dataset_reviews() == []
+    assert client.create_job(gate.base_model_id, flagged["id"], "lora", {"steps": 10})["status"] == "queued"

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from auditing.shapes.detector import ShapesDetector
-from auditing.shapes.scene import (ALL_CONCEPTS, BACKGROUNDS, Concept, caption_for, make_scene,
-                                   random_scene, render, scenes)
+from auditing.shapes.scene import (
+    ALL_CONCEPTS,
+    BACKGROUNDS,
+    Concept,
+    caption_for,
+    make_scene,
+    random_scene,
+    render,
+    scenes,
+)
 
 
 def test_scenes_are_deterministic_in_seed():

@@ -346,8 +346,8 @@ def test_approval_releases_the_checkpoint_for_the_browser_only_through_the_sessi
 def test_rejection_withholds_and_offers_no_download(env):
     job_id = make_job(env, "review", checkpoint=b"unsafe weights")
     reviewer = sign_in(env, "rev")
-    assert post(reviewer, f"/review/jobs/{job_id}/decision", decision="reject", reason="draws the concept").status_code \
-        == 303
+    decided = post(reviewer, f"/review/jobs/{job_id}/decision", decision="reject", reason="draws the concept")
+    assert decided.status_code == 303
     page = text(sign_in(env, "a").get(f"/review/jobs/{job_id}"))
     assert 'id="job-status">withheld<' in page and "/artifact" not in page and "Withheld" in page
     r = reviewer.get(f"/review/jobs/{job_id}/artifact")
