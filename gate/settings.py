@@ -87,7 +87,7 @@ class Limits:
     # Each training worker's GPU memory: a job whose estimate (gate.training.memory) exceeds it is refused.
     # 0: not checked (CPU workers, or an operator who sizes jobs by hand).
     worker_gpu_memory_gib: float = field(default=0.0, metadata=_in_range(0.0, 100_000.0))
-    # Per-tenant quotas, checked when a dataset or job is created (gate.api.quotas): jobs queued, training or
+    # Per-tenant quotas, checked when a dataset or job is created (gate.service.quotas): jobs queued, training or
     # auditing at once; datasets and their uploaded bytes, ever (datasets are never deleted).
     max_active_jobs: int = field(default=10, metadata=_in_range(1, 100_000))
     max_datasets: int = field(default=500, metadata=_in_range(1, 10_000_000))

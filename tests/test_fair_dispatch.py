@@ -48,7 +48,7 @@ def _submit(sessions, tenant: str, n: int, first_second: int = 0, share: int = S
             send=None) -> list[str]:
     """``n`` jobs of ``tenant`` created one second apart, each committed with its dispatch recorded and then
     admitted, or held and the tenant's held jobs dispatched by ``send``, as job creation does
-    (``gate.api.queueing.hand_job_to_queues``); the ids of all of them, oldest first."""
+    (``gate.service.queueing.hand_job_to_queues``); the ids of all of them, oldest first."""
     with sessions() as s:
         dataset_id = s.scalars(select(Dataset.id).where(Dataset.tenant_id == tenant)).first()
         base_id = s.scalars(select(BaseModel.id)).first()

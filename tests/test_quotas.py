@@ -1,4 +1,4 @@
-"""Per-tenant quotas (``gate.api.quotas``): unfinished jobs, datasets and their bytes, and the budget of
+"""Per-tenant quotas (``gate.service.quotas``): unfinished jobs, datasets and their bytes, and the budget of
 withheld jobs, each refused at creation with the API's error shape naming the limit; other tenants unaffected."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from test_api import UPLOAD_LIMIT, Env, good_zip
 from test_api_results import dataset_of, move
 
-from gate.api import quotas
+from gate.service import quotas
 from gate.settings import Limits
 from gate.storage.models import Dataset, Job, utcnow
 

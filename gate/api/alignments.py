@@ -7,13 +7,13 @@ import logging
 from flask import Blueprint, g
 
 from alignment.config import config_from_mapping
+from gate.service.queueing import hand_to_queues
 from gate.storage.audit_log import record
 from gate.storage.models import AlignmentRun
 
 from . import gate
 from .auth import current_principal, login_required
 from .errors import ApiError, bounded_text, json_object
-from .queueing import hand_to_queues
 from .serialize import alignment_json
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def start():
     g.db.add(run)
     record(g.db, principal, run, "created", to_state="queued", detail={"name": name})
     g.db.commit()
-    hand_to_queues(run, lambda: gate().dispatcher.alignment(run.id), "run")
+    hand_to_queues(g.db, run, lambda: gate().dispatcher.alignment(run.id), "run")
     return alignment_json(run), 201
 
 

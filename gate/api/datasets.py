@@ -18,6 +18,7 @@ from flask import Blueprint, g, request
 from gate.auth import CUSTOMER, get_for_principal
 from gate.intake.archive import open_upload
 from gate.pipeline.intake import PREPARED_SUFFIX, intake_limits
+from gate.service.quotas import check_dataset_quota
 from gate.storage.audit_log import record
 from gate.storage.models import Dataset
 
@@ -25,7 +26,6 @@ from . import gate
 from .auth import current_principal, login_required
 from .dataset_reviews import dataset_detail
 from .errors import ApiError
-from .quotas import check_dataset_quota
 
 log = logging.getLogger(__name__)
 

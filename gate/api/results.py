@@ -4,12 +4,11 @@ Reviewers and operators read the report as the auditor stored it; a customer rea
 (``gate.api.redaction``): the verdict, its reasons and aggregate figures, never the probe prompts, seeds,
 per-image results or the gate's paths.
 
-The checkpoint leaves the gate only when the job is ``released``: its audit passed, or a reviewer
-approved it. Anything else - training, auditing, waiting for review, withheld, failed - is refused, and
-a withheld (blocked or rejected) checkpoint is never downloadable. The file is checked against its
-sha256 before it is sent; a mismatch refuses the download (fail closed). The check reads the file once per
-change of its (size, mtime, inode) and at least daily (``HashCache``), not on every download. A LoRA is sent as the
-``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; a DreamBooth UNet as
+The checkpoint leaves the gate only when the job is ``released`` and the file matches its sha256
+(``gate.service.downloads``); a withheld (blocked or rejected) checkpoint is never downloadable. The check
+reads the file once per change of its (size, mtime, inode) and at least daily (``HashCache``), not on every
+download. A LoRA is sent as the ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads;
+a DreamBooth UNet as
 ``unet.zip``, the ``unet/`` folder (the base model's UNet config beside the weights) that
 ``UNet2DConditionModel.from_pretrained`` loads, streamed without a temporary copy.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from auditing.models.hashing import HashCache
 from auditing.report import render_html
 from gate.auth import Principal, get_for_principal
 from gate.pipeline.audit import finished_audit
+from gate.service.downloads import releasable_checkpoint
 from gate.storage.models import Artifact, AuditLogEntry, Dataset, Job, Review, Verdict
 
 from . import gate
@@ -37,8 +36,6 @@ from .auth import current_principal, login_required
 from .errors import ApiError
 from .redaction import customer_reason, customer_report
 from .serialize import job_json, review_json, verdict_json
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("results", __name__, url_prefix="/v1/jobs")
 
@@ -108,18 +105,9 @@ def report_page(job_id: str):
 
 
 def send_artifact(job: Job):
-    """The job's checkpoint as a download, only if the job is released and the file matches its sha256
-    (also the reviewer pages' download, ``gate.web``)."""
-    row = _artifact(job)
-    if job.status != "released" or row is None:
-        raise ApiError(403, "artifact_withheld", f"job {job.id} is {job.status}: its checkpoint is released only "
-                                                 "after a passing audit or a reviewer's approval")
-    store = gate().store
-    if not store.verify(job.tenant_id, row.path, HashCache(gate().settings.hash_cache_file)):
-        log.error("artifact %s of job %s fails its sha256 check; refusing to serve it", row.path, job.id)
-        raise ApiError(503, "artifact_corrupt", "the stored checkpoint does not match its hash; an operator "
-                                                "has been alerted")
-    weights = store.path(job.tenant_id, row.path)
+    """The job's checkpoint as a download, if ``gate.service.downloads`` lets it leave (also the reviewer pages'
+    download, ``gate.web``)."""
+    row, weights = releasable_checkpoint(g.db, gate().store, job, HashCache(gate().settings.hash_cache_file))
     if row.kind == "unet":
         base = job.base_model  # a single-file base model's configs are in its config folder
         config = (Path(base.config_path or base.path) / "unet" / "config.json").read_bytes()

@@ -19,7 +19,7 @@ statement, taken under the tenant's row lock (``SELECT ... FOR NO KEY UPDATE`` o
 writers, and an UPDATE with its subquery is one statement under its write lock). So two dispatchers at once never
 exceed the share, and none sends a job twice. A new job enters the outbox before its decision (it is committed with
 its dispatch recorded, as before), so a decision under way counts it: the share errs on holding, and the creation
-that then holds its job runs the tenant's dispatch itself (``gate.api.queueing``).
+that then holds its job runs the tenant's dispatch itself (``gate.service.queueing``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Handing committed work to the queues from a request, failing it closed when the broker cannot take it.
+"""Handing committed work to the queues, failing it closed when the broker cannot take it.
 
 A job or hardening run is committed ``queued`` before its message is sent, so a worker always finds the
 row. If the send fails (the broker is down), no worker will ever hear of the row: it must not sit
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import g
+from sqlalchemy.orm import Session
 
 from gate.pipeline.fairness import admit, dispatch_waiting
 from gate.storage.audit_log import SYSTEM, StaleState, transition
@@ -26,7 +26,7 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 
-def hand_to_queues(row: Job | AlignmentRun, send: Callable[[], None], field: str) -> None:
+def hand_to_queues(session: Session, row: Job | AlignmentRun, send: Callable[[], None], field: str) -> None:
     """``send()`` the row's message; on failure fail the row and raise a 503 naming it under ``field``.
     Returns quietly if a worker took the row after all (the failure was only in the acknowledgement)."""
     try:
@@ -35,20 +35,20 @@ def hand_to_queues(row: Job | AlignmentRun, send: Callable[[], None], field: str
         log.exception("%s %s could not be handed to the queues", row.__tablename__, row.id)
         error = f"could not be queued ({type(exc).__name__}); submit it again"
         try:
-            transition(g.db, row, "failed", SYSTEM, reason=error, changes={"error": error, "finished_at": utcnow()})
-            g.db.commit()
+            transition(session, row, "failed", SYSTEM, reason=error, changes={"error": error, "finished_at": utcnow()})
+            session.commit()
         except StaleState:  # the message got through after all: a worker has the row already
-            g.db.rollback()
+            session.rollback()
             return
         raise ApiError(503, "queue_unavailable", f"{field} {row.id} {error}", **{field: row.id}) from None
 
 
-def hand_job_to_queues(job: Job, send: Callable[[str], None], share: int) -> None:
+def hand_job_to_queues(session: Session, job: Job, send: Callable[[str], None], share: int) -> None:
     """``send(job.id)``, as ``hand_to_queues`` does, if its tenant has fewer than ``share`` jobs sent and not
     started and none held; else leave it held for the fair dispatcher, and run it for the tenant at once: a
     dispatcher that counted this job while it was undecided may have left a slot free."""
-    if admit(g.db, job, share):
-        hand_to_queues(job, lambda: send(job.id), "job")
+    if admit(session, job, share):
+        hand_to_queues(session, job, lambda: send(job.id), "job")
         return
-    dispatch_waiting(g.db, send, share, tenants=[job.tenant_id])
-    g.db.refresh(job)
+    dispatch_waiting(session, send, share, tenants=[job.tenant_id])
+    session.refresh(job)
