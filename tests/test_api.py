@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import zipfile
 from contextlib import closing, contextmanager
@@ -566,3 +568,12 @@ def test_openapi_lists_every_route(env):
                 for media in response.get("content", {}).values():
                     ref = media["schema"].get("$ref")
                     assert ref is None or ref.rpartition("/")[2] in doc["components"]["schemas"]
+
+
+def test_the_api_modules_do_not_import_the_reviewer_pages():
+    """One direction only: the pages use the API's helpers; the API mounts the pages in ``create_app`` alone."""
+    code = ("import pkgutil, importlib, sys, gate.api\n"
+            "for m in pkgutil.iter_modules(gate.api.__path__): importlib.import_module(f'gate.api.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('gate.web')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

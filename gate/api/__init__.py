@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             session.close()
 
     from gate import web
+    from gate.web.sessions import signed_in_principal
 
     from . import (
         alignments,
@@ -103,6 +104,6 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
                    metrics, web):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
-    install(app, settings, exempt=(health.bp, metrics.bp))
+    install(app, settings, exempt=(health.bp, metrics.bp), pages_principal=lambda: signed_in_principal(g.db))
     log.info("API ready: %s", settings.summary())
     return app

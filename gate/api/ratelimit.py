@@ -11,13 +11,14 @@ reviewer pages, an error page), with ``Retry-After``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from flask import Flask, g, request
+from flask import Flask, request
 from flask_limiter import Limiter, RateLimitExceeded
 
+from gate.auth import Principal
 from gate.settings import Settings
-from gate.web.sessions import signed_in_principal
 
 from .auth import bearer_principal
 from .errors import error_response
@@ -35,15 +36,21 @@ def storage_uri(settings: Settings) -> str:
     return url
 
 
-def client_key() -> str:
-    """Whom a request is counted against: its API key (bearer, or the reviewer pages' session), else its address."""
-    principal = bearer_principal() or (signed_in_principal(g.db) if request.blueprint == "web" else None)
-    return f"key:{principal.key_id}" if principal is not None else f"address:{request.remote_addr}"
+def client_key(pages_principal: Callable[[], Principal | None]) -> Callable[[], str]:
+    """Whom a request is counted against: its API key (bearer, or on the reviewer pages the signed-in session's,
+    ``pages_principal()``), else its address."""
+    def key() -> str:
+        principal = bearer_principal() or (pages_principal() if request.blueprint == "web" else None)
+        return f"key:{principal.key_id}" if principal is not None else f"address:{request.remote_addr}"
+
+    return key
 
 
-def install(app: Flask, settings: Settings, exempt: tuple) -> Limiter:
-    """Limit every route of ``app`` but the ``exempt`` blueprints to ``settings.rate_limit`` per client."""
-    limiter = Limiter(client_key, app=app, application_limits=[settings.rate_limit], storage_uri=storage_uri(settings),
+def install(app: Flask, settings: Settings, exempt: tuple, pages_principal: Callable[[], Principal | None]) -> Limiter:
+    """Limit every route of ``app`` but the ``exempt`` blueprints to ``settings.rate_limit`` per client
+    (``pages_principal``: the reviewer pages' signed-in principal, given by the app that mounts them)."""
+    limiter = Limiter(client_key(pages_principal), app=app, application_limits=[settings.rate_limit],
+                      storage_uri=storage_uri(settings),
                       headers_enabled=True, in_memory_fallback_enabled=True, key_prefix="ftgate-rate")
     for blueprint in exempt:
         limiter.exempt(blueprint)
