@@ -56,7 +56,7 @@ def _job(session, tenant="acme", **fields) -> Job:
 
 def test_migrations_create_every_table_and_reach_head(engine):
     assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
-    assert current_revision(engine) == head_revision() == "0012"
+    assert current_revision(engine) == head_revision() == "0013"
     with engine.connect() as connection:  # the migration and the models describe the same schema
         assert compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
                                 Base.metadata) == []

@@ -40,6 +40,7 @@ from .clock import db_time
 
 ROLES = ("customer", "reviewer", "operator")
 SYSTEM_ROLE = "system"  # workers and the command line, in the audit log
+PLATFORM_TENANT = "platform"  # the store tenant of files no customer owns (base models' baselines)
 METHODS = ("lora", "dreambooth")
 ARTIFACT_KINDS = ("lora", "unet")  # a diffusers LoRA file, or a full UNet state dict (DreamBooth)
 REVIEW_DECISIONS = ("approve", "reject")
@@ -205,6 +206,23 @@ class BaseModel(Base):
     baseline_report_sha256: Mapped[str | None] = mapped_column(String(64))
     # How its checkpoints are audited (``gate.pipeline.profile.AuditProfile`` as a dict).
     audit_profile: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Baseline(Base):
+    """A base model's baseline report for one audit profile as resolved on one kind of device, in the store
+    under ``PLATFORM_TENANT``: the first host to audit it inserts the row, every other host fetches that report
+    (unique per base model and profile hash, so two hosts racing keep one)."""
+
+    __tablename__ = "baselines"
+    __table_args__ = (UniqueConstraint("base_model_id", "profile_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    base_model_id: Mapped[str] = mapped_column(String(32), ForeignKey("base_models.id"))
+    profile_sha256: Mapped[str] = mapped_column(String(64))  # ``AuditProfile.sha256(device)``
+    report_key: Mapped[str] = mapped_column(Text)  # a store key of PLATFORM_TENANT
+    report_sha256: Mapped[str] = mapped_column(String(64))  # ``auditing.audit.report_sha256`` of the report
+    html_key: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
