@@ -25,7 +25,17 @@ from gate.pipeline.runtime import Runtime
 from gate.settings import Settings
 from gate.storage.audit_log import SYSTEM
 from gate.storage.db import upgrade
-from gate.storage.models import Artifact, Audit, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
+from gate.storage.models import (
+    PLATFORM_TENANT,
+    Artifact,
+    Audit,
+    AuditLogEntry,
+    BaseModel,
+    Dataset,
+    Job,
+    Verdict,
+    utcnow,
+)
 
 PROBES = "prompt\na red triangle\na blue circle\na red triangle on a green background\n"
 STEPS = {"steps": 3, "rank": 2, "learning_rate": 1e-3, "batch_size": 2}
@@ -144,7 +154,8 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
                                   "seconds": 1800 + 10.0 * images, "ceiling_seconds": 5 * 3600, "clamped": False}
     assert sum(e["images"] for e in report["lora_scales"]) <= images
     with rt.sessions() as s:
-        baseline = json.loads(Path(s.scalars(select(BaseModel.baseline_report_path)).one()).read_text())
+        key = s.scalars(select(BaseModel.baseline_report_path)).one()  # the current profile's, in the store
+        baseline = json.loads(rt.store.path(PLATFORM_TENANT, key).read_text())
     assert "sequential" not in baseline and len(baseline["samples"]) == 3  # baselines render every image
 
     state = verdict.decide(rt, job_id)
@@ -158,7 +169,7 @@ def test_stages_run_once_each_and_give_one_verdict(rt, job_id):
             select(AuditLogEntry).where(AuditLogEntry.entity_id == job_id, AuditLogEntry.action == "status"))]
     assert actions == [("queued", "training"), ("training", "auditing"), ("auditing", state)]
     baseline = rt.settings.baselines_dir
-    assert len(list(baseline.rglob("report.json"))) == 1  # the base model's figures, audited once
+    assert len(list(baseline.rglob("report.json"))) == 1  # the base model's figures, audited once (cached here)
 
 
 def _expire(rt, job_id) -> None:

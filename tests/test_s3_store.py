@@ -142,11 +142,33 @@ def test_a_job_is_trained_audited_and_decided_with_its_files_in_the_bucket(rt, j
     assert verdict.decide(rt, job_id) in ("released", "review", "withheld")
     stored = objects(client)
     assert {"html", "json", "safetensors"} <= {k.rpartition(".")[2] for k in stored}, stored
-    assert all(k.startswith("gate-b/tenants/acme/sha256/") for k in stored)
+    assert all(k.startswith(("gate-b/tenants/acme/sha256/", "gate-b/tenants/platform/sha256/")) for k in stored)
     assert not (rt.settings.artifacts_dir).exists()  # nothing went to the folder store
     with rt.sessions() as s:
         artifact = s.scalars(select(Artifact)).one()
     assert rt.store.verify("acme", artifact.path)
+
+
+def test_a_baseline_in_the_bucket_serves_another_host_without_rendering(tmp_path, s3_endpoint, client, monkeypatch):
+    from test_baselines import register_world
+
+    database = f"sqlite:///{tmp_path / 'ftgate.db'}"
+    upgrade(database)
+    a, b = (Runtime.open(Settings(state_dir=tmp_path / name, database_url=database, broker_url=None,
+                                  artifacts_dir=tmp_path / name / "artifacts", artifact_store=f"s3://{BUCKET}/gate-c",
+                                  s3_endpoint_url=s3_endpoint)) for name in ("a", "b"))
+    base_id = register_world(a, tmp_path)
+    first = audit.ensure_baseline(a, base_id)
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the second host audited the baseline again")
+
+    monkeypatch.setattr(audit, "audit_base", no_render)
+    assert audit.ensure_baseline(b, base_id) == first
+    assert {k.rpartition(".")[2] for k in objects(client) if k.startswith("gate-c/tenants/platform/sha256/")} == {
+        "json", "html"}
+    for rt in (a, b):
+        rt.engine.dispose()
 
 
 @pytest.mark.parametrize(("changes", "field"), [

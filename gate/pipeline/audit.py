@@ -1,8 +1,9 @@
 """The audit stage: render the base model's probes with the job's checkpoint and judge it against the
 base model's own baseline on the same prompts and seeds.
 
-The baseline is audited once per (base model, audit profile) and kept under the state directory; every
-job on that base model is paired with it. Anything that goes wrong while auditing a checkpoint (a file
+The baseline is audited once per (base model, audit profile hash on the device) by whichever host needs it
+first, kept in the artifact store (``baselines`` rows) and cached on each host under the state directory;
+every job on that base model is paired with it. Anything that goes wrong while auditing a checkpoint (a file
 that fails its hash, weights that will not load, a renderer or detector error) yields a finished audit
 whose verdict is *block* with the reason "audit incomplete": the gate fails closed. So does an audit that
 runs past its deadline: a renderer that hangs cannot hold a job forever. The deadline grows with the images
@@ -22,6 +23,7 @@ import time
 from contextlib import contextmanager
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from auditing.audit import (
     AuditInputs,
@@ -37,7 +39,7 @@ from auditing.job_probes import MAX_TRIGGERS, JobTexts, job_families, trigger_ca
 from auditing.verdict import is_incomplete
 from gate import metrics
 from gate.storage.audit_log import SYSTEM, record
-from gate.storage.models import Artifact, Audit, BaseModel, Dataset, Job, utcnow
+from gate.storage.models import PLATFORM_TENANT, Artifact, Audit, Baseline, BaseModel, Dataset, Job, utcnow
 
 from .base_model import base_sha256, load_base
 from .intake import prepared_folder
@@ -113,32 +115,113 @@ def audit_base(rt: Runtime, base: BaseModel, pipe, profile: AuditProfile, probes
 
 
 def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
-    """The base model's baseline report for its current audit profile, audited now if missing."""
+    """The base model's baseline report for its current audit profile on this device: this host's cached copy,
+    else the one in the store that the ``baselines`` row names (any host's), else audited now and stored."""
     with rt.sessions() as session:
         base = session.get(BaseModel, base_model_id)
         if base is None:
             raise LookupError(f"no base model {base_model_id}")
         profile = _profile(base)
-        folder = rt.settings.baselines_dir / base.id / profile.sha256(device())
-        path = folder / "report.json"
-        if path.is_file():
-            report = json.loads(path.read_text())
-            if base.baseline_report_sha256 in (None, report_sha256(report)):
-                return report
-            log.warning("baseline %s does not match the recorded hash; auditing it again", path)
-        _check_base_files(rt, base)
-        outcome = audit_base(rt, base, load_base(base, torch_dtype=profile.render_settings(device()).torch_dtype,
-                                                 device=device()),
-                             profile, profile.load_probes(), profile.load_detector(), profile.load_us_classifier())
-        save_outcome(outcome, folder)
-        session.execute(update(BaseModel).where(BaseModel.id == base.id).values(
-            baseline_report_path=str(path), baseline_report_sha256=report_sha256(outcome.report)))
-        record(session, SYSTEM, base, "baseline audited",
-               detail={"report": str(path), "decision": outcome.report["verdict"]["decision"],
-                       "unsafe_rate": outcome.report["metrics"]["unsafe_rate"]["rate"]})
-        session.commit()
-        log.info("baseline of %s: %s", base.name, outcome.report["metrics"]["unsafe_rate"])
-        return outcome.report
+        profile_sha256 = profile.sha256(device())
+        cache = rt.settings.baselines_dir / base.id / profile_sha256
+        row = _baseline_row(session, base.id, profile_sha256)
+        report = _stored_baseline(rt, row, cache) if row is not None else None
+        if report is None:
+            row, report = _audit_baseline(rt, session, base, profile, profile_sha256, cache, stale=row)
+        if (base.baseline_report_path, base.baseline_report_sha256) != (row.report_key, row.report_sha256):
+            session.execute(update(BaseModel).where(BaseModel.id == base.id).values(
+                baseline_report_path=row.report_key, baseline_report_sha256=row.report_sha256))
+            session.commit()
+        return report
+
+
+def _baseline_row(session, base_model_id: str, profile_sha256: str) -> Baseline | None:
+    return session.scalars(select(Baseline).where(Baseline.base_model_id == base_model_id,
+                                                  Baseline.profile_sha256 == profile_sha256)).one_or_none()
+
+
+def _stored_baseline(rt: Runtime, row: Baseline, cache) -> dict | None:
+    """The report ``row`` names if it hashes to the row's hash: this host's cached copy, else the store's (then
+    cached); None when the store's is gone or changed, so it is audited again (a changed file is removed: its
+    bytes no longer match its key, and a new audit of the same bytes must not find it in place)."""
+    cached = cache / "report.json"
+    if cached.is_file() and (report := _report_if(cached.read_bytes(), row.report_sha256)) is not None:
+        return report
+    key = row.report_key
+    if not rt.store.exists(PLATFORM_TENANT, rt.store.digest_of(key), ".json"):
+        log.warning("baseline %s is gone from the store; auditing it again", key)
+        return None
+    if not rt.store.verify(PLATFORM_TENANT, key):
+        log.warning("baseline %s in the store does not hash to its key; removing it and auditing again", key)
+        rt.store.delete(PLATFORM_TENANT, key)
+        return None
+    data = rt.store.path(PLATFORM_TENANT, key).read_bytes()
+    report = _report_if(data, row.report_sha256)
+    if report is None:
+        log.warning("baseline %s does not match the hash recorded for it; auditing it again", key)
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(cached.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(cached)  # a reader of the cache never sees half a report
+    return report
+
+
+def _report_if(data: bytes, sha256: str) -> dict | None:
+    """The report in ``data`` if it hashes (``report_sha256``) to ``sha256``."""
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return None
+    return report if report_sha256(report) == sha256 else None
+
+
+def _audit_baseline(rt: Runtime, session, base: BaseModel, profile: AuditProfile, profile_sha256: str, cache,
+                    stale: Baseline | None) -> tuple[Baseline, dict]:
+    """Audit the baseline, put its report and page in the store and name them in the ``baselines`` row (a new
+    one, or ``stale`` whose report proved unusable). Another host that recorded its baseline first wins: its
+    report is used and ours is left to the sweep; a recorded baseline is never overwritten with a second."""
+    _check_base_files(rt, base)
+    outcome = audit_base(rt, base, load_base(base, torch_dtype=profile.render_settings(device()).torch_dtype,
+                                             device=device()),
+                         profile, profile.load_probes(), profile.load_detector(), profile.load_us_classifier())
+    report_path, html_path = save_outcome(outcome, cache)
+    with open(report_path, "rb") as f:
+        report_key = rt.store.put(PLATFORM_TENANT, f, suffix=".json").key
+    with open(html_path, "rb") as f:
+        html_key = rt.store.put(PLATFORM_TENANT, f, suffix=".html").key
+    values = {"report_key": report_key, "report_sha256": report_sha256(outcome.report), "html_key": html_key}
+    if not _claim_baseline(session, base.id, profile_sha256, stale, values):
+        session.rollback()
+        row = _baseline_row(session, base.id, profile_sha256)
+        report = _stored_baseline(rt, row, cache) if row is not None else None
+        if report is None:
+            raise BaselineError(f"another host recorded a baseline of {base.name} first and it does not verify; "
+                                "it is audited again on the next attempt")
+        log.info("another host recorded the baseline of %s first; using it", base.name)
+        return row, report
+    record(session, SYSTEM, base, "baseline audited",
+           detail={"report": report_key, "profile_sha256": profile_sha256,
+                   "decision": outcome.report["verdict"]["decision"],
+                   "unsafe_rate": outcome.report["metrics"]["unsafe_rate"]["rate"]})
+    session.commit()
+    log.info("baseline of %s: %s", base.name, outcome.report["metrics"]["unsafe_rate"])
+    return _baseline_row(session, base.id, profile_sha256), outcome.report
+
+
+def _claim_baseline(session, base_model_id: str, profile_sha256: str, stale: Baseline | None, values: dict) -> bool:
+    """Name our report in the row, uncommitted: insert it, or replace ``stale``'s unusable report as long as no
+    other host replaced it first; False when another host's row or replacement is there."""
+    if stale is not None:
+        replaced = session.execute(update(Baseline).where(Baseline.id == stale.id,
+                                                          Baseline.report_key == stale.report_key).values(**values))
+        return replaced.rowcount == 1
+    session.add(Baseline(base_model_id=base_model_id, profile_sha256=profile_sha256, **values))
+    try:
+        session.flush()
+    except IntegrityError:  # unique (base_model_id, profile_sha256): another host's insert committed first
+        return False
+    return True
 
 
 def apply_checkpoint(pipe, kind: str, weights, scale: float = 1.0):

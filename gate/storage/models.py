@@ -202,6 +202,8 @@ class BaseModel(Base):
     variant: Mapped[str | None] = mapped_column(String(32))
     vae_path: Mapped[str | None] = mapped_column(Text)
     weights_sha256: Mapped[str] = mapped_column(String(64))
+    # The store key (tenant PLATFORM_TENANT) and hash of the baseline last used for its current profile
+    # (a ``Baseline`` row's), set by ``gate.pipeline.audit.ensure_baseline``; None until one exists.
     baseline_report_path: Mapped[str | None] = mapped_column(Text)
     baseline_report_sha256: Mapped[str | None] = mapped_column(String(64))
     # How its checkpoints are audited (``gate.pipeline.profile.AuditProfile`` as a dict).

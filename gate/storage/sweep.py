@@ -19,7 +19,7 @@ from sqlalchemy import select, union
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import Store
-from .models import Artifact, Audit, Dataset, JobEvent
+from .models import Artifact, Audit, Baseline, Dataset, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,10 @@ class Swept:
 
 def referenced_keys(session: Session) -> set[str]:
     """Every store key a row names: checkpoints, audit reports (JSON and HTML), dataset uploads and prepared
-    sets, job events' sample grids."""
+    sets, job events' sample grids, base models' baselines (report and page)."""
     named = union(select(Artifact.path), select(Audit.report_path), select(Audit.html_path),
-                  select(Dataset.artifact_path), select(Dataset.prepared_path), select(JobEvent.artifact_key))
+                  select(Dataset.artifact_path), select(Dataset.prepared_path), select(JobEvent.artifact_key),
+                  select(Baseline.report_key), select(Baseline.html_key))
     return {key for key in session.scalars(named) if key}
 
 
