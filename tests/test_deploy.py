@@ -30,23 +30,47 @@ OPERATOR_VARIABLES = {"POSTGRES_PASSWORD": "secret-pg", "GRAFANA_ADMIN_PASSWORD"
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
 
 
-def interpolate(value):
+# deploy/multihost/: what its two files take from each host's operator.
+MULTIHOST = DEPLOY / "multihost"
+MULTIHOST_VARIABLES = {"POSTGRES_PASSWORD": "secret-pg", "REDIS_PASSWORD": "secret-redis",
+                       "PRIVATE_ADDRESS": "10.0.0.21", "API_HOST": "10.0.0.5", "ARTIFACT_STORE": "s3://gate/prod",
+                       "S3_ENDPOINT_URL": "https://s3.example.net", "AWS_ACCESS_KEY_ID": "id",
+                       "AWS_SECRET_ACCESS_KEY": "secret-s3"}
+
+
+def interpolate(value, variables=OPERATOR_VARIABLES):
     """``${NAME}``, ``${NAME:?message}`` and ``${NAME:-default}`` as compose resolves them."""
     if isinstance(value, dict):
-        return {k: interpolate(v) for k, v in value.items()}
+        return {k: interpolate(v, variables) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v) for v in value]
+        return [interpolate(v, variables) for v in value]
     if isinstance(value, str):
-        return _VARIABLE.sub(lambda m: OPERATOR_VARIABLES[m.group(1)], value)
+        return _VARIABLE.sub(lambda m: variables[m.group(1)], value)
     return value
+
+
+def load_compose(path: Path, variables: dict[str, str]) -> dict:
+    """A compose file with its variables set; each variable it names must be required, none defaulted."""
+    text = path.read_text()
+    assert set(_VARIABLE.findall(text)) <= set(variables), set(_VARIABLE.findall(text)) - set(variables)
+    assert all(":?" in m.group(0) for m in _VARIABLE.finditer(text)), "secrets must be required, not defaulted"
+    return interpolate(yaml.safe_load(text), variables)
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    text = (DEPLOY / "compose.yaml").read_text()
-    assert set(_VARIABLE.findall(text)) == set(OPERATOR_VARIABLES)
-    assert all(":?" in m.group(0) for m in _VARIABLE.finditer(text)), "secrets must be required, not defaulted"
-    return interpolate(yaml.safe_load(text))
+    assert set(_VARIABLE.findall((DEPLOY / "compose.yaml").read_text())) == set(OPERATOR_VARIABLES)
+    return load_compose(DEPLOY / "compose.yaml", OPERATOR_VARIABLES)
+
+
+@pytest.fixture(scope="module")
+def api_host() -> dict:
+    return load_compose(MULTIHOST / "api.compose.yaml", MULTIHOST_VARIABLES)
+
+
+@pytest.fixture(scope="module")
+def gpu_host() -> dict:
+    return load_compose(MULTIHOST / "worker.compose.yaml", MULTIHOST_VARIABLES)
 
 
 def services(compose: dict, image_prefix: str = "") -> dict[str, dict]:
@@ -81,7 +105,9 @@ def mounts(service: dict) -> list[tuple[str, str]]:
     return [tuple(entry.split(":")[:2]) for entry in service.get("volumes", [])]
 
 
-def test_every_service_has_a_pinned_image_and_ftgate_images_build_from_the_dockerfile(compose):
+def built_images(compose: dict, folder: Path = DEPLOY) -> dict[str, dict]:
+    """The ftgate images a compose file in ``folder`` builds, each checked: every service's image is pinned,
+    ftgate's build from the Dockerfile with arguments it declares, one way per image tag."""
     args, stages, froms = dockerfile()
     assert "FROM torch-${VARIANT} AS ftgate" in froms
     built: dict[str, dict] = {}
@@ -92,12 +118,16 @@ def test_every_service_has_a_pinned_image_and_ftgate_images_build_from_the_docke
             assert "build" not in service, name
             continue
         build = service["build"]
-        assert (DEPLOY / build["context"]).resolve() == ROOT and (ROOT / build["dockerfile"]).is_file()
+        assert (folder / build["context"]).resolve() == ROOT and (ROOT / build["dockerfile"]).is_file()
         assert set(build["args"]) <= args, (name, set(build["args"]) - args)
         variant = build["args"]["VARIANT"]
         assert f"torch-{variant}" in stages and image == f"ftgate:{variant}", (name, variant, image)
         assert built.setdefault(image, build) == build, f"{image} is built two different ways"
-    assert set(built) == {"ftgate:cpu", "ftgate:gpu"}
+    return built
+
+
+def test_every_service_has_a_pinned_image_and_ftgate_images_build_from_the_dockerfile(compose):
+    assert set(built_images(compose)) == {"ftgate:cpu", "ftgate:gpu"}
 
 
 def test_redis_persists_every_message_and_never_evicts(compose):
@@ -110,6 +140,13 @@ def test_redis_persists_every_message_and_never_evicts(compose):
 
 
 def test_one_gpu_per_worker_and_every_queue_served(compose):
+    served_by_gpu_workers(compose)
+    assert compose["services"]["reaper"]["command"] == ["reaper"]
+
+
+def served_by_gpu_workers(compose: dict) -> None:
+    """Each worker reserves one NVIDIA GPU of its own, runs one task at a time without a reaper of its own,
+    and together they serve every queue."""
     served = set()
     gpus = []
     for name, worker in workers(compose).items():
@@ -123,7 +160,6 @@ def test_one_gpu_per_worker_and_every_queue_served(compose):
         served |= set(option(worker["command"], "--queues").split(","))
     assert len(gpus) == len(set(gpus)) >= 2, gpus
     assert served == set(QUEUES)
-    assert compose["services"]["reaper"]["command"] == ["reaper"]
 
 
 def test_healthchecks_gate_the_start_order(compose):
@@ -141,18 +177,19 @@ def test_healthchecks_gate_the_start_order(compose):
     assert f"{api_port}:{api_port}" in everything["api"]["ports"]
 
 
-def test_volumes_are_declared_and_bind_mounts_exist(compose):
-    declared = set(compose["volumes"])
-    used = set()
-    for name, service in compose["services"].items():
-        for source, target in mounts(service):
-            assert target.startswith("/"), (name, target)
-            if source.startswith("."):
-                assert (DEPLOY / source).exists(), (name, source)
-            else:
-                assert source in declared, f"{name} mounts the undeclared volume {source}"
-                used.add(source)
-    assert used == declared
+def test_volumes_are_declared_and_bind_mounts_exist(compose, api_host, gpu_host):
+    for folder, each in ((DEPLOY, compose), (MULTIHOST, api_host), (MULTIHOST, gpu_host)):
+        declared = set(each["volumes"])
+        used = set()
+        for name, service in each["services"].items():
+            for source, target in mounts(service):
+                assert target.startswith("/"), (name, target)
+                if source.startswith("."):
+                    assert (folder / source).exists(), (name, source)
+                else:
+                    assert source in declared, f"{name} mounts the undeclared volume {source}"
+                    used.add(source)
+        assert used == declared
 
 
 def test_ftgate_containers_get_valid_settings(compose, tmp_path):
@@ -168,7 +205,8 @@ def test_ftgate_containers_get_valid_settings(compose, tmp_path):
         for source, target in mounts(service):
             assert not settings.metrics_dir.is_relative_to(target), f"{name}: metrics folder on the volume {source}"
         assert settings.state_dir in {Path(target) for _, target in mounts(service)}, name
-    named = {v for path in DEPLOY.rglob("*") if path.is_file() for v in re.findall(r"FTGATE_\w+", path.read_text())}
+    named = {v for path in DEPLOY.rglob("*") if path.is_file() and not path.is_relative_to(MULTIHOST)
+             for v in re.findall(r"FTGATE_\w+", path.read_text())}
     assert named <= set(compose["x-ftgate-env"]), named - set(compose["x-ftgate-env"])
 
 
@@ -336,3 +374,107 @@ def test_gunicorn_hooks_start_the_api_group_and_drop_exited_workers(tmp_path):
     proc.communicate("exit\n", timeout=60)
     assert proc.returncode == 0
     assert not (folder / f"gauge_livesum_{pid}.db").exists() and (folder / f"histogram_{pid}.db").is_file()
+
+
+def test_multihost_images_are_pinned_and_each_host_builds_its_own(api_host, gpu_host):
+    assert set(built_images(api_host, MULTIHOST)) == {"ftgate:cpu"}
+    assert set(built_images(gpu_host, MULTIHOST)) == {"ftgate:gpu"}
+
+
+def test_a_gpu_host_serves_every_queue_and_sweeps_its_own_disk(api_host, gpu_host):
+    """Each GPU host alone serves every queue (N hosts are N copies), and runs a reaper for its own render cache
+    and scratch, which no other host's reaper sees; the API host's reaper has no GPU."""
+    served_by_gpu_workers(gpu_host)
+    for host in (api_host, gpu_host):
+        assert host["services"]["reaper"]["command"] == ["reaper"] and "deploy" not in host["services"]["reaper"]
+    assert not workers(api_host) and "api" not in gpu_host["services"]
+    assert {"redis", "postgres", "api", "prometheus"} <= set(api_host["services"])
+
+
+def test_multihost_settings_are_valid_and_every_host_reaches_the_same_database_broker_and_bucket(
+        api_host, gpu_host, tmp_path):
+    seen = []
+    for host in (api_host, gpu_host):
+        ftgate = ftgate_services(host)
+        for name, service in ftgate.items():
+            env = service["environment"]
+            assert all(key.startswith("FTGATE_") or key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+                       for key in env), (name, sorted(env))
+            settings = load_settings(env={**env, "HOME": str(tmp_path)})
+            assert settings.artifact_store == MULTIHOST_VARIABLES["ARTIFACT_STORE"], name  # never the folder store
+            assert settings.s3_endpoint_url == MULTIHOST_VARIABLES["S3_ENDPOINT_URL"]
+            assert "FTGATE_ARTIFACTS_DIR" not in env
+            for source, target in mounts(service):
+                assert not settings.metrics_dir.is_relative_to(target), f"{name}: metrics folder on {source}"
+            assert settings.state_dir in {Path(target) for _, target in mounts(service)}, name
+            seen.append((settings.database_url.rpartition("@")[0], settings.database_url.rpartition("/")[2],
+                         settings.broker_url.rpartition("@")[0], settings.broker_url.rpartition("/")[2]))
+        named = {v for path in MULTIHOST.rglob("*") if path.is_file() for v in re.findall(r"FTGATE_\w+",
+                                                                                          path.read_text())}
+        scripts = {v for path in DEPLOY.glob("*.sh") for v in re.findall(r"FTGATE_\w+", path.read_text())}
+        assert named | scripts <= set(host["x-ftgate-env"]), (named | scripts) - set(host["x-ftgate-env"])
+    assert len(set(seen)) == 1, seen  # same credentials, database and Redis database everywhere
+    api_env, gpu_env = api_host["x-ftgate-env"], gpu_host["x-ftgate-env"]
+    assert "@postgres:5432/" in api_env["FTGATE_DATABASE_URL"] and "@redis:6379/" in api_env["FTGATE_BROKER_URL"]
+    api_address = MULTIHOST_VARIABLES["API_HOST"]
+    assert f"@{api_address}:5432/" in gpu_env["FTGATE_DATABASE_URL"]
+    assert f"@{api_address}:6379/" in gpu_env["FTGATE_BROKER_URL"]
+    for service, port in (("postgres", 5432), ("redis", 6379)):  # published on the private address only
+        assert api_host["services"][service]["ports"] == [f"{MULTIHOST_VARIABLES['PRIVATE_ADDRESS']}:{port}:{port}"]
+    redis = api_host["services"]["redis"]["command"]
+    assert option(redis, "--requirepass") == MULTIHOST_VARIABLES["REDIS_PASSWORD"]
+    assert option(redis, "--maxmemory-policy") == "noeviction" and option(redis, "--appendonly") == "yes"
+
+
+def test_no_state_volume_is_shared_between_hosts(api_host, gpu_host):
+    """Hosts share only the database, the broker and the bucket: every writable volume is a plain local named
+    volume (no driver or options that could put it on a network filesystem), and bind mounts are read-only
+    configuration from deploy/."""
+    for host in (api_host, gpu_host):
+        for name, declared in host["volumes"].items():
+            assert not declared, f"volume {name} must be local to its host, not {declared}"
+        for name, service in host["services"].items():
+            for entry in service.get("volumes", []):
+                source, target, *mode = entry.split(":")
+                if source.startswith("."):
+                    assert mode == ["ro"], (name, entry)
+    assert ("models", "/models") in mounts(gpu_host["services"]["worker-audit"])
+    assert all(entry.endswith(":ro") for entry in gpu_host["services"]["worker-audit"]["volumes"]
+               if entry.startswith("models:"))
+
+
+def test_multihost_healthchecks_gate_the_api_host_and_workers_wait_for_the_schema(api_host, gpu_host):
+    everything = api_host["services"]
+    for name in ("redis", "postgres", "api", "prometheus"):
+        assert everything[name]["healthcheck"]["test"][0] == "CMD", name
+    for name, service in everything.items():
+        for dependency, how in service.get("depends_on", {}).items():
+            assert how["condition"] == "service_healthy" and "healthcheck" in everything[dependency], (name, dependency)
+    assert MULTIHOST_VARIABLES["REDIS_PASSWORD"] in everything["redis"]["healthcheck"]["test"]
+    for name, worker in workers(gpu_host).items():  # the API is on another host: the start script waits for it
+        assert worker["entrypoint"] == [f"{IMAGE_DIR}/deploy/start-worker.sh"] and "depends_on" not in worker, name
+
+
+def test_multihost_prometheus_scrapes_the_api_and_the_workers_each_gpu_host_publishes(api_host, gpu_host):
+    config = yaml.safe_load((MULTIHOST / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) >= {"ftgate-api", "ftgate-workers"}  # the names deploy/alerts.yml's up{} rules use
+    port = option(api_host["services"]["api"]["command"], "--bind").rpartition(":")[2]
+    assert {t for sc in jobs["ftgate-api"]["static_configs"] for t in sc["targets"]} == {f"api:{port}"}
+    (secret,) = api_host["services"]["prometheus"]["secrets"]
+    assert jobs["ftgate-api"]["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    assert api_host["secrets"][secret] == {"environment": "METRICS_API_KEY"}
+    prometheus = mounts(api_host["services"]["prometheus"])
+    (files,) = [sd["files"] for sd in jobs["ftgate-workers"]["file_sd_configs"]]
+    assert [("./workers.yml", path) for path in files] == [m for m in prometheus if m[0] == "./workers.yml"]
+    assert ("../alerts.yml", config["rule_files"][0]) in prometheus
+    published = set()
+    for name, worker in workers(gpu_host).items():
+        assert option(worker["command"], "--metrics-host") == "0.0.0.0", name
+        (entry,) = worker["ports"]
+        address, host_port, container_port = entry.split(":")
+        assert address == MULTIHOST_VARIABLES["PRIVATE_ADDRESS"] and container_port == option(
+            worker["command"], "--metrics-port"), name
+        published.add(host_port)
+    for group in yaml.safe_load((MULTIHOST / "workers.yml").read_text()):
+        assert {t.rpartition(":")[2] for t in group["targets"]} == published, group
