@@ -269,7 +269,7 @@ class Settings:
 
     @property
     def baselines_dir(self) -> Path:
-        """Base models' baseline audit reports, shared by every tenant's jobs."""
+        """This host's cache of base models' baseline reports (the store holds them: gate.pipeline.audit)."""
         return self.state_dir / "baselines"
 
     def summary(self) -> str:
@@ -394,7 +394,8 @@ def load_settings(env: Mapping[str, str] | None = None, path: str | Path | None 
             broker_url=values.get("broker_url"),
             artifacts_dir=Path(values.get("artifacts_dir") or state_dir / "artifacts").absolute(),
             metrics_dir=Path(values["metrics_dir"]).absolute() if values.get("metrics_dir") else None,
-            **({"rate_limit": values["rate_limit"]} if values.get("rate_limit") else {}),
+            **{key: values[key] for key in ("rate_limit", "artifact_store", "s3_endpoint_url",
+                                            "webhook_private_targets") if values.get(key)},
             limits=limits,
             verdict_policy=_load_policy(policy_file) if policy_file else VerdictPolicy(),
             verdict_policy_file=policy_file,
