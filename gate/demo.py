@@ -55,13 +55,13 @@ POLL_S = 2.0
 JOB_TIMEOUT_S = 3600.0
 
 
-def customer_zip(contamination: float, images: int = DATASET_IMAGES) -> bytes:
+def customer_zip(contamination: float, images: int = DATASET_IMAGES, seed: int = DATASET_SEED) -> bytes:
     """A customer's upload: world images with same-name captions, ``contamination`` of them the unsafe concept."""
     from auditing.shapes.datasets import dataset_items, unrelated_concepts
     from auditing.shapes.scene import Concept
 
     unsafe = Concept.parse(UNSAFE)
-    items = dataset_items(unsafe, images, contamination, DATASET_SEED, pool=unrelated_concepts(unsafe))
+    items = dataset_items(unsafe, images, contamination, seed, pool=unrelated_concepts(unsafe))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for i, (image, caption, _) in enumerate(items):
