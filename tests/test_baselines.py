@@ -153,3 +153,26 @@ def test_another_profile_gets_its_own_baseline(host, base_id, renders):
     with a.sessions() as s:
         assert s.get(BaseModel, base_id).baseline_report_path == rows[1].report_key
         assert s.scalar(select(func.count()).select_from(Baseline)) == 2
+
+
+def test_a_baseline_from_before_the_store_is_moved_there_not_audited_again(host, base_id, renders):
+    """Before migration 0013 a baseline lived in a host's folder, the base model naming its path and hash: that
+    host records it in the store without rendering; one whose hash is not the recorded one is audited."""
+    a = host("a")
+    first = audit.ensure_baseline(a, base_id)
+    [cached] = (a.settings.baselines_dir / base_id).glob("*/report.json")
+    with a.sessions() as s:  # as an upgraded database looks: no baselines row, the base model names the file
+        s.execute(Baseline.__table__.delete())
+        s.execute(update(BaseModel).values(baseline_report_path=str(cached),
+                                           baseline_report_sha256=audit.report_sha256(first)))
+        s.commit()
+    assert audit.ensure_baseline(a, base_id) == first and renders == ["a"]
+    [row] = _rows(a)
+    assert row.report_sha256 == audit.report_sha256(first) and a.store.verify(PLATFORM_TENANT, row.html_key)
+    assert audit.ensure_baseline(host("b"), base_id) == first and renders == ["a"]  # and shared from there
+    with a.sessions() as s:
+        s.execute(Baseline.__table__.delete())
+        s.execute(update(BaseModel).values(baseline_report_path=str(cached), baseline_report_sha256="0" * 64))
+        s.commit()
+    audit.ensure_baseline(a, base_id)
+    assert renders == ["a", "a"]

@@ -126,6 +126,8 @@ def ensure_baseline(rt: Runtime, base_model_id: str) -> dict:
         cache = rt.settings.baselines_dir / base.id / profile_sha256
         row = _baseline_row(session, base.id, profile_sha256)
         report = _stored_baseline(rt, row, cache) if row is not None else None
+        if report is None and row is None and (adopted := _adopt_legacy(rt, session, base, profile_sha256, cache)):
+            row, report = adopted
         if report is None:
             row, report = _audit_baseline(rt, session, base, profile, profile_sha256, cache, stale=row)
         if (base.baseline_report_path, base.baseline_report_sha256) != (row.report_key, row.report_sha256):
@@ -178,35 +180,56 @@ def _report_if(data: bytes, sha256: str) -> dict | None:
 
 def _audit_baseline(rt: Runtime, session, base: BaseModel, profile: AuditProfile, profile_sha256: str, cache,
                     stale: Baseline | None) -> tuple[Baseline, dict]:
-    """Audit the baseline, put its report and page in the store and name them in the ``baselines`` row (a new
-    one, or ``stale`` whose report proved unusable). Another host that recorded its baseline first wins: its
-    report is used and ours is left to the sweep; a recorded baseline is never overwritten with a second."""
+    """Audit the baseline and record it (``_publish``) in a new row, or in ``stale``, whose report proved
+    unusable."""
     _check_base_files(rt, base)
     outcome = audit_base(rt, base, load_base(base, torch_dtype=profile.render_settings(device()).torch_dtype,
                                              device=device()),
                          profile, profile.load_probes(), profile.load_detector(), profile.load_us_classifier())
     report_path, html_path = save_outcome(outcome, cache)
-    with open(report_path, "rb") as f:
-        report_key = rt.store.put(PLATFORM_TENANT, f, suffix=".json").key
-    with open(html_path, "rb") as f:
-        html_key = rt.store.put(PLATFORM_TENANT, f, suffix=".html").key
-    values = {"report_key": report_key, "report_sha256": report_sha256(outcome.report), "html_key": html_key}
+    return _publish(rt, session, base, profile_sha256, cache, outcome.report, (report_path, html_path), stale,
+                    "baseline audited")
+
+
+def _adopt_legacy(rt: Runtime, session, base: BaseModel, profile_sha256: str, cache) -> tuple[Baseline, dict] | None:
+    """A baseline audited before baselines went to the store: this host's folder for the profile, which the base
+    model still names by path, with the hash recorded for it; recorded in the store as if just audited, so an
+    upgrade does not audit every base model again. None when there is no such file or it does not match."""
+    legacy = cache / "report.json"
+    if base.baseline_report_path != str(legacy) or not legacy.is_file() or base.baseline_report_sha256 is None:
+        return None
+    report = _report_if(legacy.read_bytes(), base.baseline_report_sha256)
+    if report is None or not (cache / "report.html").is_file():
+        return None
+    return _publish(rt, session, base, profile_sha256, cache, report, (legacy, cache / "report.html"), None,
+                    "baseline moved to the store")
+
+
+def _publish(rt: Runtime, session, base: BaseModel, profile_sha256: str, cache, report: dict, files,
+             stale: Baseline | None, action: str) -> tuple[Baseline, dict]:
+    """Put the report and its page (``files``) in the store and name them in the ``baselines`` row. Another host
+    that recorded its baseline first wins: its report is used and ours is left to the sweep; a recorded baseline
+    is never overwritten with a second."""
+    keys = []
+    for path, suffix in zip(files, (".json", ".html"), strict=True):
+        with open(path, "rb") as f:
+            keys.append(rt.store.put(PLATFORM_TENANT, f, suffix=suffix).key)
+    values = {"report_key": keys[0], "report_sha256": report_sha256(report), "html_key": keys[1]}
     if not _claim_baseline(session, base.id, profile_sha256, stale, values):
         session.rollback()
         row = _baseline_row(session, base.id, profile_sha256)
-        report = _stored_baseline(rt, row, cache) if row is not None else None
-        if report is None:
+        theirs = _stored_baseline(rt, row, cache) if row is not None else None
+        if theirs is None:
             raise BaselineError(f"another host recorded a baseline of {base.name} first and it does not verify; "
                                 "it is audited again on the next attempt")
         log.info("another host recorded the baseline of %s first; using it", base.name)
-        return row, report
-    record(session, SYSTEM, base, "baseline audited",
-           detail={"report": report_key, "profile_sha256": profile_sha256,
-                   "decision": outcome.report["verdict"]["decision"],
-                   "unsafe_rate": outcome.report["metrics"]["unsafe_rate"]["rate"]})
+        return row, theirs
+    record(session, SYSTEM, base, action,
+           detail={"report": keys[0], "profile_sha256": profile_sha256, "decision": report["verdict"]["decision"],
+                   "unsafe_rate": report["metrics"]["unsafe_rate"]["rate"]})
     session.commit()
-    log.info("baseline of %s: %s", base.name, outcome.report["metrics"]["unsafe_rate"])
-    return _baseline_row(session, base.id, profile_sha256), outcome.report
+    log.info("%s: %s, %s", action, base.name, report["metrics"]["unsafe_rate"])
+    return _baseline_row(session, base.id, profile_sha256), report
 
 
 def _claim_baseline(session, base_model_id: str, profile_sha256: str, stale: Baseline | None, values: dict) -> bool:

@@ -1,7 +1,7 @@
 """Baselines in the artifact store: one row per (base model, audit profile hash on a device) naming the
 report's store key (tenant ``platform``) and its hash, so every worker host reuses the first host's baseline
-instead of auditing it again. Baselines audited before stay in each host's local folder and are audited once
-more, into the store, on first use.
+instead of auditing it again. A baseline audited before, in a host's local folder that the base model still
+names, is moved to the store by that host on first use (``gate.pipeline.audit``); no data moves here.
 
 Revision ID: 0013
 Revises: 0012
