@@ -31,8 +31,8 @@ from gate.storage.audit_log import SYSTEM
 from gate.storage.models import Artifact, Audit, AuditLogEntry, Job, Review, Verdict, WebSession, utcnow
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-            "base-uri 'none'")
+PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'")
 DECISION_FORM = 'action="/review/jobs/{}/decision"'
 
 

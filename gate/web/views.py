@@ -67,13 +67,12 @@ bp = Blueprint("web", __name__, url_prefix=PAGES_PATH, template_folder="template
 
 STAFF = (REVIEWER, "operator")
 LIST_LIMIT = 500  # rows per list page; filter to narrow it
-PAGE_CSP = ("default-src 'none'; style-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-            "base-uri 'none'")
+# Images only from these pages' own routes: the icon, and a discordant pair's renders on a staff job page.
+PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'")
 # The stored report keeps the API's policy (inline styles, data: images, nothing else) and may be framed
 # by these pages only.
 FRAME_CSP = f"{REPORT_CSP}; frame-ancestors 'self'"
-# A job page showing a discordant pair's images loads them from these pages' own routes, nothing else.
-EVIDENCE_CSP = f"{PAGE_CSP}; img-src 'self'"
 SIDE = "<any(base, checkpoint):side>"  # which image of a pair: the base model's or the checkpoint's
 
 
@@ -274,8 +273,7 @@ def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status
         intake=intake_record(g.db, job.dataset), limits=gate().settings.limits,
         has_report=audit is not None, evidence=evidence, log=log_entries(job, staff),
         reason_max=REASON_MAX_CHARS, error=error, reason=reason, **_decision(refused, job.status == "review"))
-    shows_images = evidence is not None and any(family.pairs for family in evidence["families"])
-    return page, status, {"Content-Security-Policy": EVIDENCE_CSP} if shows_images else {}
+    return page, status
 
 
 @bp.get("/jobs/<job_id>")
