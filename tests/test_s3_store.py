@@ -180,3 +180,11 @@ def test_bad_store_settings_name_the_field(tmp_path, changes, field):
         Settings(state_dir=tmp_path, database_url="sqlite:///x.db", broker_url=None, artifacts_dir=tmp_path / "a",
                  **changes)
     assert caught.value.field == field
+
+
+def test_the_store_settings_are_read_from_the_environment(tmp_path):
+    from gate.settings import load_settings
+
+    settings = load_settings(env={"FTGATE_STATE_DIR": str(tmp_path), "FTGATE_ARTIFACT_STORE": "s3://gate/prod",
+                                  "FTGATE_S3_ENDPOINT_URL": "https://s3.example.net"})
+    assert (settings.artifact_store, settings.s3_endpoint_url) == ("s3://gate/prod", "https://s3.example.net")
