@@ -12,8 +12,9 @@ from __future__ import annotations
 from flask import Blueprint, g, request
 
 from gate.auth import CUSTOMER
-from gate.pipeline.webhooks import SIGNATURE_HEADER, URL_MAX_CHARS, RefusedTarget, check_target, new_secret
+from gate.pipeline.webhooks import SIGNATURE_HEADER, new_secret
 from gate.service.errors import ApiError
+from gate.service.job_requests import webhook_target
 from gate.storage.audit_log import record
 from gate.storage.models import Tenant, WebhookSecret
 
@@ -50,16 +51,8 @@ def set_default():
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or set(body) != {"url"}:
         raise ApiError(400, "invalid_request", 'send a JSON object {"url": <http(s) URL or null>}', field="url")
-    url = body["url"]
-    if url is not None:
-        try:
-            check_target(url, gate().settings.webhook_private_targets == "allow")
-        except RefusedTarget as exc:
-            raise ApiError(400, "invalid_request", f"url {exc}", field="url", maximum=URL_MAX_CHARS) from None
+    url = webhook_target(g.db, body["url"], "url", principal.tenant_id, gate().settings)
     key = g.db.get(WebhookSecret, principal.tenant_id)
-    if key is None:
-        raise ApiError(409, "webhook_secret_missing", "a webhook needs the tenant's signing secret: create it first "
-                                                      "(POST /v1/webhook-secret)", field="url")
     key.url = url
     record(g.db, principal, g.db.get(Tenant, principal.tenant_id), "webhook url set", detail={"url": url})
     g.db.commit()

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from gate.auth import Principal
-from gate.pipeline.webhooks import RefusedTarget, check_target
+from gate.pipeline.webhooks import URL_MAX_CHARS, RefusedTarget, check_target
 from gate.settings import Limits, Settings
 from gate.storage.models import BaseModel, WebhookSecret
 from gate.training import HYPERPARAMETERS, settings_for
@@ -113,17 +113,22 @@ def idempotency_key(body: dict, header: str | None) -> tuple[str | None, str]:
     return key, field
 
 
-def webhook_url(session: Session, body: dict, principal: Principal, settings: Settings) -> str | None:
-    """The job's webhook target, if it has one: a public http(s) URL (``gate.pipeline.webhooks``), for a tenant
-    that has a signing secret to sign its deliveries with."""
-    url = body.get("webhook_url")
-    if url is None:
-        return None
-    try:
-        check_target(url, settings.webhook_private_targets == "allow")
-    except RefusedTarget as exc:
-        raise bad("webhook_url", f"webhook_url {exc}") from None
-    if session.get(WebhookSecret, principal.tenant_id) is None:
-        raise ApiError(409, "webhook_secret_missing", "webhook_url needs the tenant's signing secret: create it "
-                                                      "first (POST /v1/webhook-secret)", field="webhook_url")
+def webhook_target(session: Session, url: str | None, field: str, tenant_id: str, settings: Settings) -> str | None:
+    """``url`` (null allowed) if it is a public http(s) URL (``gate.pipeline.webhooks``; any address where the
+    operator allows private targets) and the tenant has a signing secret to sign deliveries with: nothing is
+    sent unsigned. A job's ``webhook_url`` and a tenant's default URL are held to this alike."""
+    if url is not None:
+        try:
+            check_target(url, settings.webhook_private_targets == "allow")
+        except RefusedTarget as exc:
+            raise bad(field, f"{field} {exc}", maximum=URL_MAX_CHARS) from None
+    if session.get(WebhookSecret, tenant_id) is None:
+        raise ApiError(409, "webhook_secret_missing", f"{field} needs the tenant's signing secret: create it first "
+                                                      "(POST /v1/webhook-secret)", field=field)
     return url
+
+
+def webhook_url(session: Session, body: dict, principal: Principal, settings: Settings) -> str | None:
+    """The job's webhook target, if it has one (``webhook_target``)."""
+    url = body.get("webhook_url")
+    return None if url is None else webhook_target(session, url, "webhook_url", principal.tenant_id, settings)
