@@ -1,14 +1,106 @@
-"""Frozen-dataclass configs read from TOML/JSON mappings, with errors that name the field."""
+"""One validation model for every record ftgate reads from outside: frozen pydantic dataclasses.
+
+Settings, upload limits, training hyperparameters, audit profiles, verdict policies, alignment configs and API
+bodies are all declared with ``@record``: strict types (JSON ``true`` is not a step count, ``"5"`` is not a
+number, an integer is a number), unknown fields refused, bounds written as ``Annotated[int, Field(ge=1)]`` so
+that they are both checked and published in the JSON schema (``json_schema``) the OpenAPI document is built
+from. They stay standard-library dataclasses (``fields``, ``asdict``, ``replace``, which validates again).
+
+Whatever the source (a TOML file, an environment variable, a request body), a bad value surfaces as one
+``ConfigError`` naming the dotted field and what is allowed, in the words the project's errors have always
+used: ``limits.max_steps must be less than or equal to 1000000 (got 5000000)``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import dataclasses
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, ValidationInfo
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+RECORD_CONFIG = ConfigDict(strict=True, extra="forbid")
 
 
-def from_mapping(cls, data: dict, what: str):
-    """``cls(**data)`` after rejecting unknown keys; the dataclass validates values itself."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown {what} field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    return cls(**data)
+def record(cls=None, /, **options):
+    """A frozen, keyword-only pydantic dataclass validated by ``RECORD_CONFIG`` (options: dataclass arguments,
+    e.g. ``kw_only=False``)."""
+    options = {"frozen": True, "kw_only": True, "config": RECORD_CONFIG, **options}
+
+    def wrap(c):
+        return _pydantic_dataclass(c, **options)
+
+    return wrap if cls is None else wrap(cls)
+
+
+class ConfigError(ValueError):
+    """A value that cannot be used: ``field`` is its dotted name (``limits.max_steps``); ``detail`` holds what a
+    client needs to fix it (``limit``/``maximum`` for a platform limit, ``allowed`` for unknown fields)."""
+
+    def __init__(self, field: str, message: str, **detail):
+        super().__init__(message)
+        self.field = field
+        self.detail = detail
+
+
+def _dotted(prefix: str, loc: tuple) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        parts[-1:] = [f"{parts[-1]}[{item}]"] if isinstance(item, int) and parts else [*parts, str(item)]
+    return ".".join(parts)
+
+
+def _allowed(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def config_error(exc: ValidationError, prefix: str, cls=None) -> ConfigError:
+    """The first of pydantic's errors in the project's words, naming the field under ``prefix``."""
+    error = exc.errors(include_url=False)[0]
+    kind, loc = error["type"], tuple(error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a cross-field rule; its message starts with the field it names
+        if prefix and not cause.field.startswith(f"{prefix}."):
+            return ConfigError(f"{prefix}.{cause.field}", f"{prefix}.{cause}", **cause.detail)
+        return cause
+    field = _dotted(prefix, loc) or prefix or "body"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        allowed = _allowed(cls) if len(loc) == 1 else []
+        return ConfigError(field, f"{field} is not a known field" + (f"; allowed: {allowed}" if allowed else ""),
+                           **({"allowed": allowed} if allowed else {}))
+    if kind in ("missing", "missing_keyword_argument"):
+        return ConfigError(field, f"{field} is required")
+    if kind == "value_error":
+        message = str(cause) if cause is not None else error["msg"].removeprefix("Value error, ")
+        return ConfigError(field, message if message.startswith(field) else f"{field}: {message}")
+    text = error["msg"].replace("Input should be", "must be", 1)
+    if not text.startswith("must"):
+        text = f"is invalid: {text[0].lower()}{text[1:]}"
+    return ConfigError(field, f"{field} {text} (got {error['input']!r})")
+
+
+def from_mapping(cls, data: Any, what: str):
+    """``cls`` built from a parsed JSON/TOML/YAML mapping; any fault is a ``ConfigError`` under ``what``."""
+    if not isinstance(data, dict):
+        raise ConfigError(what, f"{what} must be an object/table (got {data!r})")
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise config_error(exc, what, cls) from None
+    except TypeError as exc:  # keys that are not identifiers
+        raise ConfigError(what, f"{what}: {exc}") from None
+
+
+def section(cls):
+    """The annotation of a field holding a nested record, given as a mapping (strict mode takes instances
+    only); its errors name ``field.inner``."""
+
+    def build(value, info: ValidationInfo):
+        return from_mapping(cls, value, info.field_name) if isinstance(value, dict) else value
+
+    return Annotated[cls, BeforeValidator(build)]
+
+
+def json_schema(cls) -> dict:
+    """``cls``'s JSON schema (draft 2020-12, as OpenAPI 3.1 takes it), bounds and defaults included."""
+    return TypeAdapter(cls).json_schema(ref_template="#/components/schemas/{model}")

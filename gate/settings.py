@@ -44,7 +44,8 @@ DISPATCH_GRACE_SECONDS_RANGE = (1, 7 * 86_400)
 TENANT_DISPATCH_SHARE_RANGE = (1, 10_000)
 MAX_ATTEMPTS_RANGE = (1, 100)
 RETENTION_HOURS_RANGE = (1, 24 * 365)
-RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours")
+RETENTION_SETTINGS = ("render_cache_retention_hours", "scratch_retention_hours", "training_state_retention_hours",
+                      "webhook_retention_hours")
 
 
 WEBHOOK_PRIVATE_TARGETS = ("refuse", "allow")
@@ -177,6 +178,8 @@ class Settings:
     render_cache_retention_hours: int = 24
     scratch_retention_hours: int = 72
     training_state_retention_hours: int = 7 * 24
+    # And, in the database, how long webhook outbox rows and their delivery log stay once delivered or abandoned.
+    webhook_retention_hours: int = 30 * 24
     # Requests one API key (or, without a valid key, one client address) may make, in flask-limiter's notation
     # ("600/minute", "10/second;600/minute"); counted in the broker's Redis when broker_url is set, else in each
     # API process's memory (gate.api.ratelimit). /healthz and /metrics are not counted.
