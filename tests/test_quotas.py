@@ -77,3 +77,23 @@ def test_datasets_and_their_bytes_are_capped_per_tenant(tmp_path, migrated, limi
     assert env.count(Dataset) == 1 and env.dataset_files() == files
     assert set(env.settings.artifacts_dir.rglob("*")) == stored
     assert env.upload(data, who="b").status_code == 202
+
+
+@pytest.mark.parametrize("status, counted", [("failed", False), ("rejected", True)])
+def test_failed_datasets_do_not_count_rejected_ones_do(tmp_path, migrated, status, counted):
+    """A dataset the service failed to take in frees its place (the customer is told to upload it again); a
+    rejected one keeps it, so uploads refused again and again stay bounded by max_datasets."""
+    env = env_with(tmp_path, migrated, max_datasets=1)
+    first = env.upload(good_zip())
+    assert first.status_code == 202
+    with env.sessions() as s:
+        s.get(Dataset, first.json["id"]).status = status
+        s.commit()
+    again = env.upload(good_zip(4))
+    if counted:
+        assert again.status_code == 429
+        assert {k: error(again)[k] for k in ("field", "limit", "maximum", "current")} == \
+            {"field": "file", "limit": "max_datasets", "maximum": 1, "current": 1}
+    else:
+        assert again.status_code == 202, again.json
+        assert env.upload(good_zip(5)).status_code == 429  # the new one counts

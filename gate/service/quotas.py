@@ -5,6 +5,11 @@ disk (``max_datasets``, ``max_stored_bytes``: uploads are kept for the jobs and 
 deleted), or probe the audit with checkpoint after checkpoint: after ``max_withheld_jobs`` of its jobs were
 withheld within ``withheld_window_hours``, its new jobs are refused until the oldest leaves the window (or an
 operator raises the limit). Refusals use the API's error shape with ``limit``, ``maximum`` and ``current``.
+
+A dataset that ``failed`` counts toward neither dataset quota: the service could not take it in (a scanner that
+could not score, the store away), the customer is told to upload it again, and a fault of ours must not cost them
+a place. A ``rejected`` one counts: the refusal is the customer's data, and uploads refused again and again are
+someone probing the intake's screening, which the quota is there to bound.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from gate.storage.models import ACTIVE_JOB_STATES, AuditLogEntry, Dataset, Job, 
 
 from .errors import ApiError
 
+UNCOUNTED_DATASETS = ("failed",)  # the service's fault, not the customer's (see the module's docstring)
+
 
 def _exceeded(status: int, reason: str, field: str, limit: str, maximum: int, current: int, message: str) -> ApiError:
     return ApiError(status, reason, f"{message} (limit {limit}={maximum})", field=field, limit=limit,
@@ -26,9 +33,11 @@ def _exceeded(status: int, reason: str, field: str, limit: str, maximum: int, cu
 
 
 def check_dataset_quota(db: Session, tenant_id: str, limits: Limits, upload_bytes: int) -> None:
-    """A 429 naming ``file`` if one more dataset of ``upload_bytes`` would exceed the tenant's dataset quotas."""
+    """A 429 naming ``file`` if one more dataset of ``upload_bytes`` would exceed the tenant's dataset quotas
+    (its datasets but the ``failed`` ones)."""
     count, stored = db.execute(select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0))
-                               .where(Dataset.tenant_id == tenant_id)).one()
+                               .where(Dataset.tenant_id == tenant_id,
+                                      Dataset.status.not_in(UNCOUNTED_DATASETS))).one()
     if count >= limits.max_datasets:
         raise _exceeded(429, "quota_exceeded", "file", "max_datasets", limits.max_datasets, count,
                         f"tenant {tenant_id} has {count} datasets, the most it may keep")
