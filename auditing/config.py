@@ -73,10 +73,18 @@ def config_error(exc: ValidationError, prefix: str, cls=None) -> ConfigError:
     if kind == "value_error":
         message = str(cause) if cause is not None else error["msg"].removeprefix("Value error, ")
         return ConfigError(field, message if message.startswith(field) else f"{field}: {message}")
-    text = error["msg"].replace("Input should be", "must be", 1)
+    text = error["msg"]
+    for subject in ("Input should", "String should", "Value should"):
+        text = text.replace(subject, "must", 1) if text.startswith(subject) else text
     if not text.startswith("must"):
         text = f"is invalid: {text[0].lower()}{text[1:]}"
-    return ConfigError(field, f"{field} {text} (got {error['input']!r})")
+    return ConfigError(field, f"{field} {text} (got {_shown(error['input'])})")
+
+
+def _shown(value, max_chars: int = 80) -> str:
+    """``value`` as an error quotes it: a long one is cut, not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= max_chars else f"{text[:max_chars]}..."
 
 
 def from_mapping(cls, data: Any, what: str):
