@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 RECORD_CONFIG = ConfigDict(strict=True, extra="forbid")
@@ -107,6 +107,19 @@ def section(cls):
         return from_mapping(cls, value, info.field_name) if isinstance(value, dict) else value
 
     return Annotated[cls, BeforeValidator(build)]
+
+
+def _not_blank(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise ConfigError(info.field_name, f"{info.field_name} must not be blank (got {value!r})")
+    return value
+
+
+def text(max_chars: int | None = None):
+    """The annotation of a string with a non-space character (and at most ``max_chars``): names, prompts,
+    reasons; published as ``minLength: 1, pattern: \\S`` (and ``maxLength``)."""
+    return Annotated[str, Field(max_length=max_chars), AfterValidator(_not_blank),
+                     Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})]
 
 
 def json_schema(cls) -> dict:
