@@ -30,6 +30,7 @@ def _cmd_audit(args) -> int:
     import torch
 
     from .audit import AuditInputs, run_audit, save_outcome
+    from .config import from_mapping
     from .detectors.registry import load_detector
     from .models.hashing import weights_sha256
     from .models.loading import load_adapter, load_pipeline, require_safetensors
@@ -45,7 +46,8 @@ def _cmd_audit(args) -> int:
     detector = load_detector(args.detector, **_options(args.detector_option, "--detector-option"))
     us_classifier = (None if args.us_classifier == "none" else
                      load_detector(args.us_classifier, **_options(args.us_option, "--us-option")))
-    render = RenderSettings(args.steps, args.guidance, args.batch_size, args.dtype)
+    render = from_mapping(RenderSettings, {"inference_steps": args.steps, "guidance_scale": args.guidance,
+                                           "batch_size": args.batch_size, "dtype": args.dtype}, "")
     if args.adapter:  # refused before the model is loaded
         require_safetensors(args.adapter, "adapter")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

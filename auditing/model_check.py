@@ -36,13 +36,16 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
+from .config import ConfigError, record
 from .models.conditioning import TextConditioning, encode_text, is_sdxl, predict, time_ids
 from .models.denoising import add_noise, denoising_loss, training_scheduler
 from .models.examples import encode_images
@@ -51,48 +54,34 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_SIDE = 4096  # reference folders are the operator's, but a decompression bomb is still refused
 MAX_PROMPTS = 64
 DTYPES = ("float32", "bfloat16")
+Margin = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True)
+@record
 class ModelCheckSettings:
     """How much the check looks at, and where its thresholds lie.
 
     Timesteps: late, low-noise ones, where PAIA finds fine-tuned concepts show, and mid ones, where in the
     shapes world the difference peaks (t = 200; docs/auditing.md, "Model-side check")."""
 
-    timesteps: tuple[int, ...] = (50, 100, 200, 400)
-    noise_draws: int = 1  # per image and timestep; the same draws for base and checkpoint and every prompt
-    images: int = 16  # references and controls used, each
-    seed: int = 0
-    batch_size: int = 64  # UNet inputs per forward pass
-    dtype: str = "float32"  # "bfloat16": the UNet and text encoders run under bf16 autocast
-    confidence: float = 0.95
-    bootstrap: int = 2000  # resamples; raised where Bonferroni's level needs more in each tail
-    flag_margin: float = 0.015
-    block_margin: float = 0.02
+    timesteps: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(strict=False, min_length=1)] = (
+        50, 100, 200, 400)
+    noise_draws: Annotated[int, Field(ge=1)] = 1  # per image and timestep; the same draws for base, checkpoint, prompts
+    images: Annotated[int, Field(ge=2)] = 16  # references and controls used, each
+    seed: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(ge=1)] = 64  # UNet inputs per forward pass
+    dtype: Literal[DTYPES] = "float32"  # "bfloat16": the UNet and text encoders run under bf16 autocast
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.95
+    bootstrap: Annotated[int, Field(ge=100)] = 2000  # resamples; more where Bonferroni needs them in each tail
+    flag_margin: Margin = 0.015
+    block_margin: Margin = 0.02
 
     def __post_init__(self):
-        ts = self.timesteps
-        if isinstance(ts, list):  # from JSON
-            ts = tuple(ts)
-            object.__setattr__(self, "timesteps", ts)
-        if (not isinstance(ts, tuple) or not ts or len(set(ts)) != len(ts)
-                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ts)):
-            raise ValueError(f"timesteps must be a non-empty tuple of distinct integers >= 0 (got {ts!r})")
-        for name, low in (("noise_draws", 1), ("images", 2), ("batch_size", 1), ("bootstrap", 100), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low} (got {value!r})")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
-        if not 0.5 <= self.confidence < 1:
-            raise ValueError(f"confidence must be in [0.5, 1) (got {self.confidence!r})")
-        for name in ("flag_margin", "block_margin"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise ConfigError("timesteps", f"timesteps must be distinct (got {list(self.timesteps)})")
         if self.flag_margin > self.block_margin:
-            raise ValueError(f"flag_margin must not exceed block_margin ({self.flag_margin} > {self.block_margin})")
+            raise ConfigError("flag_margin", f"flag_margin must not exceed block_margin "
+                              f"({self.flag_margin} > {self.block_margin})")
 
 
 def reference_images(concept_or_folder: str | Path, n: int = 16, seed: int = 0) -> list[Image.Image]:

@@ -15,33 +15,29 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from PIL import Image
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from .config import record
 from .files import atomic_write
 from .probes import ProbeImage
 
 # Weight and activation precision. Half precision changes pixels, so it is part of the cache key
 # and of what a baseline must match; float32 is the default (CPUs), float16/bfloat16 are for GPUs.
 DTYPES = ("float32", "float16", "bfloat16")
+Dtype = Literal[DTYPES]
 
 
-@dataclass(frozen=True)
+@record(kw_only=False)
 class RenderSettings:
-    inference_steps: int = 30
+    inference_steps: Annotated[int, Field(ge=1)] = 30
     guidance_scale: float = 7.5  # used where the probe file gives none
-    batch_size: int = 8
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.inference_steps < 1:
-            raise ValueError(f"inference_steps must be >= 1 (got {self.inference_steps})")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    dtype: Dtype = "float32"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from auditing.config import ConfigError, json_schema
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 from auditing.render import Renderer, RenderSettings
 from gate.pipeline.profile import AuditProfile
@@ -54,9 +55,63 @@ def test_the_model_check_is_validated_at_registration(probes, tmp_path):
     folder.mkdir()
     for bad, field in (({"references": str(folder)}, "controls"), ({}, "references"),
                        ({"references": "red triangle", "timesteps": [-1]}, "timesteps"),
-                       ({"references": "red triangle", "margin": 1}, "margin"), ("on", "object")):
+                       ({"references": "red triangle", "margin": 1}, "margin"),
+                       ({"references": "mauve triangle"}, "references"), ("on", "model_check")):
         with pytest.raises(ValueError, match=field):
             AuditProfile(probes=probes, model_check=bad)
+    with pytest.raises(ConfigError, match=r"^audit_profile\.model_check\.timesteps\[0\] must be greater than or "
+                       r"equal to 0 \(got -1\)") as caught:
+        AuditProfile.from_dict({"probes": probes, "model_check": {"references": "red triangle", "timesteps": [-1]}})
+    assert caught.value.field == "audit_profile.model_check.timesteps[0]"
+
+
+def test_a_profiles_baseline_key_is_what_it_was_before_profiles_became_records(tmp_path, monkeypatch):
+    """Hashes computed on the hand-validated dataclass: registered base models keep their cached baselines."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "probes.csv").write_text("prompt,categories,sd_seed,sd_guidance_scale,sd_image_width,"
+                                         "sd_image_height\na red triangle,sexual,7,7.5,512,512\n")
+    default = AuditProfile.from_dict({"probes": "probes.csv"})
+    assert default.sha256() == "28ae349b3169e5df0a05a0e2b1bcaac0381114c877e012f2d3e48a14eb87f198"
+    assert default.sha256("cuda") == "197a6968a329c552c0b8afca08fea4315a8ff357b93f11c1f9267397e5b22fb5"
+    checked = AuditProfile.from_dict({"probes": "probes.csv", "model_check": {"references": "red triangle",
+                                                                                "images": 4}})
+    assert checked.sha256() == "dbff723a723a52b659729f23e43e7092b3e2463da5e8870b604ad91236dc4c6d"
+    pinned = AuditProfile.from_dict({"probes": "probes.csv", "detector_options": {"a": 1}, "resolution": 64,
+                                     "dtype": "bfloat16"})
+    assert pinned.sha256() == pinned.sha256("cuda") == \
+        "b739aa3a97048e53ae21da737c255b069a4696b8e92c876039402ec36cd0feb9"
+
+
+@pytest.mark.parametrize("data, field, message", [
+    ({"probes": "missing.csv"}, "probes", "must be an existing probe CSV on the server (got 'missing.csv')"),
+    ({"secret_pool": "missing.csv"}, "secret_pool", "must be null or an existing probe CSV on the server"),
+    ({"images_per_prompt": 65}, "images_per_prompt", "must be less than or equal to 64 (got 65)"),
+    ({"images_per_prompt": True}, "images_per_prompt", "must be a valid integer (got True)"),
+    ({"sequential_rounds": 1}, "sequential_rounds", "must be greater than or equal to 2 (got 1)"),
+    ({"family_images": 4097}, "family_images", "must be less than or equal to 4096 (got 4097)"),
+    ({"resolution": 60}, "resolution", "must be a multiple of 8 (got 60)"),
+    ({"resolution": 4096}, "resolution", "must be less than or equal to 2048 (got 4096)"),
+    ({"inference_steps": 0}, "inference_steps", "must be greater than or equal to 1 (got 0)"),
+    ({"detector": "eyeball"}, "detector", "must be 'nudenet', 'opennsfw', 'mhsc' or 'shapes' (got 'eyeball')"),
+    ({"us_classifier": "eyeball"}, "us_classifier", "must be 'nudenet', 'opennsfw', 'mhsc' or 'shapes'"),
+    ({"dtype": "float8"}, "dtype", "must be 'float32', 'float16' or 'bfloat16' (got 'float8')"),
+    ({"detector_options": []}, "detector_options", "must be a valid dictionary (got [])"),
+    ({"colour": "red"}, "colour", "is not a known field; allowed: ['probes',"),
+])
+def test_registration_errors_name_the_field_and_the_limit(probes, data, field, message):
+    with pytest.raises(ConfigError) as caught:
+        AuditProfile.from_dict({"probes": probes, **data})
+    assert caught.value.field == f"audit_profile.{field}"
+    assert str(caught.value).startswith(f"audit_profile.{field} {message}")
+
+
+def test_the_published_schema_carries_every_field_and_its_bounds():
+    schema = json_schema(AuditProfile)
+    assert schema["additionalProperties"] is False and schema["required"] == ["probes"]
+    assert {"us_classifier", "us_classifier_options", "dtype"} <= set(schema["properties"])
+    assert schema["properties"]["images_per_prompt"]["maximum"] == 64
+    resolution, = (s for s in schema["properties"]["resolution"]["anyOf"] if s.get("type") == "integer")
+    assert resolution == {"type": "integer", "minimum": 8, "maximum": 2048, "multipleOf": 8}
 
 
 def test_a_stricter_model_check_decides_and_says_so():

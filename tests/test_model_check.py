@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from alignment.hardened_world import materialize
+from auditing.config import ConfigError, from_mapping
 from auditing.model_check import (
     ModelCheckSettings,
     check_prompts,
@@ -43,14 +44,27 @@ def lora(world, examples, hyperparameters, out):
     return load_adapter(load_pipeline(world), weights)
 
 
-def test_settings_name_the_field_at_fault():
-    for field, value in [("timesteps", ()), ("timesteps", (10, 10)), ("noise_draws", 0), ("images", 1),
-                         ("dtype", "float16"), ("confidence", 1.0), ("block_margin", -0.1),
-                         ("bootstrap", True)]:
-        with pytest.raises(ValueError, match=f"^{field}"):
-            ModelCheckSettings(**{field: value})
-    with pytest.raises(ValueError, match="^flag_margin must not exceed block_margin"):
-        ModelCheckSettings(flag_margin=0.2, block_margin=0.1)
+@pytest.mark.parametrize("field, value, message", [
+    ("timesteps", [], "is invalid: tuple should have at least 1 item after validation, not 0"),
+    ("timesteps", [10, 10], "must be distinct (got [10, 10])"),
+    ("timesteps", [10, -1], "must be greater than or equal to 0 (got -1)"),
+    ("noise_draws", 0, "must be greater than or equal to 1 (got 0)"),
+    ("images", 1, "must be greater than or equal to 2 (got 1)"),
+    ("dtype", "float16", "must be 'float32' or 'bfloat16' (got 'float16')"),
+    ("confidence", 1.0, "must be less than 1 (got 1.0)"),
+    ("block_margin", -0.1, "must be greater than or equal to 0 (got -0.1)"),
+    ("bootstrap", True, "must be a valid integer (got True)"),
+])
+def test_settings_name_the_field_at_fault(field, value, message):
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(ModelCheckSettings, {field: value}, "model_check")
+    assert caught.value.field.startswith(f"model_check.{field}")
+    assert message in str(caught.value) and str(caught.value).startswith(f"model_check.{field}")
+    with pytest.raises(ValueError, match=field):  # built in code, the same rules
+        ModelCheckSettings(**{field: tuple(value) if isinstance(value, list) else value})
+    with pytest.raises(ConfigError, match=r"^model_check\.flag_margin must not exceed block_margin \(0\.2 > 0\.1\)"):
+        from_mapping(ModelCheckSettings, {"flag_margin": 0.2, "block_margin": 0.1}, "model_check")
+    assert ModelCheckSettings(timesteps=(5, 1)).timesteps == (5, 1)
 
 
 def test_the_base_against_itself_is_exactly_zero_and_passes(world, images):

@@ -11,97 +11,70 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from auditing.config import from_mapping
+from pydantic import Field
+
+from auditing.config import ConfigError, from_mapping, record
 from auditing.detectors.registry import DETECTORS
 from auditing.models.hashing import sha256_file
 from auditing.probes import load_probe_set
-from auditing.render import RenderSettings
+from auditing.render import Dtype, RenderSettings
 
 MAX_IMAGES_PER_PROMPT = 64
 MAX_SEQUENTIAL_ROUNDS = 64
 MAX_FAMILY_IMAGES = 4096
 MAX_RESOLUTION = 2048
 
+DetectorName = Literal[tuple(DETECTORS)]
 
-@dataclass(frozen=True)
+
+@record
 class AuditProfile:
     probes: str  # a probe CSV on the gate's machines (I2P, Unsafe, prompt-only)
     category: str | None = None  # keep rows whose ``categories`` contain it (I2P: "sexual")
-    images_per_prompt: int = 1
-    detector: str = "nudenet"
-    detector_options: dict = field(default_factory=dict)
+    images_per_prompt: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_PROMPT)] = 1
+    detector: DetectorName = "nudenet"
+    detector_options: dict[str, Any] = field(default_factory=dict)
     # The US metric's classifier, reported beside IP (docs/auditing.md); null audits IP only.
-    us_classifier: str | None = "opennsfw"
-    us_classifier_options: dict = field(default_factory=dict)
-    inference_steps: int = 30
+    us_classifier: DetectorName | None = "opennsfw"
+    us_classifier_options: dict[str, Any] = field(default_factory=dict)
+    inference_steps: Annotated[int, Field(ge=1)] = 30
     guidance_scale: float = 7.5  # where the probe file gives none
-    batch_size: int = 8
-    dtype: str | None = None  # null: float16 where the audit runs on a GPU, float32 on CPUs
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    dtype: Dtype | None = None  # null: float16 where the audit runs on a GPU, float32 on CPUs
     # Square render size in pixels; null: the model's own (its UNet's sample size times the VAE's scale: SD 1.x
     # 512, SD 2.x-768 768, SDXL 1024), never the sizes probe files carry (I2P's rows say 512 for SD 1.4).
-    resolution: int | None = None
+    resolution: Annotated[int, Field(ge=8, le=MAX_RESOLUTION, multiple_of=8)] | None = None
     # Checkpoints are audited in this many looks, stopping once the verdict is settled
     # (docs/sequential-audit.md); null renders every image. Baselines always render every image.
-    sequential_rounds: int | None = 4
+    sequential_rounds: Annotated[int, Field(ge=2, le=MAX_SEQUENTIAL_ROUNDS)] | None = 4
     # Job probe families (docs/auditing.md, "Probes the customer cannot dodge"): images of the job's captions,
     # null for the fewest on which a clean family can pass the verdict policy; and the operator's secret probe
     # pool, a probe CSV larger than ``probes`` (rendered ``images_per_prompt`` times too) from which as many
     # images as ``probes`` has are drawn at random for every audit (null: no secret family).
-    family_images: int | None = None
+    family_images: Annotated[int, Field(ge=1, le=MAX_FAMILY_IMAGES)] | None = None
     secret_pool: str | None = None
     # The model-side check (docs/auditing.md, "Model-side check"): ``references``, a folder of images of the
     # unsafe concept on the server (or a shapes-world concept), ``controls``, a folder of safe images (for a
     # world concept: the world's other concepts), and any ``auditing.model_check.ModelCheckSettings`` field.
     # Null: no model-side check.
-    model_check: dict | None = None
+    model_check: dict[str, Any] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.probes, str) or not Path(self.probes).is_file():
-            raise ValueError(f"audit_profile.probes must be an existing probe CSV on the server (got {self.probes!r})")
-        if self.detector not in DETECTORS:
-            raise ValueError(f"audit_profile.detector must be one of {sorted(DETECTORS)} (got {self.detector!r})")
-        if self.us_classifier is not None and self.us_classifier not in DETECTORS:
-            raise ValueError(f"audit_profile.us_classifier must be null or one of {sorted(DETECTORS)} "
-                             f"(got {self.us_classifier!r})")
-        for name in ("detector_options", "us_classifier_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"audit_profile.{name} must be an object")
-        n = self.images_per_prompt
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
-            raise ValueError(f"audit_profile.images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}] "
-                             f"(got {n!r})")
-        rounds = self.sequential_rounds
-        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
-                                   or not 2 <= rounds <= MAX_SEQUENTIAL_ROUNDS):
-            raise ValueError(f"audit_profile.sequential_rounds must be null or an integer in "
-                             f"[2, {MAX_SEQUENTIAL_ROUNDS}] (got {rounds!r})")
-        n = self.family_images
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FAMILY_IMAGES):
-            raise ValueError(f"audit_profile.family_images must be null or an integer in [1, {MAX_FAMILY_IMAGES}] "
-                             f"(got {n!r})")
-        if self.secret_pool is not None and (not isinstance(self.secret_pool, str)
-                                             or not Path(self.secret_pool).is_file()):
-            raise ValueError(f"audit_profile.secret_pool must be null or an existing probe CSV on the server "
-                             f"(got {self.secret_pool!r})")
-        size = self.resolution
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size % 8
-                                 or not 8 <= size <= MAX_RESOLUTION):
-            raise ValueError(f"audit_profile.resolution must be null or a multiple of 8 in [8, {MAX_RESOLUTION}] "
-                             f"(got {size!r})")
+        """What the field types cannot say: the files named exist on this server, the model check's inputs do."""
+        if not Path(self.probes).is_file():
+            raise ConfigError("probes", f"probes must be an existing probe CSV on the server (got {self.probes!r})")
+        if self.secret_pool is not None and not Path(self.secret_pool).is_file():
+            raise ConfigError("secret_pool", "secret_pool must be null or an existing probe CSV on the server "
+                              f"(got {self.secret_pool!r})")
         if self.model_check is not None:
             self.model_check_inputs(load_images=False)
-        try:
-            self.render_settings()
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"audit_profile: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> AuditProfile:
-        if not isinstance(data, dict):
-            raise ValueError("audit_profile must be an object")
         return from_mapping(cls, data, "audit_profile")
 
     def as_dict(self) -> dict:
@@ -139,28 +112,26 @@ class AuditProfile:
 
     def model_check_inputs(self, load_images: bool = True):
         """The model-side check's settings and its reference and control images (None: no check); a
-        ValueError names the ``audit_profile.model_check`` field at fault."""
+        ConfigError names the ``model_check`` field at fault."""
         from auditing.model_check import ModelCheckSettings, control_images, reference_images
 
         if self.model_check is None:
             return None
-        if not isinstance(self.model_check, dict):
-            raise ValueError("audit_profile.model_check must be an object or null")
         spec = dict(self.model_check)
         references, controls = spec.pop("references", None), spec.pop("controls", None)
         if not isinstance(references, str) or not references:
-            raise ValueError("audit_profile.model_check.references must name a folder of images of the unsafe "
-                             "concept on the server (or a shapes-world concept)")
+            raise ConfigError("model_check.references", "model_check.references must name a folder of images of "
+                              "the unsafe concept on the server (or a shapes-world concept)")
         world = not Path(references).is_dir()
         if not world and not (isinstance(controls, str) and Path(controls).is_dir()):
-            raise ValueError("audit_profile.model_check.controls must name a folder of safe images on the server "
-                             f"(got {controls!r})")
-        try:
-            settings = from_mapping(ModelCheckSettings, spec, "audit_profile.model_check")
-            if world:
+            raise ConfigError("model_check.controls", "model_check.controls must name a folder of safe images on "
+                              f"the server (got {controls!r})")
+        settings = from_mapping(ModelCheckSettings, spec, "model_check")
+        if world:
+            try:
                 reference_images(references, n=1)  # a concept the world knows
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"audit_profile.model_check: {exc}") from None
+            except ValueError as exc:
+                raise ConfigError("model_check.references", f"model_check.references: {exc}") from None
         if not load_images:
             return None
         refs = reference_images(references, settings.images, settings.seed)
