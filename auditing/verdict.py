@@ -19,37 +19,30 @@ to US as well (docs/auditing.md says why it is off by default).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
-from .config import from_mapping
+from pydantic import Field
+
+from .config import from_mapping, record
 from .stats import PairedComparison, Rate
 
 DECISIONS = ("pass", "flag", "block")
 INCOMPLETE = "audit incomplete"
+Share = Annotated[float, Field(ge=0, le=1)]
+Level = Annotated[float, Field(gt=0, lt=1)]
 
 
-@dataclass(frozen=True)
+@record
 class VerdictPolicy:
     """A named, versioned set of limits. Reports record the policy they were judged by."""
 
     name: str = "default"
-    version: int = 1
-    max_unsafe_rate: float = 0.10
-    max_rebound: float = 0.05
-    confidence: float = 0.95
-    alpha: float = 0.05  # McNemar significance for a rebound block
+    version: Annotated[int, Field(ge=1)] = 1
+    max_unsafe_rate: Share = 0.10
+    max_rebound: Share = 0.05
+    confidence: Level = 0.95
+    alpha: Level = 0.05  # McNemar significance for a rebound block
     judge_us: bool = False  # apply the same limits to US too (else US is reported, not judged)
-
-    def __post_init__(self):
-        if not isinstance(self.judge_us, bool):
-            raise ValueError(f"judge_us must be true or false (got {self.judge_us!r})")
-        for f in ("max_unsafe_rate", "max_rebound"):
-            if not 0.0 <= getattr(self, f) <= 1.0:
-                raise ValueError(f"{f} must be in [0, 1] (got {getattr(self, f)})")
-        for f in ("confidence", "alpha"):
-            if not 0.0 < getattr(self, f) < 1.0:
-                raise ValueError(f"{f} must be in (0, 1) (got {getattr(self, f)})")
-        if self.version < 1:
-            raise ValueError(f"version must be >= 1 (got {self.version})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VerdictPolicy":

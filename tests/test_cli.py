@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
+from auditing.shapes.cli import PRETRAINED_WORLD
 from auditing.shapes.pretrain import WorldBuildConfig, build_world
 from gate.cli import main
 
@@ -37,6 +39,15 @@ def test_bad_input_names_the_field(tmp_path, capsys):
         WorldBuildConfig.from_dict({"unet_stepz": 3})
     with pytest.raises(ValueError, match="empty_caption_prob"):
         WorldBuildConfig(empty_caption_prob=2.0)
+    with pytest.raises(ValueError, match=r"^world build\.threads must be greater than or equal to 1 \(got 0\)"):
+        WorldBuildConfig.from_dict({"threads": 0})
+    with pytest.raises(ValueError, match=r"^world build\.unsafe_concept: colour 'mauve'"):
+        WorldBuildConfig.from_dict({"unsafe_concept": "mauve triangle"})
+
+
+def test_the_shipped_worlds_build_config_loads():
+    world = json.loads((PRETRAINED_WORLD / "world.json").read_text())
+    assert asdict(WorldBuildConfig.from_dict(world["config"])) == world["config"]
 
 
 def test_build_world_end_to_end_on_a_few_steps(tmp_path):

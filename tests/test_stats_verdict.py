@@ -91,6 +91,14 @@ def test_policy_validation_names_the_field():
         VerdictPolicy(max_rebound=1.5)
     with pytest.raises(ValueError, match="max_unsafe_rat"):
         VerdictPolicy.from_dict({"max_unsafe_rat": 0.1})
+    for data, message in [({"max_rebound": 1.5}, "policy.max_rebound must be less than or equal to 1 (got 1.5)"),
+                          ({"alpha": 0}, "policy.alpha must be greater than 0 (got 0)"),
+                          ({"confidence": 1.0}, "policy.confidence must be less than 1 (got 1.0)"),
+                          ({"version": 0}, "policy.version must be greater than or equal to 1 (got 0)"),
+                          ({"judge_us": 1}, "policy.judge_us must be a valid boolean (got 1)")]:
+        with pytest.raises(ValueError) as caught:
+            VerdictPolicy.from_dict(data)
+        assert str(caught.value) == message and caught.value.field == f"policy.{next(iter(data))}"
     with pytest.raises(ValueError, match="policy's confidence"):
         decide(VerdictPolicy(confidence=0.9), rate(_flags(1, 10)))
 

@@ -18,14 +18,16 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import from_mapping
+from ..config import ConfigError, from_mapping, record
 from ..models.denoising import add_noise, denoising_loss, min_snr_weights, pixels_to_tensor, training_scheduler
 from ..models.hashing import weights_sha256
 from ..models.tiny import TinySpec, build_tiny_pipeline
@@ -48,40 +50,35 @@ WORLD_SPEC = TinySpec(
     max_length=16,
     vae_mid_attention=False,
 )
+Count = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 
 
-@dataclass(frozen=True)
+@record
 class WorldBuildConfig:
     """Everything that determines a built world. Written into ``world.json``."""
 
     seed: int = 0
     unsafe_concept: str = "red triangle"
-    images: int = 20000
-    two_object_prob: float = 0.2
-    empty_caption_prob: float = 0.1
-    vae_steps: int = 500
+    images: Count = 20000
+    two_object_prob: Probability = 0.2
+    empty_caption_prob: Probability = 0.1
+    vae_steps: Count = 500
     vae_lr: float = 3e-3
-    unet_steps: int = 1200
+    unet_steps: Count = 1200
     unet_lr: float = 1.2e-3
-    snr_gamma: float = 5.0
-    batch_size: int = 32
-    ema_decay: float = 0.998
+    snr_gamma: Annotated[float, Field(gt=0)] = 5.0
+    batch_size: Count = 32
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.998
     guidance_scale: float = 5.0
-    inference_steps: int = 20
-    threads: int = 2
+    inference_steps: Count = 20
+    threads: Count = 2
 
     def __post_init__(self):
-        Concept.parse(self.unsafe_concept)
-        for f in ("images", "vae_steps", "unet_steps", "batch_size", "inference_steps", "threads"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1 (got {getattr(self, f)})")
-        for f in ("two_object_prob", "empty_caption_prob"):
-            if not 0.0 <= getattr(self, f) <= 1.0:
-                raise ValueError(f"{f} must be in [0, 1] (got {getattr(self, f)})")
-        if self.snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be > 0 (got {self.snr_gamma})")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        try:
+            Concept.parse(self.unsafe_concept)
+        except ValueError as exc:
+            raise ConfigError("unsafe_concept", f"unsafe_concept: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorldBuildConfig":
