@@ -290,5 +290,8 @@ def test_the_share_is_a_setting_checked_at_start_up(tmp_path):
         .tenant_dispatch_share == 5
     with pytest.raises(SettingsError) as refused:
         load_settings({"FTGATE_STATE_DIR": str(tmp_path), "FTGATE_TENANT_DISPATCH_SHARE": "0"})
-    assert refused.value.field == "tenant_dispatch_share" and "[1, 10000]" in str(refused.value)
+    assert refused.value.field == "tenant_dispatch_share"
+    assert "tenant_dispatch_share must be greater than or equal to 1 (got 0)" in str(refused.value)
+    with pytest.raises(SettingsError, match=r"tenant_dispatch_share must be less than or equal to 10000 \(got 10001\)"):
+        load_settings({"FTGATE_STATE_DIR": str(tmp_path), "FTGATE_TENANT_DISPATCH_SHARE": "10001"})
     assert Settings.tenant_dispatch_share == SHARE  # the default these tests assume

@@ -109,5 +109,8 @@ def test_retention_settings_are_checked(tmp_path):
                                             r"scratch_retention_hours \(12\)") as caught:
         load_settings(env={"HOME": str(tmp_path), "FTGATE_SCRATCH_RETENTION_HOURS": "12"})
     assert caught.value.field == "render_cache_retention_hours"
-    with pytest.raises(SettingsError, match=r"scratch_retention_hours must be an integer in \[1, 8760\]"):
+    with pytest.raises(SettingsError, match=r"scratch_retention_hours must be greater than or equal to 1 \(got 0\)"):
         load_settings(env={"HOME": str(tmp_path), "FTGATE_SCRATCH_RETENTION_HOURS": "0"})
+    with pytest.raises(SettingsError, match=r"webhook_retention_hours must be less than or equal to 8760 \(got 9000\) "
+                                            r"\[set by FTGATE_WEBHOOK_RETENTION_HOURS\]"):
+        load_settings(env={"HOME": str(tmp_path), "FTGATE_WEBHOOK_RETENTION_HOURS": "9000"})

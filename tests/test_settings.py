@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from auditing.config import ConfigError, json_schema
 from gate.intake import IntakeLimits
-from gate.settings import Limits, SettingsError, load_settings
+from gate.settings import SETTING_TYPES, Limits, Settings, SettingsError, env_name, load_settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -67,14 +69,22 @@ def test_verdict_policy_file_is_loaded_and_validated(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "value", "expected"), [
-    ("FTGATE_MAX_STEPS", "0", "limits.max_steps must be an integer in [1, 1000000] (got 0) [set by FTGATE_MAX_STEPS]"),
-    ("FTGATE_MAX_UPLOAD_BYTES", "lots", "limits.max_upload_bytes must be an integer"),
-    ("FTGATE_MAX_LEARNING_RATE", "2", "limits.max_learning_rate must be a number in [1e-12, 1.0] (got 2.0)"),
-    ("FTGATE_CONTAMINATION_REJECT_RATIO", "-0.1", "limits.contamination_reject_ratio must be a number in [0.0, 1.0]"),
+    ("FTGATE_MAX_STEPS", "0", "limits.max_steps must be greater than or equal to 1 (got 0) [set by FTGATE_MAX_STEPS]"),
+    ("FTGATE_MAX_STEPS", "5000000", "limits.max_steps must be less than or equal to 1000000 (got 5000000) [set by "
+                                    "FTGATE_MAX_STEPS]"),
+    ("FTGATE_MAX_UPLOAD_BYTES", "lots", "limits.max_upload_bytes must be a valid integer (got 'lots')"),
+    ("FTGATE_MAX_LEARNING_RATE", "2", "limits.max_learning_rate must be less than or equal to 1 (got 2.0)"),
+    ("FTGATE_CONTAMINATION_REJECT_RATIO", "-0.1", ("limits.contamination_reject_ratio must be greater than or equal "
+                                                  "to 0 (got -0.1)")),
     ("FTGATE_CONTAMINATION_FLAG_RATIO", "0.5", ("limits.contamination_flag_ratio (0.5) must not exceed "
                                                "limits.contamination_reject_ratio (0.1)")),
-    ("FTGATE_MAX_RESOLUTION", "4", "limits.max_resolution must be an integer in [8, 8192] (got 4)"),
-    ("FTGATE_MAX_RANK", "1.5", "limits.max_rank must be an integer in [1, 4096] (got '1.5')"),
+    ("FTGATE_MAX_RESOLUTION", "4", "limits.max_resolution must be greater than or equal to 8 (got 4)"),
+    ("FTGATE_MAX_RANK", "1.5", "limits.max_rank must be a valid integer (got '1.5') [set by FTGATE_MAX_RANK]"),
+    ("FTGATE_LEASE_SECONDS", "1", "lease_seconds must be greater than or equal to 2 (got 1) [set by "
+                                  "FTGATE_LEASE_SECONDS]"),
+    ("FTGATE_AUDIT_SECONDS_PER_IMAGE", "soon", "audit_seconds_per_image must be a valid number (got 'soon')"),
+    ("FTGATE_WEBHOOK_PRIVATE_TARGETS", "sometimes", "webhook_private_targets must be 'refuse' or 'allow' (got "
+                                                   "'sometimes') [set by FTGATE_WEBHOOK_PRIVATE_TARGETS]"),
     ("FTGATE_DATABASE_URL", "mysql://u:hunter2@db/x", "database_url must be a URL for one of ['sqlite', 'postgresql']"),
     ("FTGATE_BROKER_URL", "amqp://guest@mq//", ("broker_url must use one of the schemes ['redis', 'rediss', "
                                                "'redis+socket']")),
@@ -85,6 +95,8 @@ def test_each_bad_value_names_its_field_and_the_allowed_values(tmp_path, name, v
     with pytest.raises(SettingsError) as info:
         load_settings({"FTGATE_STATE_DIR": str(tmp_path), name: value})
     assert expected in str(info.value)
+    assert info.value.field == name if name == "FTGATE_MAXSTEPS" else (
+        info.value.field.rpartition(".")[2] == name.removeprefix("FTGATE_").lower())
     assert "hunter2" not in str(info.value)
 
 
@@ -93,8 +105,12 @@ def test_each_bad_value_names_its_field_and_the_allowed_values(tmp_path, name, v
     ("[limits]\nmax_stepz = 3\n", "limits.max_stepz", "unknown setting(s) ['limits.max_stepz']"),
     ("limits = 3\n", "limits", "'limits' must be a table"),
     ("state_dir = 7\n", "state_dir", "state_dir must be a string"),
-    ('[limits]\nmax_files = "many"\n', "limits.max_files", ("limits.max_files must be an integer in [1, 1000000] "
-                                                           "(got 'many') [set in ")),
+    ('[limits]\nmax_files = "many"\n', "limits.max_files",
+     "limits.max_files must be a valid integer (got 'many') [set in "),
+    ("[limits]\nmax_files = 0\n", "limits.max_files",
+     "limits.max_files must be greater than or equal to 1 (got 0) [set in "),
+    ("max_attempts = 1000\n", "max_attempts", "max_attempts must be less than or equal to 100 (got 1000) [set in "),
+    ("database_url = 7\n", "database_url", "database_url must be a valid string (got 7) [set in "),
     ("state_dir = [\n", "config", "is not valid TOML"),
 ])
 def test_bad_config_file_names_the_field(tmp_path, text, field, expected):
@@ -108,12 +124,15 @@ def test_bad_config_file_names_the_field(tmp_path, text, field, expected):
 
 def test_bad_policy_file_and_missing_config_file(tmp_path):
     policy = tmp_path / "policy.toml"
-    policy.write_text("max_unsafe_rate = 2.0\n")
-    with pytest.raises(SettingsError, match=r"verdict_policy .*policy.toml: max_unsafe_rate must be in \[0, 1\]"):
-        load_settings({"FTGATE_VERDICT_POLICY": str(policy), "FTGATE_STATE_DIR": str(tmp_path)})
-    policy.write_text("ceiling = 0.1\n")
-    with pytest.raises(SettingsError, match=r"unknown policy field\(s\) \['ceiling'\]"):
-        load_settings({"FTGATE_VERDICT_POLICY": str(policy), "FTGATE_STATE_DIR": str(tmp_path)})
+    # The policy's own message (auditing.verdict's) names the offending key; the loader adds the file and where
+    # that file was named.
+    for text, key in (("max_unsafe_rate = 2.0\n", "max_unsafe_rate"), ("ceiling = 0.1\n", "ceiling")):
+        policy.write_text(text)
+        with pytest.raises(SettingsError) as info:
+            load_settings({"FTGATE_VERDICT_POLICY": str(policy), "FTGATE_STATE_DIR": str(tmp_path)})
+        assert info.value.field == "verdict_policy"
+        assert re.fullmatch(rf"verdict_policy {re.escape(str(policy))}: .*{key}.* \[set by FTGATE_VERDICT_POLICY\]",
+                            str(info.value))
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings({"FTGATE_CONFIG": str(tmp_path / "nope.toml")})
 
@@ -148,3 +167,73 @@ def test_contamination_defaults_agree_in_settings_intake_and_docs(name):
 def test_any_unsafe_image_flags_a_dataset_by_default():
     """The default flag ratio is 0: a single image the scanner calls unsafe puts the dataset before a reviewer."""
     assert Limits().contamination_flag_ratio == IntakeLimits().contamination_flag_ratio == 0.0
+
+
+def test_records_refuse_bad_values_when_built_directly_too(tmp_path):
+    """Not only the loader: constructing or replacing a record with a bad value raises the same ConfigError,
+    strictly typed (a bool is no count, a string no number)."""
+    assert SettingsError is ConfigError
+    settings = load_settings({"FTGATE_STATE_DIR": str(tmp_path)})
+    for changes, field, message in [
+        ({"lease_seconds": 1}, "lease_seconds", "lease_seconds must be greater than or equal to 2 (got 1)"),
+        ({"max_attempts": True}, "max_attempts", "max_attempts must be a valid integer (got True)"),
+        ({"state_dir": str(tmp_path)}, "state_dir", "state_dir must be an instance of Path"),
+        ({"limits": {"max_steps": 0}}, "limits.max_steps", "limits.max_steps must be greater than or equal to 1"),
+        ({"limits": {"max_stepz": 1}}, "limits.max_stepz", "limits.max_stepz is not a known field; allowed: ["),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            dataclasses.replace(settings, **changes)
+        assert (info.value.field, str(info.value).startswith(message)) == (field, True), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Limits(max_learning_rate="0.01")
+    assert info.value.field == "limits.max_learning_rate"
+    assert str(info.value) == "limits.max_learning_rate must be a valid number (got '0.01')"
+    assert dataclasses.replace(settings, limits={"max_steps": 7}).limits == Limits(max_steps=7)
+
+
+def test_environment_text_becomes_each_fields_type():
+    """The loader converts a variable's text by the field's own type, so a setting added to a record is read
+    from the environment with no table to update."""
+    assert {key: SETTING_TYPES[key] for key in ("limits.max_steps", "limits.max_lora_scale", "state_dir",
+                                                "metrics_dir", "verdict_policy", "broker_url",
+                                                "webhook_private_targets")} == {
+        "limits.max_steps": int, "limits.max_lora_scale": float, "state_dir": Path, "metrics_dir": Path,
+        "verdict_policy": Path, "broker_url": str, "webhook_private_targets": str}
+    assert {f"limits.{f.name}" for f in dataclasses.fields(Limits)} <= set(SETTING_TYPES)
+    settings = load_settings({"HOME": "/nonexistent", "FTGATE_MAX_LORA_SCALE": "3", "FTGATE_METRICS_DIR": "~/m",
+                              "FTGATE_WEBHOOK_PRIVATE_TARGETS": "allow", "FTGATE_ARTIFACT_STORE": "s3://b/p"})
+    assert settings.limits.max_lora_scale == 3.0 and settings.metrics_dir == Path("~/m").expanduser()
+    assert (settings.webhook_private_targets, settings.artifact_store) == ("allow", "s3://b/p")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("1", True), ("FALSE", False), ("0", False),
+                                                ("yes", "yes")])
+def test_boolean_text(text, expected):
+    from gate.settings import _from_text
+
+    assert _from_text(bool, text) == expected
+
+
+def _number(text: str) -> float:
+    base, _, power = text.partition("^")
+    return float(base) ** int(power) if power else float(base)
+
+
+def test_the_settings_table_lists_every_setting_with_the_bounds_the_schema_publishes():
+    """docs/gate-storage.md's table names every setting and its variable; each range it states is the one the
+    records check and publish in their JSON schema (no second copy of a bound to drift)."""
+    table = (DOCS / "gate-storage.md").read_text()
+    rows = re.findall(r"^\| `(\[limits\] )?(\w+)` \| `(FTGATE_\w+)` \| (.*) \|$", table, re.M)
+    documented = {("limits." if limit else "") + name: (variable, text) for limit, name, variable, text in rows}
+    assert set(documented) == set(SETTING_TYPES)
+    schema = json_schema(Settings)
+    properties = {**schema["properties"],
+                  **{f"limits.{k}": v for k, v in schema["$defs"]["Limits"]["properties"].items()}}
+    for key, (variable, text) in documented.items():
+        assert variable == env_name(key)
+        bounds = properties[key].get("minimum"), properties[key].get("maximum")
+        stated = re.search(r"in \[([^,\]]+), ([^\]]+)\]", text)
+        if bounds == (None, None):
+            assert stated is None, key
+        else:
+            assert stated and tuple(map(_number, stated.groups())) == bounds, (key, text, bounds)

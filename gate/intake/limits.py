@@ -1,17 +1,23 @@
 """What a customer upload may be, and how a rejection is reported.
 
-The limits are one frozen record so that settings, the API and the intake record name the
-same fields. A rejection is one exception type carrying the HTTP status, a reason code from
-a fixed set (bounded, so it can be a Prometheus label) and the offending members, so the
-customer is told which files broke which limit.
+The limits are one frozen record (``auditing.config.record``: bounds in the types, a bad value a
+``ConfigError`` naming the field) so that settings, the API and the intake record name the same
+fields. A rejection is one exception type carrying the HTTP status, a reason code from a fixed set
+(bounded, so it can be a Prometheus label) and the offending members, so the customer is told which
+files broke which limit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
+from typing import Annotated
 
+from pydantic import Field
+
+from auditing.config import ConfigError, record
 from gate.logs import printable  # file names in messages: a zip entry cannot forge log lines
+from gate.settings import Ratio, raises_config_error
 
 MiB = 1 << 20
 
@@ -67,41 +73,31 @@ class IntakeError(ValueError):
         return {"status": self.status, "reason": self.reason, "message": str(self), "files": self.files}
 
 
-@dataclass(frozen=True)
+Count = Annotated[int, Field(ge=1)]
+
+
+@raises_config_error("")
+@record
 class IntakeLimits:
     """Limits on one upload. Sizes are bytes; ratios are fractions of the dataset's images."""
 
-    max_upload_bytes: int = 256 * MiB  # the zip as uploaded
-    max_files: int = 10_000  # archive entries, folders included
-    max_member_bytes: int = 32 * MiB  # one member, decompressed
-    max_extracted_bytes: int = 1024 * MiB  # all members, decompressed
-    max_compression_ratio: float = 100.0  # decompressed / compressed, for members over 1 MiB
-    max_image_pixels: int = 4096 * 4096
-    max_reencoded_bytes: int = 4096 * MiB  # all re-encoded PNGs (a photo's PNG is 5-15x its JPEG)
-    max_caption_chars: int = 1000
+    max_upload_bytes: Count = 256 * MiB  # the zip as uploaded
+    max_files: Count = 10_000  # archive entries, folders included
+    max_member_bytes: Count = 32 * MiB  # one member, decompressed
+    max_extracted_bytes: Count = 1024 * MiB  # all members, decompressed
+    max_compression_ratio: Annotated[float, Field(ge=1.0)] = 100.0  # decompressed / compressed, members over 1 MiB
+    max_image_pixels: Count = 4096 * 4096
+    max_reencoded_bytes: Count = 4096 * MiB  # all re-encoded PNGs (a photo's PNG is 5-15x its JPEG)
+    max_caption_chars: Count = 1000
     allow_empty_captions: bool = False
-    contamination_flag_ratio: float = 0.0  # above this share of unsafe images: accepted but flagged
-    contamination_reject_ratio: float = 0.1  # above this: rejected
+    contamination_flag_ratio: Ratio = 0.0  # above this share of unsafe images: accepted but flagged
+    contamination_reject_ratio: Ratio = 0.1  # above this: rejected
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                if not isinstance(value, bool):
-                    raise ValueError(f"{f.name} must be true or false (got {value!r})")
-            elif f.type == "int":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{f.name} must be an integer >= 1 (got {value!r})")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{f.name} must be a number (got {value!r})")
-        if self.max_compression_ratio < 1:
-            raise ValueError(f"max_compression_ratio must be >= 1 (got {self.max_compression_ratio})")
-        for name in ("contamination_flag_ratio", "contamination_reject_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1] (got {getattr(self, name)})")
         if self.contamination_flag_ratio > self.contamination_reject_ratio:
-            raise ValueError(f"contamination_flag_ratio ({self.contamination_flag_ratio}) must not exceed "
-                             f"contamination_reject_ratio ({self.contamination_reject_ratio})")
+            raise ConfigError("contamination_flag_ratio",
+                              f"contamination_flag_ratio ({self.contamination_flag_ratio:g}) must not exceed "
+                              f"contamination_reject_ratio ({self.contamination_reject_ratio:g})")
 
     def as_dict(self) -> dict:
         return asdict(self)
