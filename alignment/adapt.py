@@ -15,8 +15,12 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
+
+from auditing.config import ConfigError, record
 
 from .functional import Params, lora_init, lora_merge
 
@@ -155,7 +159,12 @@ def adapt(theta: Params, loss_at: Callable[[Params, int], torch.Tensor], config:
         return {k: t.detach() for k, t in effective({k: t.detach() for k, t in trained.items()}).items()}
 
 
-@dataclass(frozen=True)
+def several(item):
+    """The annotation of a non-empty tuple of ``item``, given as a TOML/YAML list."""
+    return Annotated[tuple[item, ...], Field(strict=False, min_length=1)]
+
+
+@record
 class Distribution:
     """pi(C): a grid of fine-tuning configurations, sampled uniformly after exclusions.
 
@@ -164,23 +173,18 @@ class Distribution:
     default 1e-3 the pairs (1e-4, 20) and (1e-4, 30) are excluded.
     """
 
-    learning_rates: tuple[float, ...] = (1e-4, 1e-5, 1e-6)
-    steps: tuple[int, ...] = (5, 10, 20, 30)
-    losses: tuple[str, ...] = FT_LOSSES
-    methods: tuple[str, ...] = METHODS
-    optimizers: tuple[str, ...] = OPTIMISERS
-    batch_sizes: tuple[int, ...] = (4,)
-    lora_rank: int = 4
-    max_lr_steps: float = 1e-3
+    learning_rates: several(Annotated[float, Field(gt=0, le=1)]) = (1e-4, 1e-5, 1e-6)
+    steps: several(Annotated[int, Field(ge=1)]) = (5, 10, 20, 30)
+    losses: several(Literal[FT_LOSSES]) = FT_LOSSES
+    methods: several(Literal[METHODS]) = METHODS
+    optimizers: several(Literal[OPTIMISERS]) = OPTIMISERS
+    batch_sizes: several(Annotated[int, Field(ge=1)]) = (4,)
+    lora_rank: Annotated[int, Field(ge=1)] = 4
+    max_lr_steps: Annotated[float, Field(gt=0)] = 1e-3
 
     def __post_init__(self):
-        for field in ("learning_rates", "steps", "losses", "methods", "optimizers", "batch_sizes"):
-            if not getattr(self, field):
-                raise ValueError(f"distribution.{field} must not be empty")
-        if self.max_lr_steps <= 0:
-            raise ValueError(f"distribution.max_lr_steps must be > 0 (got {self.max_lr_steps})")
         if not self.grid():
-            raise ValueError(f"distribution.max_lr_steps = {self.max_lr_steps:g} excludes every configuration")
+            raise ConfigError("max_lr_steps", f"max_lr_steps = {self.max_lr_steps:g} excludes every configuration")
 
     def grid(self) -> list[FineTuneConfig]:
         combos = itertools.product(self.optimizers, self.learning_rates, self.steps, self.losses, self.methods,

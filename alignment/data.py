@@ -18,10 +18,13 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from PIL import Image
+from pydantic import BeforeValidator, Field, TypeAdapter
 
+from auditing.config import ConfigError, record, text
 from auditing.layouts import load_examples
 from auditing.models.conditioning import encode_text
 from auditing.models.examples import encode_images
@@ -37,40 +40,44 @@ PROBE_SUFFIXES = (".csv",)
 FINETUNE_SAMPLING = ("resample", "fixed")
 
 
-@dataclass(frozen=True)
+_SETS = TypeAdapter(Annotated[tuple[str, ...], Field(strict=False)])
+
+
+def _one_or_several(value):
+    """``finetune`` as given: one set (a string), or a mixture (a list, kept a tuple even of one set)."""
+    if isinstance(value, (list, tuple)):
+        return _SETS.validate_python(value)
+    if not isinstance(value, str):
+        raise ConfigError("finetune", f"finetune must name a folder or a probe CSV, or list several (got {value!r})")
+    return value
+
+
+@record(kw_only=False)
 class DataConfig:
-    harmful: str
-    preservation: str
-    finetune: str | tuple[str, ...]
-    finetune_shares: tuple[float, ...] | None = None  # one per finetune set; absent: equal shares
+    harmful: text()
+    preservation: text()
+    finetune: Annotated[str | tuple[str, ...], BeforeValidator(_one_or_several)]
+    # One per finetune set; absent: equal shares.
+    finetune_shares: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], Field(strict=False)] | None = None
     harmful_category: str | None = None
     preservation_category: str | None = None
-    images_per_prompt: int = 1
-    max_examples: int = 512
-    batch_size: int = 4
-    finetune_sampling: str = "resample"  # "fixed": the same fine-tuning batches every outer step (an ablation)
+    images_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
+    max_examples: Annotated[int, Field(ge=1, le=100_000)] = 512
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 4
+    # "fixed": the same fine-tuning batches every outer step (an ablation).
+    finetune_sampling: Literal[FINETUNE_SAMPLING] = "resample"
 
     def __post_init__(self):
-        for field in ("harmful", "preservation"):
-            if not getattr(self, field):
-                raise ValueError(f"data.{field} must name a folder or a probe CSV")
-        if not self.finetune_sets() or not all(self.finetune_sets()):
-            raise ValueError("data.finetune must name a folder or a probe CSV, or list several")
+        sets = self.finetune_sets()
+        if not sets or not all(s.strip() for s in sets):
+            raise ConfigError("finetune", f"finetune must name a folder or a probe CSV, or list several "
+                              f"(got {self.finetune!r})")
         shares = self.shares()
-        if len(shares) != len(self.finetune_sets()):
-            raise ValueError(f"data.finetune_shares must have one share per data.finetune set "
-                             f"({len(self.finetune_sets())}; got {len(shares)})")
-        if not all(0 < x <= 1 for x in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
-            raise ValueError(f"data.finetune_shares must be in (0, 1] and sum to 1 (got {list(shares)})")
-        if self.finetune_sampling not in FINETUNE_SAMPLING:
-            raise ValueError(f"data.finetune_sampling {self.finetune_sampling!r} not in {FINETUNE_SAMPLING}")
-        if not 1 <= self.images_per_prompt <= 64:
-            raise ValueError(f"data.images_per_prompt must be in [1, 64] (got {self.images_per_prompt})")
-        if not 1 <= self.max_examples <= 100_000:
-            raise ValueError(f"data.max_examples must be in [1, 100000] (got {self.max_examples})")
-        if not 1 <= self.batch_size <= 1024:
-            raise ValueError(f"data.batch_size must be in [1, 1024] (got {self.batch_size})")
-
+        if len(shares) != len(sets):
+            raise ConfigError("finetune_shares", f"finetune_shares must have one share per finetune set "
+                              f"({len(sets)}; got {len(shares)})")
+        if not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+            raise ConfigError("finetune_shares", f"finetune_shares must sum to 1 (got {list(shares)})")
 
     def finetune_sets(self) -> tuple[str, ...]:
         return (self.finetune,) if isinstance(self.finetune, str) else self.finetune

@@ -30,8 +30,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
+
+from auditing.config import record
 
 from .functional import Params, flat_norm
 from .hvp import HVP_BACKENDS
@@ -43,37 +47,18 @@ DIVERGED = 1e6  # a step this many times the first proves growth: the solve stop
 SETTLED = 1e-6  # a step this small against the first has converged to rounding; its ratio is noise
 
 
-@dataclass(frozen=True)
+@record
 class HypergradientConfig:
-    method: str = "moreau"
-    hvp: str = "finite-difference"
-    richardson_steps: int = 5
-    gamma: float = 1.0
-    fd_epsilon: float | None = None  # absent: the precision's own (hvp.FD_EPSILON)
-    max_relaxations: int = 3
-    max_backoffs: int = 3
-    backoff_factor: float = 0.5
-    residual_tol: float | None = 1e-2  # stop once ||r|| <= tol ||g||; 0 or None: all K steps (docs/alignment.md)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"hypergradient.method {self.method!r} not in {METHODS}")
-        if self.hvp not in HVP_BACKENDS:
-            raise ValueError(f"hypergradient.hvp {self.hvp!r} not in {HVP_BACKENDS}")
-        if not 1 <= self.richardson_steps <= 100:
-            raise ValueError(f"hypergradient.richardson_steps must be in [1, 100] (got {self.richardson_steps})")
-        if not 0 < self.gamma <= 1e6:
-            raise ValueError(f"hypergradient.gamma must be in (0, 1e6] (got {self.gamma})")
-        if self.fd_epsilon is not None and not 0 < self.fd_epsilon <= 0.1:
-            raise ValueError(f"hypergradient.fd_epsilon must be in (0, 0.1] or absent (got {self.fd_epsilon})")
-        if not 0 <= self.max_relaxations <= 20:
-            raise ValueError(f"hypergradient.max_relaxations must be in [0, 20] (got {self.max_relaxations})")
-        if not 0 <= self.max_backoffs <= 20:
-            raise ValueError(f"hypergradient.max_backoffs must be in [0, 20] (got {self.max_backoffs})")
-        if not 0 < self.backoff_factor < 1:
-            raise ValueError(f"hypergradient.backoff_factor must be in (0, 1) (got {self.backoff_factor})")
-        if self.residual_tol is not None and not 0 <= self.residual_tol < 1:
-            raise ValueError(f"hypergradient.residual_tol must be in [0, 1) or absent (got {self.residual_tol})")
+    method: Literal[METHODS] = "moreau"
+    hvp: Literal[HVP_BACKENDS] = "finite-difference"
+    richardson_steps: Annotated[int, Field(ge=1, le=100)] = 5
+    gamma: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    fd_epsilon: Annotated[float, Field(gt=0, le=0.1)] | None = None  # absent: the precision's own (hvp.FD_EPSILON)
+    max_relaxations: Annotated[int, Field(ge=0, le=20)] = 3
+    max_backoffs: Annotated[int, Field(ge=0, le=20)] = 3
+    backoff_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    # Stop once ||r|| <= tol ||g||; 0 or None: all K steps (docs/alignment.md).
+    residual_tol: Annotated[float, Field(ge=0, lt=1)] | None = 1e-2
 
 
 @dataclass

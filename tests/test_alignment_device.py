@@ -91,8 +91,9 @@ def test_peak_memory_reports_the_device_used(problem):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("device", "gpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    ("precision", "fp8", "precision 'fp8' not in"),
+    ("device", "gpu", r"^device must match pattern '\^\(auto\|cpu\|cuda\(:\\d\+\)\?\)\$' \(got 'gpu'\)"),
+    ("device", "cuda:", r"^device must match pattern .* \(got 'cuda:'\)"),
+    ("precision", "fp8", r"^precision must be 'fp32', 'bf16' or 'fp16' \(got 'fp8'\)"),
 ])
 def test_device_and_precision_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
