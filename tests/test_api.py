@@ -195,7 +195,10 @@ def test_accepted_upload_creates_row_folder_and_log_entry(env):
     body = r.json
     assert r.headers["Location"] == f"/v1/datasets/{body['id']}"
     assert body["status"] == "accepted" and body["image_count"] == 3 and body["contamination_ratio"] == 0
-    assert body["refusal"] is None and body["error"] is None and list(body["intake"]["scans"]) == ["nudenet"]
+    assert body["refusal"] is None and body["error"] is None and body["intake"]["images"] == 3
+    assert "scans" not in body["intake"]  # a customer reads no detector (gate.api.redaction.customer_intake)
+    staff = env.client.get(f"/v1/datasets/{body['id']}", headers=env.headers("op")).json
+    assert list(staff["intake"]["scans"]) == ["nudenet"]
     with env.sessions() as s:
         row = s.get(Dataset, body["id"])
         assert row.tenant_id == "acme" and row.content_sha256 == body["content_sha256"]

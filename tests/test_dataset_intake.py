@@ -5,6 +5,8 @@ nobody took."""
 
 from __future__ import annotations
 
+import io
+import json
 import zipfile
 
 import numpy as np
@@ -57,8 +59,9 @@ def green_zip(n: int = 20, blue: int = 1) -> bytes:
     return make_zip(members)
 
 
-def status(env: Env, dataset_id: str) -> dict:
-    return env.client.get(f"/v1/datasets/{dataset_id}", headers=env.headers("a")).json
+def status(env: Env, dataset_id: str, who: str = "a") -> dict:
+    """The dataset as ``who`` reads it (the customer by default; staff read the per-detector figures)."""
+    return env.client.get(f"/v1/datasets/{dataset_id}", headers=env.headers(who)).json
 
 
 @pytest.fixture
@@ -87,7 +90,8 @@ def test_an_upload_is_answered_received_and_the_worker_decides(queued):
     assert env.run_intake(dataset) == "flagged"
     got = status(env, dataset)
     assert (got["status"], got["image_count"], got["contamination_ratio"]) == ("flagged", 20, 0.05)
-    assert got["intake"]["flagged"] == ["img0.png"] and got["intake"]["scans"]["nudenet"]["unsafe_images"] == 1
+    assert got["intake"]["flagged"] == ["img0.png"] and got["intake"]["unsafe_images"] == 1
+    assert status(env, dataset, "op")["intake"]["scans"]["nudenet"]["unsafe_images"] == 1
     assert env.run_intake(dataset) is None  # a duplicate message finds nothing to do
     with env.sessions() as s:
         assert s.get(Dataset, dataset).attempts == 1
@@ -147,13 +151,13 @@ def test_a_dataset_is_screened_with_a_later_base_models_detector_at_job_creation
     like any flagged dataset; once a reviewer accepts it, the job is created without a second screening."""
     dataset = env.upload(green_zip()).json["id"]
     assert status(env, dataset)["status"] == "accepted"
-    assert list(status(env, dataset)["intake"]["scans"]) == ["nudenet"]
+    assert list(status(env, dataset, "op")["intake"]["scans"]) == ["nudenet"]
     blue = register_blue_model(env, tmp_path)
     env.dispatcher.intake = blue_intake(env)
     r = env.job(dataset, base_model=blue)
     assert r.status_code == 409 and r.json["error"]["reason"] == "dataset_screening", r.json
     assert r.json["error"]["field"] == "dataset" and env.dispatcher.datasets[-1] == dataset
-    got = status(env, dataset)
+    got = status(env, dataset, "op")
     key = 'shapes:{"concept":"blue square"}'
     assert got["status"] == "flagged" and set(got["intake"]["scans"]) == {"nudenet", key}
     assert got["intake"]["scans"][key]["flagged"] == ["g00.png"] and got["intake"]["scanner"]["name"] == "blue"
@@ -176,9 +180,10 @@ def test_a_dataset_uploaded_after_the_base_model_is_scanned_with_its_detector_at
     env.dispatcher.intake = blue_intake(env)
     rejected = env.upload(green_zip(blue=5)).json
     assert rejected["status"] == "rejected" and rejected["refusal"]["reason"] == "contaminated"
-    assert "blue" in rejected["refusal"]["message"] and len(rejected["refusal"]["files"]) == 5
+    assert len(rejected["refusal"]["files"]) == 5
+    assert "blue" in status(env, rejected["id"], "op")["refusal"]["message"]  # the refusing detector, for staff
     clean = env.upload(green_zip(blue=0)).json
-    assert clean["status"] == "accepted" and len(clean["intake"]["scans"]) == 2
+    assert clean["status"] == "accepted" and len(status(env, clean["id"], "op")["intake"]["scans"]) == 2
     assert env.job(clean["id"], base_model=blue).status_code == 201
 
 
@@ -308,7 +313,50 @@ def test_a_screening_is_decided_by_its_new_detector_not_by_figures_a_reviewer_cl
         "name": "later", "path": str(model),
         "audit_profile": {"probes": str(probes), "detector": "shapes", "detector_options": {"concept": "red circle"}}})
     assert env.job(dataset, base_model=later.json["id"]).json["error"]["reason"] == "dataset_screening"
-    got = status(env, dataset)
+    got = status(env, dataset, "op")
     assert got["status"] == "accepted" and got["intake"]["scans"]["nudenet"]["status"] == "flagged"
     assert got["intake"]["scans"]['shapes:{"concept":"red circle"}']["unsafe_images"] == 0
     assert env.job(dataset, base_model=later.json["id"]).status_code == 201
+
+
+DETECTOR_WORDS = ("blue", "shapes", "concept", "nudenet", "scanner", "scans")  # what names a detector or its options
+
+
+def test_customers_read_the_decision_not_the_detectors_staff_read_everything(env, tmp_path):
+    """A dataset screened at job creation for a later base model (flagged) and one refused at upload for
+    contamination: the customer's API and pages carry the decision, the deciding figures and its own flagged
+    files, and no detector's name, options or per-detector figures (an adversary would learn what to train its
+    data against); reviewers and operators read every detector's figures."""
+    from test_web import sign_in
+
+    flagged = env.upload(green_zip()).json["id"]
+    blue = register_blue_model(env, tmp_path)
+    env.dispatcher.intake = blue_intake(env)
+    assert env.job(flagged, base_model=blue).json["error"]["reason"] == "dataset_screening"
+    upload = env.client.post("/v1/datasets", headers=env.headers("a"),
+                             data={"file": (io.BytesIO(green_zip(blue=5)), "set.zip")},
+                             content_type="multipart/form-data")
+    rejected = upload.json["id"]
+    key = 'shapes:{"concept":"blue square"}'
+    for dataset, decided in ((flagged, "flagged"), (rejected, "rejected")):
+        answers = [status(env, dataset)] + ([upload.json] if dataset == rejected else [])
+        for got in answers:
+            assert got["status"] == decided and set(got["intake"]) <= {
+                "layout", "images", "upload_bytes", "ignored", "unsafe_images", "contamination", "flagged", "refusal"}
+            assert not any(word in json.dumps(got) for word in DETECTOR_WORDS), got
+        for who in ("rev", "op"):
+            staff = status(env, dataset, who)
+            assert set(staff["intake"]["scans"]) == {"nudenet", key} and staff["intake"]["scanner"]["name"] == "blue"
+    customer = status(env, flagged)
+    assert customer["intake"]["flagged"] == ["g00.png"] and customer["intake"]["unsafe_images"] == 1
+    refusal = status(env, rejected)["refusal"]
+    assert refusal["reason"] == "contaminated" and len(refusal["files"]) == 5 and "5 images" in refusal["message"]
+    assert "contamination_reject_ratio" in refusal["message"]
+
+    owner, operator = sign_in(env, "a"), sign_in(env, "op")
+    for dataset in (flagged, rejected):
+        page = owner.get(f"/review/datasets/{dataset}").get_data(as_text=True)
+        assert not any(word in page for word in ("blue", "shapes", "concept", "nudenet")), page
+        assert "g00.png" in page
+        staff_page = operator.get(f"/review/datasets/{dataset}").get_data(as_text=True)
+        assert "blue" in staff_page  # the deciding detector's name, rule and figures

@@ -1,8 +1,10 @@
-"""The retention sweep (``gate.pipeline.retention``): job scratch, training state and the render cache go by
-file age, a running job's folder never does, and expired reviewer-page sessions are deleted."""
+"""The retention sweep (``gate.pipeline.retention``): job scratch, training state, the render cache and the pairs'
+renders kept in the store go by file age, a running job's folder never does, expired reviewer-page sessions are
+deleted, and so are settled webhook deliveries past their retention, never a pending one."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from datetime import timedelta
@@ -10,10 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from gate.pipeline.retention import Removed, sweep_retention
+from gate.pipeline import retention
+from gate.pipeline.retention import Removed
 from gate.pipeline.train import TRAINING_STATE
 from gate.settings import Settings, SettingsError, load_settings
-from gate.storage.models import BaseModel, Dataset, Job, Tenant, WebSession, utcnow
+from gate.storage.artifacts import PAIR_IMAGE_SUFFIX, ArtifactStore
+from gate.storage.models import (
+    BaseModel,
+    Dataset,
+    Job,
+    Tenant,
+    WebhookDelivery,
+    WebhookOutbox,
+    WebSession,
+    utcnow,
+)
 
 HOUR = 3600.0
 
@@ -21,6 +34,11 @@ HOUR = 3600.0
 def _settings(tmp_path: Path, **retention) -> Settings:
     return Settings(state_dir=tmp_path, database_url="sqlite:///unused.db", broker_url=None,
                     artifacts_dir=tmp_path / "artifacts", **retention)
+
+
+def sweep_retention(settings: Settings, sessions) -> Removed:
+    """The sweep with the settings' folder store."""
+    return retention.sweep_retention(settings, sessions, ArtifactStore(settings.artifacts_dir))
 
 
 def _jobs(sessions, **statuses: str) -> dict[str, str]:
@@ -114,3 +132,41 @@ def test_retention_settings_are_checked(tmp_path):
     with pytest.raises(SettingsError, match=r"webhook_retention_hours must be less than or equal to 8760 \(got 9000\) "
                                             r"\[set by FTGATE_WEBHOOK_RETENTION_HOURS\]"):
         load_settings(env={"HOME": str(tmp_path), "FTGATE_WEBHOOK_RETENTION_HOURS": "9000"})
+
+
+def test_the_pairs_renders_in_the_store_go_with_the_render_cache(sessions, tmp_path):
+    """The unredacted renders an audit put in the store for reviewers go after render_cache_retention_hours,
+    by their time in the store; the store's other files are not the retention sweep's."""
+    settings = _settings(tmp_path, render_cache_retention_hours=2)
+    store = ArtifactStore(settings.artifacts_dir)
+    old, recent = (store.put("acme", io.BytesIO(data), suffix=PAIR_IMAGE_SUFFIX) for data in (b"old", b"recent"))
+    checkpoint = store.put("acme", io.BytesIO(b"weights"), suffix=".safetensors")
+    for stored in (old, checkpoint):
+        then = time.time() - 3 * HOUR
+        os.utime(settings.artifacts_dir / stored.key, (then, then))
+    assert retention.sweep_retention(settings, sessions, store).pair_images == 1
+    kinds = ((old, PAIR_IMAGE_SUFFIX), (recent, PAIR_IMAGE_SUFFIX), (checkpoint, ".safetensors"))
+    assert [store.exists("acme", s.sha256, suffix) for s, suffix in kinds] == [False, True, True]
+
+
+def test_settled_webhook_deliveries_go_after_their_retention_pending_ones_never(sessions, tmp_path):
+    """Outbox rows delivered or abandoned more than webhook_retention_hours ago go with their delivery log; a
+    recent settled one stays, and a pending one stays however old (it is still owed)."""
+    settings = _settings(tmp_path, webhook_retention_hours=48)
+    (job,) = _jobs(sessions, done="released").values()
+    ages = {1: ("delivered", 49), 2: ("abandoned", 100), 3: ("delivered", 47), 4: ("pending", 1000)}
+    with sessions() as session:
+        for seq, (state, age) in ages.items():
+            owed = utcnow() - timedelta(hours=age)
+            session.add(WebhookOutbox(tenant_id="acme", job_id=job, event_seq=seq, state=state, attempts=2,
+                                      created_at=owed, next_attempt_at=owed))
+            session.add_all([WebhookDelivery(tenant_id="acme", job_id=job, event_seq=seq, url="https://example.net/h",
+                                             attempt=attempt, status_code=500, at=owed) for attempt in (1, 2)])
+        session.commit()
+    removed = sweep_retention(settings, sessions)
+    assert (removed.webhooks, removed.webhook_deliveries) == (2, 4)
+    with sessions() as session:
+        assert sorted(row.event_seq for row in session.query(WebhookOutbox)) == [3, 4]
+        assert sorted({row.event_seq for row in session.query(WebhookDelivery)}) == [3, 4]
+        assert session.query(WebhookDelivery).count() == 4
+    assert sweep_retention(settings, sessions) == Removed(0, 0, 0, 0)

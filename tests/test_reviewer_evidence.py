@@ -2,12 +2,14 @@
 default, and an image's unredacted render only behind an explicit, logged action that customers never get.
 
 The audit is a real ``auditing.audit.run_audit`` of two stand-in pipelines (base model and checkpoint) on the same
-prompts and seeds, rendering into the gate's render cache, so the pages find the images where the audit stage
-leaves them; the job and its pages are set up as in test_web.
+prompts and seeds, rendering into a worker host's render cache, whose pairs' renders go into the artifact store as
+the audit stage puts them there (``gate.pipeline.pair_images``); the API host serving the pages has a render cache
+of its own, empty, as on a deployment of several hosts. The job and its pages are set up as in test_web.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import test_s3_store
 import test_web
 from PIL import Image
 from sqlalchemy import select
@@ -26,15 +29,23 @@ from test_web import PAGE_CSP, post, sign_in, store_report, text
 from auditing.audit import AuditInputs, audit_families, run_audit
 from auditing.probes import load_probe_set
 from auditing.render import cached_image_path
+from gate.api import create_app
+from gate.pipeline import retention
+from gate.pipeline.pair_images import STORE_KEY, discordant_pairs, store_pair_images
 from gate.pipeline.retention import sweep_retention
+from gate.pipeline.runtime import Runtime
+from gate.storage.artifacts import PAIR_IMAGE_SUFFIX
 from gate.storage.models import Audit, AuditLogEntry
-from gate.web.evidence import discordant_pairs, image_record
+from gate.storage.sweep import sweep
+from gate.web.evidence import image_record
 
 SEEDS = (1, 2, 3, 4)
 BASE_UNSAFE = {2}  # the base model draws the concept for seed 2 ...
 CHECKPOINT_UNSAFE = {1, 3}  # ... the checkpoint for seeds 1 and 3: three discordant pairs, seed 4 agrees (safe)
+DISTINCT_RENDERS = 2  # the painters draw one of two images: the store keeps each once (content-addressed)
 IMG = re.compile(r'<img class="pair[^"]*"[^>]*src="([^"]+)"')
 env = test_web.env  # the fixture: a fresh gate per test
+s3_endpoint, client = test_s3_store.s3_endpoint, test_s3_store.client  # the S3 test server and its bucket
 
 FORM = re.compile(r'<form method="post" target="_blank" class="unredact"\s+action="([^"]+)"')
 
@@ -81,25 +92,36 @@ def paired_audit(cache: Path, folder: Path) -> tuple[dict, list[Image.Image]]:
     return outcome.report, outcome.images
 
 
-@pytest.fixture
-def audited(env, tmp_path) -> SimpleNamespace:
-    """A job in review whose finished audit had discordant pairs, and where the pages find its renders."""
-    report, images = paired_audit(env.settings.render_cache_dir, tmp_path)
+def audit_on_a_worker(env, worker_cache: Path, folder: Path, repaint: bool = False) -> SimpleNamespace:
+    """A job in review whose finished audit, rendered on a worker host into ``worker_cache``, had discordant
+    pairs: their renders put into the env's store and the report stored, as the audit stage does (``repaint``:
+    the cache's files replaced by other pixels before they are stored)."""
+    report, images = paired_audit(worker_cache, folder)
+    if repaint:
+        for path in worker_cache.rglob("*.png"):
+            Image.new("RGB", (16, 16), (0, 255, 0)).save(path, format="PNG")
     job_id = make_job(env, "queued", checkpoint=b"flagged weights")
+    assert store_pair_images(env.runtime.store, "acme", report, worker_cache) == 2 * 3  # three pairs, two sides
     store_report(env, job_id, report, images)
     move(env, job_id, "review")
     with env.sessions() as s:
         audit_id = s.scalars(select(Audit.id).where(Audit.job_id == job_id)).one()
-    return SimpleNamespace(job=job_id, audit=audit_id, report=report,
+    return SimpleNamespace(job=job_id, audit=audit_id, report=report, cache=worker_cache,
                            base=f"/review/jobs/{job_id}/audits/{audit_id}/pairs")
+
+
+@pytest.fixture
+def audited(env, tmp_path) -> SimpleNamespace:
+    return audit_on_a_worker(env, tmp_path / "worker" / "render-cache", tmp_path)
 
 
 def index_of(report: dict, seed: int) -> int:
     return next(i for i, s in enumerate(report["samples"]) if s["seed"] == seed)
 
 
-def cached_bytes(env, sample: dict) -> bytes:
-    return cached_image_path(env.settings.render_cache_dir, sample["image_key"]).read_bytes()
+def cached_bytes(audited, sample: dict) -> bytes:
+    """The render as the worker host's cache holds it."""
+    return cached_image_path(audited.cache, sample["image_key"]).read_bytes()
 
 
 def views(env) -> list[AuditLogEntry]:
@@ -135,7 +157,7 @@ def test_the_job_page_shows_the_discordant_pairs_side_by_side_redacted(env, audi
             shown = client.get(src)
             assert shown.status_code == 200 and shown.mimetype == "image/png"
             assert shown.headers["Cache-Control"] == "no-store"
-            rendered = cached_bytes(env, sample if side == "checkpoint" else sample["base"])
+            rendered = cached_bytes(audited, sample if side == "checkpoint" else sample["base"])
             if side == flagged_side:
                 assert shown.data != rendered and (0, 0, 0) in colours(shown.data)  # the box is blacked out
                 assert len(colours(shown.data)) <= 17  # 16 mosaic blocks and the box
@@ -145,14 +167,14 @@ def test_the_job_page_shows_the_discordant_pairs_side_by_side_redacted(env, audi
 
 
 def test_the_unredacted_render_needs_the_explicit_action_and_is_logged_first(env, audited, monkeypatch):
-    """The unredacted render comes only from a POST carrying the session's CSRF token; it is the cached render
+    """The unredacted render comes only from a POST carrying the session's CSRF token; it is the stored render
     byte for byte, sent with no-store, after an audit-log entry naming the viewer's key, the job and the image
     has been committed (if the entry cannot be written, nothing is sent)."""
     index = index_of(audited.report, 1)
     sample = audited.report["samples"][index]
     url = f"{audited.base}/{index}/checkpoint/unredacted"
     reviewer = sign_in(env, "rev")
-    rendered = cached_bytes(env, sample)
+    rendered = cached_bytes(audited, sample)
     assert reviewer.get(url).status_code == 405  # a link or an <img> cannot fetch it
     assert reviewer.post(url).status_code == 400 and views(env) == []  # no CSRF token: nothing shown, nothing logged
 
@@ -180,7 +202,7 @@ def test_the_unredacted_render_needs_the_explicit_action_and_is_logged_first(env
     base_index = index_of(audited.report, 2)
     operator = sign_in(env, "op")
     base = post(operator, f"{audited.base}/{base_index}/base/unredacted")
-    assert base.status_code == 200 and base.data == cached_bytes(env, audited.report["samples"][base_index]["base"])
+    assert base.status_code == 200 and base.data == cached_bytes(audited, audited.report["samples"][base_index]["base"])
     assert [e.actor_key_id for e in views(env)] == [env.keys["rev"].key_id, env.keys["op"].key_id]
     page = text(reviewer.get(f"/review/jobs/{audited.job}"))
     assert "Unredacted views of this audit's images" in page and env.keys["op"].key_id in page
@@ -192,7 +214,7 @@ def test_customers_never_get_the_images(env, audited):
     does not appear in the customer's job log."""
     index = index_of(audited.report, 1)
     sample = audited.report["samples"][index]
-    rendered = cached_bytes(env, sample)
+    rendered = cached_bytes(audited, sample)
     assert post(sign_in(env, "rev"), f"{audited.base}/{index}/checkpoint/unredacted").status_code == 200
     for who in ("a", "b"):
         client = sign_in(env, who)
@@ -206,21 +228,36 @@ def test_customers_never_get_the_images(env, audited):
     assert with_key.status_code in (303, 400) and rendered not in with_key.data  # the pages take no bearer key
     for path in (f"/v1/jobs/{audited.job}/report", f"/v1/jobs/{audited.job}/log"):
         r = env.client.get(path, headers=env.headers("a"))
-        assert r.status_code == 200 and sample["image_key"] not in text(r) and "unredacted" not in text(r)
+        assert r.status_code == 200 and "unredacted" not in text(r)
+        assert sample["image_key"] not in text(r) and sample[STORE_KEY] not in text(r)
     assert len(views(env)) == 1
 
 
+def stored_pair_images(env) -> list[Path]:
+    return sorted(env.settings.artifacts_dir.rglob(f"*{PAIR_IMAGE_SUFFIX}"))
+
+
 def test_a_render_removed_by_retention_is_gone_not_an_error(env, audited):
-    """Once the retention sweep has removed the cached renders, the page says so instead of showing images, the
-    image routes answer 410 naming the retention setting, and nothing is logged."""
+    """The store's unreferenced-file sweep leaves the pairs' renders (no row names them) to the retention sweep,
+    which removes them after render_cache_retention_hours, as it empties the render cache; then the page says so
+    instead of showing images, the image routes answer 410 naming the retention setting, and nothing is logged."""
+    assert sweep(env.runtime.store, env.sessions, grace_s=-60).unreferenced == 0
+    assert len(stored_pair_images(env)) == DISTINCT_RENDERS
+    recent = time.time() - (env.settings.render_cache_retention_hours - 1) * 3600
     old = time.time() - (env.settings.render_cache_retention_hours + 1) * 3600
-    for path in env.settings.render_cache_dir.rglob("*.png"):
+    paths = stored_pair_images(env)
+    for path in paths:
+        os.utime(path, (recent, recent))
+    assert sweep_retention(env.settings, env.sessions, env.runtime.store).pair_images == 0
+    for path in paths:
         os.utime(path, (old, old))
-    assert sweep_retention(env.settings, env.sessions).render_cache_files == 2 * len(SEEDS)
+    removed = sweep_retention(env.settings, env.sessions, env.runtime.store)
+    assert (removed.pair_images, removed.render_cache_files) == (DISTINCT_RENDERS, 0)  # the API host's was empty
+    assert stored_pair_images(env) == []
     index = index_of(audited.report, 3)
     client = sign_in(env, "rev")
     page = client.get(f"/review/jobs/{audited.job}")
-    assert page.status_code == 200 and "Removed from the render cache by the retention sweep" in text(page)
+    assert page.status_code == 200 and "Removed by the retention sweep" in text(page)
     assert IMG.findall(text(page)) == [] and FORM.findall(text(page)) == []
     for r in (client.get(f"{audited.base}/{index}/base.png"),
               post(client, f"{audited.base}/{index}/checkpoint/unredacted")):
@@ -228,16 +265,69 @@ def test_a_render_removed_by_retention_is_gone_not_an_error(env, audited):
     assert views(env) == []
 
 
-def test_a_render_that_is_not_the_scored_image_is_refused(env, audited):
-    """A cached file whose pixels differ from the image the audit scored is not shown, redacted or not."""
+@pytest.mark.parametrize("change", ["bytes", "pixels"])
+def test_a_render_that_is_not_the_scored_image_is_refused(env, tmp_path, change):
+    """A stored file whose bytes were changed, or one whose pixels differ from the image the audit scored, is
+    not shown, redacted or not (503)."""
+    audited = audit_on_a_worker(env, tmp_path / "worker" / "render-cache", tmp_path, repaint=change == "pixels")
     index = index_of(audited.report, 1)
-    path = cached_image_path(env.settings.render_cache_dir, audited.report["samples"][index]["image_key"])
-    Image.new("RGB", (16, 16), (0, 255, 0)).save(path, format="PNG")
+    if change == "bytes":
+        path = env.settings.artifacts_dir / audited.report["samples"][index][STORE_KEY]
+        Image.new("RGB", (16, 16), (0, 255, 0)).save(path, format="PNG")
     client = sign_in(env, "rev")
     for r in (client.get(f"{audited.base}/{index}/checkpoint.png"),
               post(client, f"{audited.base}/{index}/checkpoint/unredacted")):
         assert r.status_code == 503 and r.mimetype == "text/html"
     assert views(env) == []
+
+
+@pytest.fixture
+def on_s3(env, request):
+    """The env's API host with its artifact store in a bucket of the S3 test server (test_s3_store)."""
+    endpoint = request.getfixturevalue("s3_endpoint")
+    request.getfixturevalue("client")  # the bucket, emptied afterwards
+    settings = dataclasses.replace(env.settings, artifact_store=f"s3://{test_s3_store.BUCKET}/pairs",
+                                   s3_endpoint_url=endpoint)
+    env.settings, env.runtime = settings, Runtime.open(settings)
+    env.app = create_app(settings, dispatcher=env.dispatcher)
+    env.client = env.app.test_client()
+    return env
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_an_api_host_without_the_renders_serves_the_pairs_from_the_store(env, tmp_path, request, kind, monkeypatch):
+    """Several hosts (deploy/multihost): the worker that audited kept the renders in its own cache, which the API
+    host does not share; the API host serves every image of the pairs, redacted and unredacted, from the store
+    (the folder store or a bucket), and once the retention sweep has removed them from the store, they are gone
+    for it too (410), though the worker's cache still holds them."""
+    if kind == "s3":
+        env = request.getfixturevalue("on_s3")
+    audited = audit_on_a_worker(env, tmp_path / "worker" / "render-cache", tmp_path)
+    assert not any(env.settings.render_cache_dir.rglob("*.png"))  # the API host has rendered nothing
+    in_folder = list(env.settings.artifacts_dir.rglob(f"*{PAIR_IMAGE_SUFFIX}"))
+    if kind == "s3":
+        bucket = test_s3_store.objects(request.getfixturevalue("client"))
+        in_bucket = [key for key in bucket if key.endswith(PAIR_IMAGE_SUFFIX)]
+        assert (len(in_bucket), in_folder) == (DISTINCT_RENDERS, [])
+    else:
+        assert len(in_folder) == DISTINCT_RENDERS
+    client = sign_in(env, "rev")
+    body = text(client.get(f"/review/jobs/{audited.job}"))
+    assert len(IMG.findall(body)) == 2 * 3
+    for index in (index_of(audited.report, seed) for seed in (1, 2, 3)):
+        sample = audited.report["samples"][index]
+        flagged_side = "base" if sample["seed"] in BASE_UNSAFE else "checkpoint"
+        for side, record in (("base", sample["base"]), ("checkpoint", sample)):
+            shown = client.get(f"{audited.base}/{index}/{side}.png")
+            assert shown.status_code == 200 and (shown.data != cached_bytes(audited, record)) == (side == flagged_side)
+        assert post(client, f"{audited.base}/{index}/{flagged_side}/unredacted").data == \
+            cached_bytes(audited, sample if flagged_side == "checkpoint" else sample["base"])
+    later = time.time() + (env.settings.render_cache_retention_hours + 1) * 3600
+    monkeypatch.setattr(retention, "time", SimpleNamespace(time=lambda: later))  # S3 times cannot be set back
+    assert sweep_retention(env.settings, env.sessions, env.runtime.store).pair_images == DISTINCT_RENDERS
+    index = index_of(audited.report, 1)
+    assert client.get(f"{audited.base}/{index}/checkpoint.png").status_code == 410
+    assert cached_image_path(audited.cache, audited.report["samples"][index]["image_key"]).is_file()
 
 
 def test_only_the_jobs_own_paired_images_are_reachable(env, audited):

@@ -26,7 +26,6 @@ from werkzeug.http import parse_options_header
 from auditing.report import render_html
 from gate.api import create_app
 from gate.auth import create_key, revoke_key
-from gate.storage.artifacts import ArtifactStore
 from gate.storage.audit_log import SYSTEM
 from gate.storage.models import Artifact, Audit, AuditLogEntry, Job, Review, Verdict, WebSession, utcnow
 
@@ -445,8 +444,9 @@ def noise(seed: int) -> Image.Image:
 
 
 def store_report(env: Env, job_id: str, report: dict, images: list[Image.Image]) -> None:
-    """The job's finished audit with a page rendered by auditing.report, as the audit stage stores it."""
-    store = ArtifactStore(env.settings.artifacts_dir)
+    """The job's finished audit with a page rendered by auditing.report, as the audit stage stores it (in the
+    env's artifact store, whichever kind it is)."""
+    store = env.runtime.store
     with env.sessions() as s:
         job = s.get(Job, job_id)
         page = store.put(job.tenant_id, io.BytesIO(render_html(report, images).encode()), suffix=".html")

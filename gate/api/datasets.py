@@ -4,7 +4,8 @@ The request does only what is cheap and must be answered at once: the upload's s
 The zip goes into the tenant's content-addressed store and the row is committed ``received`` with its audit
 entry (a newly stored zip is removed again if that commit fails); the intake (archive checks, re-encoding,
 scans: ``gate.pipeline.intake``) is dispatched and the answer is 202. The client follows
-``GET /v1/datasets/<id>`` until the status is ``accepted``, ``flagged``, ``rejected`` or ``failed``. A dispatch the
+``GET /v1/datasets/<id>`` until the status is ``accepted``, ``flagged``, ``rejected`` or ``failed``; a customer
+reads the intake's decision and figures, not which detectors screened the data (``gate.api.redaction``). A dispatch the
 broker refuses strands nothing: the row's dispatch is recorded, and the reaper sends it again.
 """
 
@@ -67,10 +68,11 @@ def upload():
         log.exception("dataset %s: its intake could not be dispatched; the reaper will send it again", row.id)
     log.info("dataset %s of %s received: %d bytes", row.id, row.tenant_id, row.size_bytes)
     g.db.refresh(row)  # as it stands now: ``received``, unless a worker was quicker than this answer
-    return dataset_detail(g.db, row), 202, {"Location": f"/v1/datasets/{row.id}"}
+    return dataset_detail(g.db, row, staff=False), 202, {"Location": f"/v1/datasets/{row.id}"}
 
 
 @bp.get("/<dataset_id>")
 @login_required()
 def get(dataset_id: str):
-    return dataset_detail(g.db, get_for_principal(g.db, Dataset, dataset_id, current_principal()))
+    principal = current_principal()
+    return dataset_detail(g.db, get_for_principal(g.db, Dataset, dataset_id, principal), principal.cross_tenant)

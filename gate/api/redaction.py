@@ -1,4 +1,5 @@
-"""What a customer may read of an audit: the verdict, its reasons and aggregate figures, never the test itself.
+"""What a customer may read of an audit or of its dataset's intake: the decision, its reasons and aggregate
+figures, never the test itself.
 
 The audit report (``auditing.audit``) is the record reviewers and operators work from: every probe prompt
 with its seed, each image's scores and raw detector output, the probe file, and where the model and the
@@ -7,6 +8,11 @@ particular test (train against the probe prompts, stay clean only on those seeds
 and the gate's paths are nobody's business outside it. So a customer's view is built from an allow-list:
 only the fields named here are copied, and anything the auditor adds later stays hidden until someone
 decides that a customer may see it.
+
+The same holds for the intake's screening of a dataset (``gate.pipeline.intake``): which detectors scan the
+uploads, with which options, and what each of them found tell an adversary what to train its data against, so a
+customer reads the decision and the deciding figures only (images, unsafe images and share, the names of its own
+files flagged), never ``scanner`` or the per-detector ``scans``.
 """
 
 from __future__ import annotations
@@ -94,3 +100,45 @@ def _copy(value: Any, allowed: Any) -> Any:
 def customer_report(report: dict) -> dict:
     """The customer's view of an audit report (``view: "customer"``): the fields ``CUSTOMER_REPORT`` allows."""
     return {"view": VIEW, **_copy(report, CUSTOMER_REPORT)}
+
+
+def customer_refusal(refusal: Any) -> dict | None:
+    """An intake refusal as a customer reads it. A refusal for contamination names the detector that refused the
+    upload and its rule, so its message is written again from the figures; the other refusals (the archive's
+    checks) name only the customer's files."""
+    if not isinstance(refusal, dict):
+        return None
+    shown = {key: refusal[key] for key in ("status", "reason", "message", "files") if key in refusal}
+    if refusal.get("reason") == "contaminated":
+        shown["message"] = (f"{len(refusal.get('files', []))} images of the upload are unsafe, more than the gate "
+                            "accepts (contamination_reject_ratio)")
+    return shown
+
+
+# Intake record field -> True (the value as is) or a function that builds the customer's value.
+CUSTOMER_INTAKE: dict = {
+    "layout": True, "images": True, "upload_bytes": True, "ignored": True,
+    "unsafe_images": True, "contamination": True, "flagged": True,  # the deciding detector's, and the files'
+    "refusal": customer_refusal,
+}
+
+
+def customer_intake(intake: dict | None) -> dict | None:
+    """The customer's view of a dataset's intake record: the fields ``CUSTOMER_INTAKE`` allows (no detector)."""
+    return None if intake is None else _copy(intake, CUSTOMER_INTAKE)
+
+
+DETECTOR_FIELDS = ("scanner", "scans", "detector")  # what a dataset's audit-log details name detectors by
+STAFF_ROLES = ("reviewer", "operator")
+
+
+def customer_dataset_entry(entry: dict) -> dict:
+    """A dataset's audit-log entry (``gate.api.results.log_entries``) as its customer reads it: the details
+    without the detectors, a refusal as ``customer_refusal`` puts it, and the reasons staff wrote (a reviewer's
+    decision) but not those the service wrote, for itself or on the customer's behalf, which name the detector
+    a screening ran for or a fault's exception text."""
+    detail = entry["detail"]
+    if isinstance(detail, dict):
+        detail = {key: customer_refusal(value) if key == "refusal" else value for key, value in detail.items()
+                  if key not in DETECTOR_FIELDS}
+    return {**entry, "detail": detail, "reason": entry["reason"] if entry["actor_role"] in STAFF_ROLES else None}

@@ -9,7 +9,8 @@ whose verdict is *block* with the reason "audit incomplete": the gate fails clos
 runs past its deadline: a renderer that hangs cannot hold a job forever. The deadline grows with the images
 the audit can render (``audit_images``): ``audit_deadline_base_seconds`` + ``audit_seconds_per_image`` per
 image, capped at ``audit_deadline_seconds``; the report records it under ``deadline``. A finished audit is
-never redone: a retried stage reuses it.
+never redone: a retried stage reuses it. The renders of the discordant pairs a reviewer is shown go into the
+store with the report (``gate.pipeline.pair_images``), so the API host needs no share of this host's render cache.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gate.storage.models import PLATFORM_TENANT, Artifact, Audit, Baseline, Base
 from .base_model import base_sha256, load_base
 from .intake import prepared_folder
 from .leases import Heartbeat, LeaseLost, expiry, still_held, take
+from .pair_images import store_pair_images
 from .profile import AuditProfile
 from .runtime import Runtime, device
 
@@ -431,6 +433,8 @@ def audit(rt: Runtime, job_id: str, worker: str) -> bool:
         outcome = audit_checkpoint(rt, base, artifact, job)
         metrics.audit_images("checkpoint", len(outcome.report["samples"]))
         heartbeat.check()
+        # Before the report is saved: it records where the store keeps each pair's renders, for any API host.
+        store_pair_images(rt.store, artifact.tenant_id, outcome.report, rt.settings.render_cache_dir)
         scratch = rt.settings.jobs_dir / job_id / f"audit-{worker.replace('/', '_')}"
         report_path, html_path = save_outcome(outcome, scratch)
         with open(report_path, "rb") as f:

@@ -4,10 +4,13 @@ A job's scratch folder (``settings.jobs_dir/<job>``: each attempt's training out
 checkpoints no audit ever looked at, and the audit's files) matters only while the job runs: by then the
 checkpoint and reports that count are in the artifact store. A failed job's resumable training state is kept
 longer, since an operator who queues the job again resumes from it. The render cache holds the auditor's
-unredacted images and is kept shortest. Ages are file modification times, file by file, so whatever was written
-recently stays; the folder of a job still running (``ACTIVE_JOB_STATES``) is not touched, whatever its age.
-Expired reviewer-page sessions are deleted too. Run by every reaper beside the artifact store's sweep
-(``gate.storage.sweep``); several at once are harmless.
+unredacted images and is kept shortest, and so are the renders of discordant pairs that audits put in the
+artifact store for reviewers (``gate.pipeline.pair_images``), unredacted too. Ages are file modification times
+(an object's last write in a bucket), file by file, so whatever was written recently stays; the folder of a job
+still running (``ACTIVE_JOB_STATES``) is not touched, whatever its age. Expired reviewer-page sessions are
+deleted too, and so are webhook deliveries settled (``delivered`` or ``abandoned``) more than
+``webhook_retention_hours`` after they were owed, with their delivery log; a pending one is never deleted.
+Run by every reaper beside the artifact store's sweep (``gate.storage.sweep``); several at once are harmless.
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gate.settings import Settings
-from gate.storage.models import ACTIVE_JOB_STATES, Job, WebSession, utcnow
+from gate.storage.artifacts import PAIR_IMAGE_SUFFIX, Store
+from gate.storage.models import ACTIVE_JOB_STATES, Job, WebhookDelivery, WebhookOutbox, WebSession, utcnow
 
 from .train import TRAINING_STATE
 
 log = logging.getLogger(__name__)
 
 HOUR_S = 3600
+SETTLED_WEBHOOKS = ("delivered", "abandoned")  # nothing more will be attempted; ``pending`` ones are owed
 
 
 @dataclass(frozen=True)
@@ -38,15 +44,20 @@ class Removed:
     training_state_files: int
     render_cache_files: int
     sessions: int
+    pair_images: int = 0
+    webhooks: int = 0
+    webhook_deliveries: int = 0
 
 
-def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> Removed:
-    """Remove job files and cached renders older than their retention settings, and expired sessions."""
+def sweep_retention(settings: Settings, sessions: sessionmaker[Session], store: Store) -> Removed:
+    """Remove job files, cached renders and the pairs' renders in ``store`` older than their retention settings,
+    expired sessions, and settled webhook deliveries past theirs."""
     now = time.time()
     with sessions() as session:
         # Read before the folders are listed: a job created meanwhile has only new files, which stay.
         active = set(session.scalars(select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATES))))
         expired = session.execute(delete(WebSession).where(WebSession.expires_at <= utcnow())).rowcount
+        webhooks, deliveries = _settled_webhooks(session, utcnow() - timedelta(hours=settings.webhook_retention_hours))
         session.commit()
     scratch_cutoff = now - settings.scratch_retention_hours * HOUR_S
     state_cutoff = now - settings.training_state_retention_hours * HOUR_S
@@ -62,10 +73,25 @@ def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> Remo
                 scratch += 1
     render_cutoff = now - settings.render_cache_retention_hours * HOUR_S
     cache = len(_remove_older(settings.render_cache_dir, lambda p: render_cutoff))
-    removed = Removed(scratch, state, cache, expired)
+    pairs = 0
+    for name, at in store.stored_files():
+        if name.endswith(PAIR_IMAGE_SUFFIX) and at < render_cutoff:
+            store.remove(name)
+            pairs += 1
+    removed = Removed(scratch, state, cache, expired, pairs, webhooks, deliveries)
     if any(vars(removed).values()):
         log.info("retention sweep removed %s", removed)
     return removed
+
+
+def _settled_webhooks(session: Session, before) -> tuple[int, int]:
+    """Delete the outbox rows settled and owed before ``before``, and their deliveries' log (uncommitted): how
+    many of each. A settled row never changes again, so no attempt races this."""
+    old = (WebhookOutbox.state.in_(SETTLED_WEBHOOKS), WebhookOutbox.created_at < before)
+    deliveries = session.execute(delete(WebhookDelivery).where(exists().where(
+        WebhookOutbox.job_id == WebhookDelivery.job_id, WebhookOutbox.event_seq == WebhookDelivery.event_seq,
+        *old))).rowcount
+    return session.execute(delete(WebhookOutbox).where(*old)).rowcount, deliveries
 
 
 def _folders(path: Path) -> list[Path]:

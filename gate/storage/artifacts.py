@@ -34,12 +34,19 @@ CHUNK_BYTES = 1 << 20
 TMP_DIR, PARTIAL_SUFFIX = "tmp", ".partial"  # tenants/<tenant_id>/tmp/put-*.partial while a put streams
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 SUFFIX_PATTERN = re.compile(r"(\.[a-z0-9]{1,16}){0,2}")
+# Unredacted renders kept for reviewers (``gate.pipeline.pair_images``): no row names them, and they go by age with
+# the render cache (``gate.pipeline.retention``), never by the unreferenced-file sweep (``gate.storage.sweep``).
+PAIR_IMAGE_SUFFIX = ".pair.png"
 KEY_PATTERN = re.compile(rf"tenants/({TENANT_ID_PATTERN.pattern})/sha256/([0-9a-f]{{2}})/(\2[0-9a-f]{{62}})"
                          rf"{SUFFIX_PATTERN.pattern}")
 
 
 class ArtifactTooLarge(ValueError):
     """A streamed put went over its byte limit; nothing was stored."""
+
+
+class CorruptArtifact(ValueError):
+    """A stored file's bytes do not hash to the sha256 its key names: changed since it was stored."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,12 @@ class Store(ABC):
 
     @abstractmethod
     def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool: ...
+
+    @abstractmethod
+    def read(self, tenant_id: str, key: str) -> bytes:
+        """A small file's bytes, read from the store itself every time (no host keeps a copy, so a file removed
+        is gone for every host at once); ``FileNotFoundError`` when it is gone, ``CorruptArtifact`` when its
+        bytes do not hash to the sha256 its key names."""
 
     @abstractmethod
     def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
@@ -106,6 +119,12 @@ class Store(ABC):
         """The sha256 a (checked) key names."""
         return KEY_PATTERN.fullmatch(key).group(3)
 
+    def checked_bytes(self, key: str, data: bytes) -> bytes:
+        """``data`` if it hashes to the sha256 ``key`` names, else ``CorruptArtifact``."""
+        if hashlib.sha256(data).hexdigest() != self.digest_of(key):
+            raise CorruptArtifact(f"{key} in {self!r} does not hash to the sha256 its key names")
+        return data
+
 
 class ArtifactStore(Store):
     """The store in a local folder (the embedded default; one host, or a filesystem every host mounts)."""
@@ -117,8 +136,14 @@ class ArtifactStore(Store):
         """The local file for ``key``, which must be one of ``tenant_id``'s keys."""
         return self.root / self.checked(tenant_id, key)
 
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root})"
+
     def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool:
         return (self.root / self.key(tenant_id, sha256, suffix)).is_file()
+
+    def read(self, tenant_id: str, key: str) -> bytes:
+        return self.checked_bytes(key, self.path(tenant_id, key).read_bytes())
 
     def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
         """Whether the file still hashes to the sha256 its key names (check before auditing or releasing it);

@@ -11,7 +11,8 @@ time starts the sweep's grace period over, as the folder store's ``utime`` does.
 
 Reads go through a local cache (``cache_dir``): an object is downloaded once, hashed while it downloads, and
 kept only if it hashes to the sha256 its key names, so what a worker audits and what a customer downloads is
-always what was stored, whatever happened in the bucket since. ``verify`` hashes that local copy.
+always what was stored, whatever happened in the bucket since. ``verify`` hashes that local copy. ``read`` (small
+files: a reviewer's images) skips that cache, so a removed object is gone for every host at once.
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ class S3ArtifactStore(Store):
 
     def exists(self, tenant_id: str, sha256: str, suffix: str = "") -> bool:
         return self._head(self.key(tenant_id, sha256, suffix)) is not None
+
+    def read(self, tenant_id: str, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object(self.checked(tenant_id, key)))["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(f"{key} is not in {self!r}") from None
+            raise
+        return self.checked_bytes(key, body.read())
 
     def verify(self, tenant_id: str, key: str, cache: HashCache | None = None) -> bool:
         self.checked(tenant_id, key)  # another tenant's key is refused, as the folder store refuses it

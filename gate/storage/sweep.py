@@ -6,7 +6,9 @@ job's checkpoint differs, so nothing ever names it; a put killed mid-stream leav
 The sweep removes both once they are older than a grace period far longer than any store-then-commit
 window (milliseconds): a file whose row is about to commit is never touched, and a put of bytes already
 stored refreshes the file's time for the same reason (``ArtifactStore.put``). Run by every reaper
-(``gate.worker.reaper``); several sweeping at once is harmless.
+(``gate.worker.reaper``); several sweeping at once is harmless. The renders kept for reviewers
+(``PAIR_IMAGE_SUFFIX``), which no row names, are the retention sweep's to remove by age
+(``gate.pipeline.retention``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, union
 from sqlalchemy.orm import Session, sessionmaker
 
-from .artifacts import Store
+from .artifacts import PAIR_IMAGE_SUFFIX, Store
 from .models import Artifact, Audit, Baseline, Dataset, JobEvent
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ def sweep(store: Store, sessions: sessionmaker[Session], grace_s: float = GRACE_
     cutoff = time.time() - grace_s  # taken before the keys: a file stored after the query is newer than it
     with sessions() as session:
         keys = referenced_keys(session)
-    unreferenced = [(key, at) for key, at in store.stored_files() if key not in keys]
+    unreferenced = [(key, at) for key, at in store.stored_files()
+                    if key not in keys and not key.endswith(PAIR_IMAGE_SUFFIX)]
     return Swept(_remove_older(store, unreferenced, cutoff, "no row names it"),
                  _remove_older(store, store.partial_files(), cutoff, "a put that never finished"))
 

@@ -8,10 +8,12 @@ datasets, read-only; another tenant's is a 404 like a missing one), a decision i
 .send_artifact`` (released and hash-checked), and the audit report is the page the auditor wrote
 (``auditing.report``, flagged images already redacted), served as stored inside a sandboxed frame (a
 customer gets the page of its view of the report instead, as on the API). Staff also see the audit's discordant
-pairs side by side (``gate.web.evidence``), redacted as in the report; an unredacted render is served only to a
-reviewer or operator who posts the page's explicit form for it, and only after the audit log records who saw
-which image. The pages run no scripts; the CSP allows only the stylesheet, the same-origin report frame,
-same-origin form posts and, on a job page that shows a pair's images, same-origin images.
+pairs side by side (``gate.web.evidence``: from the artifact store, so any API host serves them), redacted as in
+the report; an unredacted render is served only to a reviewer or operator who posts the page's explicit form for
+it, and only after the audit log records who saw which image. A customer reads its datasets' intake without the
+detectors that screened them, as on the API (``gate.api.redaction.customer_intake``). The pages run no scripts;
+the CSP allows only the stylesheet, the same-origin report frame, same-origin form posts and, on a job page that
+shows a pair's images, same-origin images.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from werkzeug.exceptions import HTTPException
 from auditing.report import flagged
 from gate.api import gate
 from gate.api.errors import ApiError
+from gate.api.redaction import customer_dataset_entry, customer_intake
 from gate.api.results import REPORT_CSP, job_detail, log_entries, report_response, send_artifact
 from gate.api.serialize import verdict_json
 from gate.auth import Forbidden, NotFound, authenticate, get_for_principal, scoped
 from gate.pipeline.audit import finished_audit
+from gate.pipeline.pair_images import discordant_pairs
 from gate.service.reviews import (
     REASON_MAX_CHARS,
     REVIEWER,
@@ -47,7 +51,7 @@ from gate.service.reviews import (
 from gate.storage.audit_log import record
 from gate.storage.models import METHODS, Audit, AuditLogEntry, BaseModel, Dataset, Job, Verdict, utcnow
 
-from .evidence import UNREDACTED_VIEW, discordant_pairs, image_record, is_cached, shown_png, unredacted_png
+from .evidence import UNREDACTED_VIEW, image_record, is_stored, shown_png, unredacted_png
 from .filters import JobFilter
 from .sessions import (
     CSRF_FIELD,
@@ -250,16 +254,16 @@ def _stored_report(job: Job, audit: Audit) -> dict:
 
 
 def _evidence(job: Job, audit: Audit) -> dict:
-    """The job page's discordant pairs (staff only): per family, with whether each image is still cached, and
+    """The job page's discordant pairs (staff only): per family, with whether each image is still stored, and
     who has looked at this audit's images unredacted."""
-    report, cache = _stored_report(job, audit), gate().settings.render_cache_dir
+    report, store = _stored_report(job, audit), gate().store
     views = g.db.scalars(select(AuditLogEntry).where(AuditLogEntry.entity_type == Audit.__tablename__,
                                                      AuditLogEntry.entity_id == audit.id,
                                                      AuditLogEntry.action == UNREDACTED_VIEW)
                          .order_by(AuditLogEntry.id)).all()
     scale = report["adapter"]["scale"] if report.get("lora_scales") else None  # the scale whose pairs these are
     return {"audit": audit, "families": discordant_pairs(report), "scale": scale, "views": views,
-            "cached": lambda sample: is_cached(cache, sample), "flagged": flagged,
+            "stored": lambda sample: is_stored(store, job.tenant_id, sample), "flagged": flagged,
             "retention_hours": gate().settings.render_cache_retention_hours}
 
 
@@ -270,7 +274,7 @@ def _job_page(job_id: str, *, error: str | None = None, reason: str = "", status
     evidence = _evidence(job, audit) if staff and audit is not None else None
     page = render_template(
         "web/job.html", job=job, detail=job_detail(job, staff), dataset=job.dataset,
-        intake=intake_record(g.db, job.dataset), limits=gate().settings.limits,
+        intake=_intake(job.dataset), limits=gate().settings.limits,
         has_report=audit is not None, evidence=evidence, log=log_entries(job, staff),
         reason_max=REASON_MAX_CHARS, error=error, reason=reason, **_decision(refused, job.status == "review"))
     return page, status
@@ -320,9 +324,9 @@ def _png(data: bytes, download_name: str | None = None) -> Response:
 @signed_in(*STAFF)
 def pair_image(job_id: str, audit_id: str, index: int, side: str):
     """One image of a discordant pair as the job page shows it: redacted when either detector flagged it."""
-    _, _, sample = _paired_image(job_id, audit_id, index, side)
-    settings = gate().settings
-    return _png(shown_png(settings.render_cache_dir, sample, settings.render_cache_retention_hours))
+    job, _, sample = _paired_image(job_id, audit_id, index, side)
+    app = gate()
+    return _png(shown_png(app.store, job.tenant_id, sample, app.settings.render_cache_retention_hours))
 
 
 @bp.post(f"/jobs/<job_id>/audits/<audit_id>/pairs/<int:index>/{SIDE}/unredacted")
@@ -332,8 +336,8 @@ def unredacted_image(job_id: str, audit_id: str, index: int, side: str):
     the session's CSRF token). The render is read and checked first, so a removed or altered one logs nothing;
     then the audit log records who saw which image of which job, and only once that is committed is it sent."""
     job, audit, sample = _paired_image(job_id, audit_id, index, side)
-    settings = gate().settings
-    data = unredacted_png(settings.render_cache_dir, sample, settings.render_cache_retention_hours)
+    app = gate()
+    data = unredacted_png(app.store, job.tenant_id, sample, app.settings.render_cache_retention_hours)
     record(g.db, g.principal, audit, UNREDACTED_VIEW,
            detail={"job": job.id, "sample": index, "side": side, "family": sample["family"],
                    "prompt": sample["prompt"], "seed": sample["seed"], "image_key": sample["image_key"]})
@@ -360,12 +364,22 @@ def dataset_queue():
     return render_template("web/datasets.html", rows=rows, limit=LIST_LIMIT)
 
 
+def _intake(dataset: Dataset) -> dict | None:
+    """The dataset's intake record as the signed-in caller may read it: whole for staff, without the detectors
+    that screened it for a customer (as on the API)."""
+    intake = intake_record(g.db, dataset)
+    return intake if g.principal.cross_tenant else customer_intake(intake)
+
+
 def _dataset_page(dataset_id: str, *, error: str | None = None, reason: str = "", status: int = 200):
     dataset = get_for_principal(g.db, Dataset, dataset_id, g.principal)
     refused = dataset_refusal(g.principal, dataset) if g.principal.role == REVIEWER else None
+    entries = log_entries(dataset, g.principal.cross_tenant)
+    if not g.principal.cross_tenant:
+        entries = [customer_dataset_entry(entry) for entry in entries]
     page = render_template(
-        "web/dataset.html", dataset=dataset, intake=intake_record(g.db, dataset), review=dataset_review(g.db, dataset),
-        limits=gate().settings.limits, log=log_entries(dataset, g.principal.cross_tenant), reason_max=REASON_MAX_CHARS,
+        "web/dataset.html", dataset=dataset, intake=_intake(dataset), review=dataset_review(g.db, dataset),
+        limits=gate().settings.limits, log=entries, reason_max=REASON_MAX_CHARS,
         error=error, reason=reason, **_decision(refused, dataset.status == "flagged"))
     return page, status
 

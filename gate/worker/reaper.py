@@ -54,7 +54,7 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
             recover(rt.sessions, dispatcher.dataset, settings.dispatch_grace_seconds, settings.max_attempts)
             if time.monotonic() >= next_sweep:
                 sweep(rt.store, rt.sessions)
-                sweep_retention(rt.settings, rt.sessions)
+                sweep_retention(rt.settings, rt.sessions, rt.store)
                 next_sweep = time.monotonic() + GRACE_S
             deliver_due(rt.sessions, settings)  # webhook attempts that are due, whichever process owed them
         except Exception:  # the database or broker is briefly away: try again next round
