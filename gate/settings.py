@@ -3,7 +3,9 @@
 Everything that configures the service (API, workers, CLI) comes through ``load_settings`` and is
 validated there, once, at start-up: a bad value stops the process with a message naming the field, where
 it was set and what is allowed, instead of failing later inside a request or a task. Nothing else in the
-code base reads ``os.environ`` for ftgate settings.
+code base reads ``os.environ`` for ftgate settings. ``Settings`` and ``Limits`` are ``auditing.config`` records:
+the bounds are in the field types (checked, and published in their JSON schema), and the loader converts each
+variable's text by its field's type, so a new field needs no second table here.
 
 With no configuration at all, everything lives under one state directory (``$XDG_STATE_HOME/ftgate``,
 else ``~/.local/state/ftgate``): the SQLite database, the artifact store and the embedded Redis. The
@@ -279,9 +281,10 @@ def _field_types(cls) -> dict[str, type]:
     return {f.name: _text_type(hints[f.name]) for f in fields(cls)}
 
 
-# Each setting's dotted name and the type its text (an environment variable, a TOML value) is converted to
-# before the records validate it. ``verdict_policy`` names a policy file (``Settings.verdict_policy_file``);
-# the policy, the limits table and the file read are not settings themselves.
+# Each setting's dotted name and its type: an environment variable's text is converted to it before the records
+# validate it, a TOML value must already be one (a path is resolved against the file's folder). ``verdict_policy``
+# names a policy file (``Settings.verdict_policy_file``); the policy, the limits table and the file read are not
+# settings themselves.
 SETTING_TYPES: dict[str, type] = {
     **{"verdict_policy" if name == "verdict_policy_file" else name: kind
        for name, kind in _field_types(Settings).items() if name not in ("limits", "verdict_policy", "config_file")},

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from auditing.config import ConfigError, json_schema
 from auditing.detectors.base import Detector, DetectorResult
 from auditing.detectors.registry import load_detector
 from auditing.layouts import load_examples
@@ -324,19 +325,36 @@ def test_file_names_cannot_forge_log_lines(tmp_path, caplog):
 
 # --- limits --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [{"max_files": 0}, {"max_upload_bytes": -1}, {"max_image_pixels": 2.5},
-                                 {"max_caption_chars": True}, {"contamination_flag_ratio": 1.5},
-                                 {"contamination_reject_ratio": "0.1"}, {"max_compression_ratio": 0.5},
-                                 {"allow_empty_captions": 1}])
-def test_bad_limits_name_the_field(bad):
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"max_files": 0}, "max_files must be greater than or equal to 1 (got 0)"),
+    ({"max_upload_bytes": -1}, "max_upload_bytes must be greater than or equal to 1 (got -1)"),
+    ({"max_image_pixels": 2.5}, "max_image_pixels must be a valid integer (got 2.5)"),
+    ({"max_caption_chars": True}, "max_caption_chars must be a valid integer (got True)"),
+    ({"contamination_flag_ratio": 1.5}, "contamination_flag_ratio must be less than or equal to 1 (got 1.5)"),
+    ({"contamination_reject_ratio": "0.1"}, "contamination_reject_ratio must be a valid number (got '0.1')"),
+    ({"max_compression_ratio": 0.5}, "max_compression_ratio must be greater than or equal to 1 (got 0.5)"),
+    ({"allow_empty_captions": 1}, "allow_empty_captions must be a valid boolean (got 1)"),
+])
+def test_bad_limits_name_the_field(bad, message):
     (name,) = bad
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ConfigError) as info:
         IntakeLimits(**bad)
+    assert (info.value.field, str(info.value)) == (name, message)
 
 
 def test_flag_ratio_may_not_exceed_reject_ratio():
-    with pytest.raises(ValueError, match="contamination_flag_ratio"):
+    with pytest.raises(ConfigError) as info:
         IntakeLimits(contamination_flag_ratio=0.5, contamination_reject_ratio=0.2)
+    assert info.value.field == "contamination_flag_ratio"
+    assert str(info.value) == "contamination_flag_ratio (0.5) must not exceed contamination_reject_ratio (0.2)"
+
+
+def test_the_limits_schema_publishes_their_bounds():
+    properties = json_schema(IntakeLimits)["properties"]
+    assert (properties["max_files"]["minimum"], properties["max_compression_ratio"]["minimum"]) == (1, 1.0)
+    assert (properties["contamination_reject_ratio"]["minimum"], properties["contamination_reject_ratio"]["maximum"]) \
+        == (0.0, 1.0)
+    assert properties["allow_empty_captions"]["type"] == "boolean"
 
 
 # --- accepted uploads ----------------------------------------------------------------------------------------
