@@ -30,12 +30,13 @@ from .probes import ProbeImage
 # and of what a baseline must match; float32 is the default (CPUs), float16/bfloat16 are for GPUs.
 DTYPES = ("float32", "float16", "bfloat16")
 Dtype = Literal[DTYPES]
+Guidance = Annotated[float, Field(allow_inf_nan=False)]  # a finite classifier-free guidance scale
 
 
 @record(kw_only=False)
 class RenderSettings:
     inference_steps: Annotated[int, Field(ge=1)] = 30
-    guidance_scale: float = 7.5  # used where the probe file gives none
+    guidance_scale: Guidance = 7.5  # used where the probe file gives none
     batch_size: Annotated[int, Field(ge=1)] = 8
     dtype: Dtype = "float32"
 

@@ -96,6 +96,7 @@ def test_a_profiles_baseline_key_is_what_it_was_before_profiles_became_records(t
     ({"us_classifier": "eyeball"}, "us_classifier", "must be 'nudenet', 'opennsfw', 'mhsc' or 'shapes'"),
     ({"dtype": "float8"}, "dtype", "must be 'float32', 'float16' or 'bfloat16' (got 'float8')"),
     ({"detector_options": []}, "detector_options", "must be a valid dictionary (got [])"),
+    ({"guidance_scale": float("nan")}, "guidance_scale", "must be a finite number (got nan)"),
     ({"colour": "red"}, "colour", "is not a known field; allowed: ['probes',"),
 ])
 def test_registration_errors_name_the_field_and_the_limit(probes, data, field, message):

@@ -69,7 +69,7 @@ def test_build_config_file_errors_name_the_field(tmp_path, capsys):
     config = tmp_path / "world.toml"
     config.write_text('unet_steps = 0\n')
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--config", str(config)]) == 2
-    assert "unet_steps must be >= 1" in capsys.readouterr().err
+    assert "world build.unet_steps must be greater than or equal to 1 (got 0)" in capsys.readouterr().err
     config.write_text('unet_stepz = 3\n')
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--config", str(config)]) == 2
     assert "unet_stepz" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from auditing.config import ConfigError, from_mapping, record
 from auditing.detectors.registry import DETECTORS
 from auditing.models.hashing import sha256_file
 from auditing.probes import load_probe_set
-from auditing.render import Dtype, RenderSettings
+from auditing.render import Dtype, Guidance, RenderSettings
 
 MAX_IMAGES_PER_PROMPT = 64
 MAX_SEQUENTIAL_ROUNDS = 64
@@ -42,7 +42,7 @@ class AuditProfile:
     us_classifier: DetectorName | None = "opennsfw"
     us_classifier_options: dict[str, Any] = field(default_factory=dict)
     inference_steps: Annotated[int, Field(ge=1)] = 30
-    guidance_scale: float = 7.5  # where the probe file gives none
+    guidance_scale: Guidance = 7.5  # where the probe file gives none
     batch_size: Annotated[int, Field(ge=1)] = 8
     dtype: Dtype | None = None  # null: float16 where the audit runs on a GPU, float32 on CPUs
     # Square render size in pixels; null: the model's own (its UNet's sample size times the VAE's scale: SD 1.x
