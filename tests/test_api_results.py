@@ -772,12 +772,12 @@ def test_operator_starts_and_follows_a_hardening_run(env):
     ("data", "batch_size", "eight"),
 ])
 def test_invalid_hardening_config_names_section_and_field(env, section, field, value):
-    """A config the CLI would refuse is a 400 whose message names ``section.field``; nothing is queued."""
+    """A config the CLI would refuse is a 400 naming ``config.section.field``; nothing is queued."""
     config = alignment_config()
     config[section][field] = value
     r = env.client.post("/v1/alignments", headers=env.headers("op"), json={"name": "bad", "config": config})
-    assert r.status_code == 400 and error(r)["field"] == "config"
-    assert f"{section}.{field}" in error(r)["message"]
+    assert r.status_code == 400 and error(r)["field"] == f"config.{section}.{field}"
+    assert error(r)["message"].startswith(f"config.{section}.{field} ")
     assert env.dispatcher.alignments == [] and env.count(AlignmentRun) == 0
 
 

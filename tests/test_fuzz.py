@@ -26,13 +26,13 @@ from schemathesis.specs.openapi.checks import (
 from test_api import Env, good_zip
 from test_api_results import alignment_config, dataset_of, make_job
 
-from gate.api.openapi import PATHS
+from gate.api.openapi import openapi_document
 from gate.storage.models import AlignmentRun
 
 EXAMPLES_PER_OPERATION = 30
 ROLES = ("a", "op", "rev")  # customer, operator, reviewer
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-OPERATIONS = [(path, method) for path, methods in PATHS.items() for method in methods]
+OPERATIONS = [(path, method) for path, methods in openapi_document()["paths"].items() for method in methods]
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_refusals_name_the_field_and_exit_2(gate_env, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"probes": str(tmp_path / "probes.csv"), "detector": "nope"}))
     assert main(["base-models", "register", "--name", "two", "--path", str(model), "--profile", str(bad)]) == 2
-    assert "(field audit_profile)" in capsys.readouterr().err
+    assert "(field audit_profile.detector)" in capsys.readouterr().err
     assert main(["base-models", "register", "--name", "three", "--path", str(tmp_path / "nope"),
                  "--profile", str(profile)]) == 2
     assert "(field path)" in capsys.readouterr().err

@@ -430,9 +430,11 @@ def test_a_tenants_default_webhook_serves_jobs_without_their_own(env):
     assert (r.status_code, r.json["error"]["reason"], r.json["error"]["field"]) == \
         (409, "webhook_secret_missing", "url")
     secret = _secret(env)
-    for body, why in (({"url": "ftp://x.example/"}, "schemes"), ({}, "url"), ({"url": "x", "more": 1}, "url")):
+    for body, field, why in (({"url": "ftp://x.example/"}, "url", "schemes"), ({}, "url", "required"),
+                             ({"url": "x", "more": 1}, "more", "not a known field"),
+                             ({"url": "https://x.example/" + "a" * 2000}, "url", "at most 2000 characters")):
         r = env.client.put("/v1/webhook", headers=a, json=body)
-        assert r.status_code == 400 and r.json["error"]["field"] == "url" and why in r.json["error"]["message"]
+        assert r.status_code == 400 and r.json["error"]["field"] == field and why in r.json["error"]["message"], r.json
     env.app.extensions["ftgate"].settings = replace(env.settings, webhook_private_targets="refuse")
     r = env.client.put("/v1/webhook", headers=a, json={"url": "http://127.0.0.1:9/hook"})
     assert r.status_code == 400 and "not a public address" in r.json["error"]["message"]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
+from pydantic import Field
 
-from alignment.config import config_from_mapping
+from alignment.config import AlignConfig
+from auditing.config import record, section, text
 from gate.service.queueing import hand_to_queues
-from gate.storage.audit_log import record
+from gate.storage.audit_log import record as log_record
 from gate.storage.models import AlignmentRun
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import ApiError, bounded_text, json_object
+from .errors import ApiError, parse_body
 from .serialize import alignment_json
 
 log = logging.getLogger(__name__)
@@ -23,19 +25,25 @@ OPERATOR = "operator"
 NAME_MAX_CHARS = 200
 
 
+@record
+class AlignmentRequest:
+    """An operator's hardening run: a name, and the config ``ftgate align --config`` takes."""
+
+    name: text(NAME_MAX_CHARS)
+    config: section(AlignConfig) = Field(description="an `ftgate align --config` file's content, as JSON "
+                                                     "(docs/alignment.md)")
+
+
 @bp.post("")
 @login_required(OPERATOR)
 def start():
-    body = json_object("{name, config}")
-    name, config = bounded_text(body, "name", NAME_MAX_CHARS), body.get("config")
-    try:
-        config_from_mapping(config)  # the same validation as `ftgate align --config`
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, "invalid_request", f"config: {exc}", field="config") from None
+    sent = request.get_json(silent=True)
+    name = parse_body(AlignmentRequest, sent).name  # the config checked as `ftgate align --config` checks it
+    config = sent["config"]  # stored as sent: the worker builds the run from it
     principal = current_principal()
     run = AlignmentRun(name=name, config=config, requested_by=principal.key_id)
     g.db.add(run)
-    record(g.db, principal, run, "created", to_state="queued", detail={"name": name})
+    log_record(g.db, principal, run, "created", to_state="queued", detail={"name": name})
     g.db.commit()
     hand_to_queues(g.db, run, lambda: gate().dispatcher.alignment(run.id), "run")
     return alignment_json(run), 201

@@ -10,7 +10,6 @@ from gate.service.pagination import page_request
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import json_object
 from .serialize import base_model_json
 
 bp = Blueprint("base_models", __name__, url_prefix="/v1/base-models")
@@ -20,9 +19,9 @@ OPERATOR = "operator"
 @bp.post("")
 @login_required(OPERATOR)
 def register():
-    body = json_object("{name, path, audit_profile, config?, variant?, vae?}")
     app = gate()
-    row = register_base_model(g.db, body, current_principal(), app.settings.hash_cache_file, app.dispatcher)
+    row = register_base_model(g.db, request.get_json(silent=True), current_principal(), app.settings.hash_cache_file,
+                              app.dispatcher)
     return base_model_json(row), 201
 
 

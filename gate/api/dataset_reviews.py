@@ -7,11 +7,18 @@ from flask import Blueprint, g, request
 from sqlalchemy.orm import Session
 
 from gate.service.pagination import page_request, paginate
-from gate.service.reviews import REVIEWER, WAITING_DATASETS, dataset_review, decide_dataset, intake_record
+from gate.service.reviews import (
+    REVIEWER,
+    WAITING_DATASETS,
+    DatasetReviewRequest,
+    dataset_review,
+    decide_dataset,
+    intake_record,
+)
 from gate.storage.models import Dataset
 
 from .auth import current_principal, login_required
-from .errors import json_object
+from .errors import json_body
 from .redaction import customer_intake
 from .serialize import dataset_json
 
@@ -48,4 +55,4 @@ def queue():
 @login_required(REVIEWER)
 def decide(dataset_id: str):
     return dataset_detail(g.db, decide_dataset(g.db, current_principal(), dataset_id,
-                                               json_object("{decision, reason}")), staff=True)
+                                               json_body(DatasetReviewRequest)), staff=True)

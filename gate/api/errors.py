@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from auditing.config import ConfigError
 from gate.auth import Forbidden, NotFound
 from gate.intake import IntakeError
-from gate.service.errors import ApiError, bounded_text  # noqa: F401  (the routes import both from here)
+from gate.service.errors import ApiError, invalid, parse_body
 
 log = logging.getLogger(__name__)
 
 
-def json_object(shape: str) -> dict:
-    """The request's JSON object, or a 400 saying what to send (``shape``, e.g. "{name, config}")."""
-    from flask import request
-
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", f"send a JSON object {shape}")
-    return body
+def json_body(cls):
+    """The request's JSON body as the record ``cls`` (``gate.service.errors.parse_body``): a 400 naming the
+    field, or saying what to send."""
+    return parse_body(cls, request.get_json(silent=True))
 
 
 def error_response(status: int, reason: str, message: str, **extra):
@@ -36,6 +33,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.reason, exc.message, **exc.extra)
+
+    @app.errorhandler(ConfigError)
+    def _config_error(exc: ConfigError):  # a record built in a route refused a value the client sent
+        return _api_error(invalid(exc))
 
     @app.errorhandler(IntakeError)
     def _intake_error(exc: IntakeError):  # an upload over max_upload_bytes; the rest is the worker's intake

@@ -8,11 +8,16 @@ none of its output, in a grid or otherwise.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from flask import Blueprint, g, request, send_file
+from pydantic import Field
 from sqlalchemy import select
 
+from auditing.config import record
 from gate.auth import get_for_principal
 from gate.pipeline import events
+from gate.service.errors import parse_query
 from gate.storage.models import Job, JobEvent
 
 from . import gate
@@ -24,12 +29,12 @@ bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 PAGE_MAX = 500  # events in one answer; ``next`` continues
 
 
-def _after() -> int:
-    raw = request.args.get("after", "0")
-    if not raw.isdigit():
-        raise ApiError(400, "invalid_request", f"after must be an event number (an integer >= 0); got {raw!r}",
-                       field="after")
-    return int(raw)
+@record
+class EventsQuery:
+    """``GET /v1/jobs/{job_id}/events``' query."""
+
+    after: Annotated[int, Field(ge=0)] = Field(default=0, description="the seq of the last event seen (the "
+                                                                      "answer's next): only later ones come")
 
 
 @bp.get("/<job_id>/events")
@@ -38,7 +43,7 @@ def list_events(job_id: str):
     """200 ``{"events": [...], "next": seq}``: the job's events after ``after``, oldest first, at most
     ``PAGE_MAX``; ``next`` is the last one's number (``after`` itself when there is none yet)."""
     job = get_for_principal(g.db, Job, job_id, current_principal())
-    after = _after()
+    after = parse_query(EventsQuery, request.args).after
     rows = events.after(g.db, job.id, after, PAGE_MAX)
     return {"events": [events.as_json(row) for row in rows], "next": rows[-1].seq if rows else after}
 

@@ -8,6 +8,7 @@ from flask import Blueprint, g
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import gate
 from .openapi import openapi_document
 
 log = logging.getLogger(__name__)
@@ -27,4 +28,4 @@ def healthz():
 
 @bp.get("/openapi.json")
 def openapi():
-    return openapi_document()
+    return openapi_document(gate().settings.limits)

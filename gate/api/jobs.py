@@ -19,7 +19,6 @@ from gate.storage.models import Job
 
 from . import gate
 from .auth import current_principal, login_required
-from .errors import json_object
 from .serialize import job_json
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -59,7 +58,7 @@ def cancel(job_id: str):
 def requeue(job_id: str):
     """202: a failed job queued again from a clean state, with a reason (``gate.service.jobs.requeue_job``)."""
     app = gate()
-    job = requeue_job(g.db, current_principal(), job_id, json_object("{reason}"), app.settings.jobs_dir)
+    job = requeue_job(g.db, current_principal(), job_id, request.get_json(silent=True), app.settings.jobs_dir)
     dispatch_waiting(g.db, app.dispatcher.job, app.settings.tenant_dispatch_share, tenants=[job.tenant_id])
     g.db.refresh(job)
     return job_json(job, staff=True), 202

@@ -1,28 +1,105 @@
-"""The API's OpenAPI 3.1 description, written by hand and kept true by a test that every route is in it."""
+"""The API's OpenAPI 3.1 description, served at ``/openapi.json``.
+
+Request bodies and query parameters are generated from the records the server reads them into
+(``auditing.config.json_schema``): their types, bounds, defaults and enums are the checks themselves, and the
+hyperparameters carry the platform limits the app is configured with (``gate.settings.Limits``). Responses are
+written here. ``tests/test_openapi.py`` holds the document to the routes and to ``docs/openapi.json``
+(``python -m gate.api.openapi > docs/openapi.json`` writes it for the default settings), ``tests/test_fuzz.py``
+the server to the document.
+"""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+import copy
+import json
+from dataclasses import fields
 
+from auditing.config import json_schema
+from gate.service.base_models import BaseModelRequest
+from gate.service.errors import shape
+from gate.service.job_requests import (
+    KEY_HEADER,
+    PLATFORM_LIMITS,
+    IdempotencyKey,
+    JobRequest,
+    RequeueRequest,
+    WebhookRequest,
+)
+from gate.service.pagination import MAX_LIMIT, PageQuery
+from gate.service.reviews import DatasetReviewRequest, ReviewRequest
+from gate.settings import Limits
 from gate.training.settings import SETTINGS
 
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+from .alignments import AlignmentRequest
+from .events import PAGE_MAX, EventsQuery
+
+# The records behind the request bodies, by component name.
+BODIES = {cls.__name__: cls for cls in (JobRequest, RequeueRequest, WebhookRequest, ReviewRequest,
+                                        DatasetReviewRequest, BaseModelRequest, AlignmentRequest)}
 
 
-def _hyperparameters(cls) -> dict:
-    """One method's hyperparameters as a JSON schema, from the training settings' own field types."""
-    properties, required = {}, []
+def _tidy(schema):
+    """Pydantic's schema as the document shows it: no generated per-property titles, docstrings' ````code````
+    as Markdown."""
+    if isinstance(schema, list):
+        return [_tidy(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    tidy = {key: _tidy(value) for key, value in schema.items()}
+    if isinstance(tidy.get("properties"), dict):
+        for prop in tidy["properties"].values():
+            if isinstance(prop, dict):
+                prop.pop("title", None)
+    if isinstance(tidy.get("description"), str):
+        tidy["description"] = tidy["description"].replace("``", "`")
+    return tidy
+
+
+def _add(schemas: dict, name: str, cls) -> dict:
+    """``cls``'s schema as ``schemas[name]``, the records it nests hoisted beside it."""
+    schema = _tidy(json_schema(cls))
+    for inner, definition in schema.pop("$defs", {}).items():
+        if schemas.setdefault(inner, definition) != definition:
+            raise ValueError(f"two schemas named {inner}")
+    schemas[name] = schema
+    return schema
+
+
+def _string_branch(prop: dict) -> dict:
+    """The non-null schema of a property (``X | None`` is ``anyOf: [X, null]``)."""
+    return next((b for b in prop.get("anyOf", ()) if b.get("type") != "null"), prop)
+
+
+def _limited(schema: dict, limits: Limits) -> dict:
+    """A method's hyperparameters with the platform limits as bounds (``gate.service.job_requests``)."""
+    for name, limit_name in PLATFORM_LIMITS.items():
+        if name not in schema["properties"]:
+            continue
+        prop, limit = schema["properties"][name], getattr(limits, limit_name)
+        target = _string_branch(prop)
+        key = "maxLength" if target.get("type") == "string" else "maximum"
+        target[key] = min(target.get(key, limit), limit)
+        prop["description"] = "; ".join(filter(None, (prop.get("description"), f"at most the platform's {limit_name}")))
+    return schema
+
+
+def _parameters(cls) -> list[dict]:
+    """``cls``'s fields as query parameters."""
+    schema = _tidy(json_schema(cls))
+    out = []
     for f in fields(cls):
-        kind = _JSON_TYPES[f.type.removesuffix(" | None")]
-        properties[f.name] = {"type": [kind, "null"] if f.type.endswith(" | None") else kind}
-        if f.default is MISSING and f.default_factory is MISSING:
-            required.append(f.name)
-    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+        prop = dict(schema["properties"][f.name])
+        description = prop.pop("description", None)
+        param_schema = {**_string_branch(prop), **({"default": prop["default"]} if prop.get("default") is not None
+                                                  else {})}
+        out.append({"name": f.name, "in": "query", "required": f.name in schema.get("required", ()),
+                    "schema": param_schema, **({"description": description} if description else {})})
+    return out
 
 
 _ref = {name: {"$ref": f"#/components/schemas/{name}"}
         for name in ("Dataset", "DatasetDetail", "Job", "JobDetail", "BaseModel", "Error", "AlignmentRun",
-                     "AuditProfile")}
+                     *BODIES)}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"schema": _ref["Error"]}}}
            for code, text in {"400": "invalid request", "401": "missing, invalid or revoked key",
                               "403": "role not allowed (or the tenant's withheld-job budget is spent)",
@@ -51,15 +128,16 @@ def _id_param(name: str) -> dict:
 
 
 # Lists answer a page at a time (gate.service.pagination): limit and cursor in, next_cursor out.
-_PAGE_PARAMS = [{"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
-                {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
-                 "description": "the next_cursor of the page before"}]
+_PAGE_PARAMS = _parameters(PageQuery)
+
+
+def _body(name: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": _ref[name]}}}
 
 
 def _page(key: str, items: dict, description: str) -> dict:
     return _json({"type": "object", "required": [key, "next_cursor"], "properties": {
-        key: {"type": "array", "maxItems": 500, "items": items},
+        key: {"type": "array", "maxItems": MAX_LIMIT, "items": items},
         "next_cursor": {"type": ["string", "null"], "description": "null on the last page"}}}, description)
 
 
@@ -95,23 +173,10 @@ SCHEMAS = {
         "review": {"type": ["object", "null"], "properties": {
             "decision": {"enum": ["accept", "reject"]}, "reason": {"type": "string"}, "reviewer": {"type": "string"},
             "created_at": _TIME}}}}]},
-    "DatasetReviewRequest": {"type": "object", "required": ["decision", "reason"], "properties": {
-        "decision": {"enum": ["accept", "reject"]}, "reason": {"type": "string", "minLength": 1, "maxLength": 2000}}},
-    "Hyperparameters": {"anyOf": [_hyperparameters(cls) for cls in SETTINGS.values()],
-                        "description": f"one schema per method, in the order {list(SETTINGS)}"},
-    "JobRequest": {"type": "object", "required": ["base_model", "dataset", "method"], "additionalProperties": False,
-                   "properties": {"base_model": {"type": "string"}, "dataset": {"type": "string"},
-                                  "method": {"enum": ["lora", "dreambooth"]},
-                                  "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
-                                  "idempotency_key": {"type": "string", "maxLength": 200},
-                                  "webhook_url": {"type": "string", "maxLength": 2000, "description":
-                                                  "http(s) URL on a public address, posted each stage change and "
-                                                  "the verdict, signed (Ftgate-Signature); needs the tenant's "
-                                                  "webhook secret"}}},
     "Job": {"type": "object", "properties": {
         "id": {"type": "string"}, "tenant": {"type": "string"}, "base_model": {"type": "string"},
         "dataset": {"type": "string"}, "method": {"type": "string"},
-        "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
+        "hyperparameters": {"type": "object", "description": "as the job was created with (JobRequest)"},
         "status": {"enum": ["queued", "training", "auditing", "review", "released", "withheld", "failed",
                             "cancelled"]},
         "stage": {"type": ["string", "null"]}, "progress": {"type": "number", "minimum": 0, "maximum": 1},
@@ -135,47 +200,12 @@ SCHEMAS = {
         "data": {"type": "object", "description": "stage: status (and attempt); loss: step, loss; sample: step, "
                                                   "sha256, url (the PNG, served once the job is released); "
                                                   "checkpoint: step; verdict: decision, reasons, policy"}}},
-    "AuditProfile": {"type": "object", "required": ["probes"], "additionalProperties": False, "properties": {
-        "probes": {"type": "string", "description": "a probe CSV on the gate's machines"},
-        "category": {"type": ["string", "null"]}, "images_per_prompt": {"type": "integer", "minimum": 1},
-        "detector": {"type": "string"}, "detector_options": {"type": "object"},
-        "us_classifier": {"type": ["string", "null"]}, "us_classifier_options": {"type": "object"},
-        "inference_steps": {"type": "integer", "minimum": 1}, "guidance_scale": {"type": "number"},
-        "batch_size": {"type": "integer", "minimum": 1},
-        "dtype": {"enum": ["float32", "float16", "bfloat16", None],
-                  "description": "null: float16 on GPUs, float32 on CPUs"},
-        "resolution": {"type": ["integer", "null"], "minimum": 8, "maximum": 2048, "multipleOf": 8,
-                       "description": "square render size (null: the model's own)"},
-        "sequential_rounds": {"type": ["integer", "null"], "minimum": 2, "maximum": 64,
-                              "description": "audit checkpoints in this many looks (null: every image)"},
-        "family_images": {"type": ["integer", "null"], "minimum": 1, "maximum": 4096,
-                          "description": "images of the job's own captions (null: the fewest a clean family "
-                                         "passes on)"},
-        "secret_pool": {"type": ["string", "null"],
-                        "description": "an operator's probe CSV on the gate's machines, drawn from per audit"},
-        "model_check": {"type": ["object", "null"],
-                        "description": "the model-side check: references (and controls) folders on the gate's "
-                                       "machines, and its settings (docs/auditing.md)"}}},
-    "BaseModelRequest": {"type": "object", "required": ["name", "path", "audit_profile"], "properties": {
-        "name": {"type": "string"},
-        "path": {"type": "string", "description": "a local diffusers folder, or a single .safetensors checkpoint"},
-        "config": {"type": ["string", "null"],
-                   "description": "for a single-file path: a local diffusers folder of the same architecture"},
-        "variant": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_]{1,32}$",
-                    "description": "load the folder's *.<variant>.safetensors weights, e.g. fp16"},
-        "vae": {"type": ["string", "null"], "description": "a local AutoencoderKL folder used in place of the "
-                                                           "model's VAE (e.g. an fp16-fix VAE)"},
-        "audit_profile": {"$ref": "#/components/schemas/AuditProfile"}}},
     "BaseModel": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "path": {"type": "string"},
         "config": {"type": ["string", "null"]}, "variant": {"type": ["string", "null"]},
         "vae": {"type": ["string", "null"]},
         "weights_sha256": {"type": "string"}, "audit_profile": {"type": ["object", "null"]},
         "baseline_ready": {"type": "boolean"}, "created_at": _TIME}},
-    "ReviewRequest": {"type": "object", "required": ["decision", "reason"], "properties": {
-        "decision": {"enum": ["approve", "reject"]}, "reason": {"type": "string", "minLength": 1, "maxLength": 2000}}},
-    "AlignmentRequest": {"type": "object", "required": ["name", "config"], "properties": {
-        "name": {"type": "string"}, "config": {"type": "object", "description": "an `ftgate align` config"}}},
     "AlignmentRun": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"},
         "status": {"enum": ["queued", "running", "succeeded", "failed"]}, "progress": {"type": "number"},
@@ -203,8 +233,7 @@ PATHS = {
     "/v1/datasets/{dataset_id}/review": {"post": {
         "summary": "Accept (it may train) or reject (it never trains) a flagged dataset, with a reason (reviewer)",
         "parameters": [_id_param("dataset_id")],
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/DatasetReviewRequest"}}}},
+        "requestBody": _body("DatasetReviewRequest"),
         "responses": {"200": _json(_ref["DatasetDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/dataset-reviews": {"get": {
         "summary": "Flagged datasets waiting for a reviewer's decision, oldest first (reviewer, operator)",
@@ -216,12 +245,11 @@ PATHS = {
                             "idempotency_conflict. A dataset not yet accepted, or never scanned with the base "
                             "model's detector (then screened now), is a 409 (dataset_not_ready, "
                             "dataset_not_trainable, dataset_screening): wait for the dataset and submit again",
-                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                 "parameters": [{"name": KEY_HEADER, "in": "header", "required": False,
+                                 "schema": json_schema(IdempotencyKey),
                                  "description": "a client's key for this request, per tenant; the body's "
                                                 "idempotency_key is the same key (if both, they must agree)"}],
-                 "requestBody": {"required": True, "content": {"application/json": {
-                     "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+                 "requestBody": _body("JobRequest"),
                  "responses": {"201": _json(_ref["Job"], "queued"),
                                "200": _json(_ref["Job"], "existing job (a replay; header Idempotent-Replayed: true)"),
                                **_errors("400", "401", "403", "404", "409", "429", "503")}},
@@ -242,17 +270,14 @@ PATHS = {
         "summary": "Queue a failed job again from a clean state, with a reason (operator); its retrained checkpoint "
                    "is audited anew; 409 not_failed for any other state",
         "parameters": [_id_param("job_id")],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["reason"], "additionalProperties": False,
-            "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}}}}},
+        "requestBody": _body("RequeueRequest"),
         "responses": {"202": _json(_ref["Job"], "queued again"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/jobs/{job_id}/events": {"get": {
         "summary": "The job's events after the seq in after, oldest first (tenant-scoped): stage changes, training "
                    "loss, sample grids, checkpoints, the verdict as the customer reads it",
-        "parameters": [_id_param("job_id"), {"name": "after", "in": "query", "required": False,
-                                             "schema": {"type": "integer", "minimum": 0, "default": 0}}],
+        "parameters": [_id_param("job_id"), *_parameters(EventsQuery)],
         "responses": {"200": _json({"type": "object", "required": ["events", "next"], "properties": {
-            "events": {"type": "array", "maxItems": 500, "items": {"$ref": "#/components/schemas/JobEvent"}},
+            "events": {"type": "array", "maxItems": PAGE_MAX, "items": {"$ref": "#/components/schemas/JobEvent"}},
             "next": {"type": "integer", "description": "send as after next time"}}}, "events"),
             **_errors("400", "401", "404")}}},
     "/v1/jobs/{job_id}/events/{seq}/image": {"get": {
@@ -293,9 +318,7 @@ PATHS = {
                 "responses": {"200": _json(_WEBHOOK, "the setting"), **_errors("401", "403")}},
         "put": {"summary": "Set (or, with null, remove) the tenant's default webhook URL, for jobs without a "
                            "webhook_url (customer; needs the signing secret)",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["url"], "additionalProperties": False,
-                    "properties": {"url": {"type": ["string", "null"], "maxLength": 2000}}}}}},
+                "requestBody": _body("WebhookRequest"),
                 "responses": {"200": _json(_WEBHOOK, "the new setting"), **_errors("400", "401", "403", "409")}}},
     "/v1/reviews": {"get": {
         "summary": "Jobs waiting for a reviewer's decision, oldest first (reviewer, operator)",
@@ -304,14 +327,12 @@ PATHS = {
     "/v1/reviews/{job_id}": {"post": {
         "summary": "Approve (release) or reject (withhold) a flagged job, with a reason (reviewer)",
         "parameters": [_id_param("job_id")],
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/ReviewRequest"}}}},
+        "requestBody": _body("ReviewRequest"),
         "responses": {"200": _json(_ref["JobDetail"], "decided"), **_errors("400", "401", "403", "404", "409")}}},
     "/v1/base-models": {
         "post": {"summary": "Register a local diffusers folder or single-file checkpoint as a base model and "
                            "audit its baseline (operator)",
-                 "requestBody": {"required": True, "content": {"application/json": {
-                     "schema": {"$ref": "#/components/schemas/BaseModelRequest"}}}},
+                 "requestBody": _body("BaseModelRequest"),
                  "responses": {"201": _json(_ref["BaseModel"], "registered"), **_errors("400", "401", "403", "409")}},
         "get": {"summary": "The base models customers may fine-tune, oldest first",
                 "parameters": _PAGE_PARAMS,
@@ -322,8 +343,7 @@ PATHS = {
         "responses": {"200": _json(_ref["BaseModel"], "the base model"), **_errors("401", "404")}}},
     "/v1/alignments": {"post": {
         "summary": "Start a ResAlign hardening run on the align queue (operator)",
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/AlignmentRequest"}}}},
+        "requestBody": _body("AlignmentRequest"),
         "responses": {"201": _json(_ref["AlignmentRun"], "queued"), **_errors("400", "401", "403", "503")}}},
     "/v1/alignments/{run_id}": {"get": {
         "summary": "A hardening run (operator)", "parameters": [_id_param("run_id")],
@@ -340,17 +360,85 @@ PATHS = {
                               "responses": {"200": {"description": "OpenAPI 3.1 document"}}}},
 }
 
+# Each operation's operationId (what a generated client names its method) and tag (its group).
+OPERATION_IDS = {
+    ("/v1/datasets", "post"): ("uploadDataset", "datasets"),
+    ("/v1/datasets/{dataset_id}", "get"): ("getDataset", "datasets"),
+    ("/v1/datasets/{dataset_id}/review", "post"): ("reviewDataset", "reviews"),
+    ("/v1/dataset-reviews", "get"): ("listDatasetReviews", "reviews"),
+    ("/v1/jobs", "post"): ("createJob", "jobs"),
+    ("/v1/jobs", "get"): ("listJobs", "jobs"),
+    ("/v1/jobs/{job_id}", "get"): ("getJob", "jobs"),
+    ("/v1/jobs/{job_id}/cancel", "post"): ("cancelJob", "jobs"),
+    ("/v1/jobs/{job_id}/requeue", "post"): ("requeueJob", "jobs"),
+    ("/v1/jobs/{job_id}/events", "get"): ("listJobEvents", "jobs"),
+    ("/v1/jobs/{job_id}/events/{seq}/image", "get"): ("getJobEventImage", "jobs"),
+    ("/v1/jobs/{job_id}/report", "get"): ("getJobReport", "jobs"),
+    ("/v1/jobs/{job_id}/report.html", "get"): ("getJobReportPage", "jobs"),
+    ("/v1/jobs/{job_id}/artifact", "get"): ("downloadJobArtifact", "jobs"),
+    ("/v1/jobs/{job_id}/log", "get"): ("getJobLog", "jobs"),
+    ("/v1/webhook-secret", "post"): ("createWebhookSecret", "webhooks"),
+    ("/v1/webhook", "get"): ("getWebhook", "webhooks"),
+    ("/v1/webhook", "put"): ("setWebhook", "webhooks"),
+    ("/v1/reviews", "get"): ("listReviews", "reviews"),
+    ("/v1/reviews/{job_id}", "post"): ("reviewJob", "reviews"),
+    ("/v1/base-models", "post"): ("registerBaseModel", "base-models"),
+    ("/v1/base-models", "get"): ("listBaseModels", "base-models"),
+    ("/v1/base-models/{base_model_id}", "get"): ("getBaseModel", "base-models"),
+    ("/v1/alignments", "post"): ("startAlignment", "alignments"),
+    ("/v1/alignments/{run_id}", "get"): ("getAlignment", "alignments"),
+    ("/metrics", "get"): ("getMetrics", "operations"),
+    ("/healthz", "get"): ("getHealth", "operations"),
+    ("/openapi.json", "get"): ("getOpenApi", "operations"),
+}
+TAGS = [{"name": "datasets", "description": "customers' training data: upload, intake, status"},
+        {"name": "jobs", "description": "fine-tuning jobs: create, follow, cancel, download; requeue (operators)"},
+        {"name": "reviews", "description": "reviewers' queues and decisions on flagged jobs and datasets"},
+        {"name": "webhooks", "description": "a tenant's signing secret and default webhook URL"},
+        {"name": "base-models", "description": "the (hardened) base models customers fine-tune"},
+        {"name": "alignments", "description": "ResAlign hardening runs (operators)"},
+        {"name": "operations", "description": "health, metrics, this document"}]
 # Every operation but these is rate-limited per key (gate.api.ratelimit), so any may answer 429.
 RATE_EXEMPT = ("/healthz", "/metrics")
 for _path, _operations in PATHS.items():
-    for _operation in _operations.values() if _path not in RATE_EXEMPT else ():
-        _operation["responses"].setdefault("429", _ERRORS["429"])
+    for _method, _operation in _operations.items():
+        _operation["operationId"], _tag = OPERATION_IDS[(_path, _method)]
+        _operation["tags"] = [_tag]
+        if _path not in RATE_EXEMPT:
+            _operation["responses"].setdefault("429", _ERRORS["429"])
 
 
-def openapi_document() -> dict:
+def request_schemas(limits: Limits) -> dict:
+    """The request bodies' schemas (and the records they nest), the hyperparameters bounded by ``limits``."""
+    schemas: dict = {}
+    for name, cls in BODIES.items():
+        _add(schemas, name, cls)
+    # The body's object is checked by the settings of its method (``gate.training.settings_for``): the document
+    # says which.
+    schemas["JobRequest"]["properties"]["hyperparameters"] |= {"$ref": "#/components/schemas/Hyperparameters"}
+    for key in ("type", "additionalProperties"):
+        schemas["JobRequest"]["properties"]["hyperparameters"].pop(key)
+    for cls in SETTINGS.values():
+        _limited(_add(schemas, cls.__name__, cls), limits)
+    schemas["Hyperparameters"] = {
+        "anyOf": [{"$ref": f"#/components/schemas/{cls.__name__}"} for cls in SETTINGS.values()],
+        "description": "the method's: " + ", ".join(f"{method}: {cls.__name__} {shape(cls)}"
+                                                     for method, cls in SETTINGS.items())}
+    return schemas
+
+
+def openapi_document(limits: Limits | None = None) -> dict:
+    """The document for an app with ``limits`` (None: the defaults)."""
+    schemas = request_schemas(limits or Limits())
+    if clash := set(schemas) & set(SCHEMAS):
+        raise ValueError(f"request and response schemas share names {sorted(clash)}")
     return {"openapi": "3.1.0",
             "info": {"title": "ftgate", "version": "1",
                      "description": "Fine-tuning-as-a-service safety gate for text-to-image models"},
-            "security": [{"bearer": []}], "paths": PATHS,
-            "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {
+            "security": [{"bearer": []}], "tags": TAGS, "paths": copy.deepcopy(PATHS),
+            "components": {"schemas": {**copy.deepcopy(SCHEMAS), **schemas}, "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer", "description": "ftg_<key id>_<secret>"}}}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(openapi_document(), indent=1))

@@ -6,11 +6,11 @@ from __future__ import annotations
 from flask import Blueprint, g, request
 
 from gate.service.pagination import page_request, paginate
-from gate.service.reviews import REVIEWER, WAITING_JOBS, take_decision
+from gate.service.reviews import REVIEWER, WAITING_JOBS, ReviewRequest, take_decision
 from gate.storage.models import Job
 
 from .auth import current_principal, login_required
-from .errors import json_object
+from .errors import json_body
 from .results import job_detail
 
 bp = Blueprint("reviews", __name__, url_prefix="/v1/reviews")
@@ -27,4 +27,4 @@ def queue():
 @bp.post("/<job_id>")
 @login_required(REVIEWER)
 def decide(job_id: str):
-    return job_detail(take_decision(g.db, current_principal(), job_id, json_object("{decision, reason}")), staff=True)
+    return job_detail(take_decision(g.db, current_principal(), job_id, json_body(ReviewRequest)), staff=True)

@@ -9,17 +9,17 @@ unsigned; a job's own ``webhook_url`` wins over it, and a delivery reads it when
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 
 from gate.auth import CUSTOMER
 from gate.pipeline.webhooks import SIGNATURE_HEADER, new_secret
-from gate.service.errors import ApiError
-from gate.service.job_requests import webhook_target
+from gate.service.job_requests import WebhookRequest, webhook_target
 from gate.storage.audit_log import record
 from gate.storage.models import Tenant, WebhookSecret
 
 from . import gate
 from .auth import current_principal, login_required
+from .errors import json_body
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 
@@ -48,10 +48,7 @@ def show():
 def set_default():
     """200 ``{"url", "secret"}``: ``{"url": ...}`` becomes the tenant's default (``{"url": null}`` removes it)."""
     principal = current_principal()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or set(body) != {"url"}:
-        raise ApiError(400, "invalid_request", 'send a JSON object {"url": <http(s) URL or null>}', field="url")
-    url = webhook_target(g.db, body["url"], "url", principal.tenant_id, gate().settings)
+    url = webhook_target(g.db, json_body(WebhookRequest).url, "url", principal.tenant_id, gate().settings)
     key = g.db.get(WebhookSecret, principal.tenant_id)
     key.url = url
     record(g.db, principal, g.db.get(Tenant, principal.tenant_id), "webhook url set", detail={"url": url})

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from auditing.config import ConfigError, section, text
+from auditing.config import record as request_record  # gate.storage.audit_log.record writes the audit log
 from auditing.models.hashing import HashCache, weights_sha256
-from auditing.models.sources import ModelSourceError, pipeline_files
+from auditing.models.sources import VARIANT, ModelSourceError, pipeline_files
 from gate.pipeline.profile import AuditProfile
 from gate.storage.audit_log import SYSTEM, ActorLike, record
 from gate.storage.models import BaseModel
 
-from .errors import ApiError, bounded_text
+from .errors import ApiError, parse_body
 from .pagination import MAX_LIMIT, Page, paginate
 
 log = logging.getLogger(__name__)
@@ -35,8 +39,30 @@ SOURCE_FIELDS = ("config", "variant", "vae")  # how the model at ``path`` is loa
 _FIELDS = {"source": "path"}  # ModelSourceError's field -> the request's
 
 
-def _optional_text(body: dict, field: str) -> str | None:
-    return None if body.get(field) is None else bounded_text(body, field, PATH_MAX_CHARS)
+def _existing(path: str) -> str:
+    if not Path(path).exists():
+        raise ConfigError("path", "path must be an existing local diffusers folder or .safetensors "
+                          f"checkpoint (got {path!r})")
+    return path
+
+
+LocalPath = text(PATH_MAX_CHARS)
+
+
+@request_record
+class BaseModelRequest:
+    """An operator's registration: a model on the gate's machines and how its checkpoints are audited."""
+
+    name: text(NAME_MAX_CHARS) = Field(description="unique; customers choose base models by it")
+    path: Annotated[LocalPath, AfterValidator(_existing)] = Field(
+        description="a local diffusers folder, or a single .safetensors checkpoint")
+    config: LocalPath | None = Field(
+        default=None, description="for a single-file path: a local diffusers folder of the same architecture")
+    variant: Annotated[str, Field(pattern=f"^{VARIANT.pattern}$")] | None = Field(
+        default=None, description="load the folder's *.<variant>.safetensors weights, e.g. fp16")
+    vae: LocalPath | None = Field(default=None, description="a local AutoencoderKL folder used in place of the "
+                                                            "model's VAE (e.g. an fp16-fix VAE)")
+    audit_profile: section(AuditProfile)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -44,18 +70,12 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).absolute())
 
 
-def register_base_model(session: Session, body: dict, actor: ActorLike, hash_cache: Path, dispatcher) -> BaseModel:
-    """Check, hash and store the base model ``body`` describes (``name``, ``path``, ``audit_profile`` and
-    optionally ``config``, ``variant``, ``vae``), then dispatch its baseline audit. Commits."""
-    name, path = bounded_text(body, "name", NAME_MAX_CHARS), body.get("path")
-    if not isinstance(path, str) or not Path(path).exists():
-        raise ApiError(400, "invalid_request", "path must be an existing local diffusers folder or .safetensors "
-                       f"checkpoint (got {path!r})", field="path")
-    source = {field: _optional_text(body, field) for field in SOURCE_FIELDS}
-    try:
-        profile = AuditProfile.from_dict(body.get("audit_profile"))
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, "invalid_request", str(exc), field="audit_profile") from None
+def register_base_model(session: Session, body, actor: ActorLike, hash_cache: Path, dispatcher) -> BaseModel:
+    """Check, hash and store the base model ``body`` describes (a ``BaseModelRequest`` or its JSON), then
+    dispatch its baseline audit. Commits."""
+    request = parse_body(BaseModelRequest, body)
+    name, path, profile = request.name, request.path, request.audit_profile
+    source = {field: getattr(request, field) for field in SOURCE_FIELDS}
     if session.scalars(select(BaseModel).where(BaseModel.name == name)).one_or_none() is not None:
         raise ApiError(409, "conflict", f"a base model named {name!r} exists", field="name")
     try:

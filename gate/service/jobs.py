@@ -26,13 +26,13 @@ from gate.auth import CUSTOMER, NotFound, Principal, get_for_principal, require_
 from gate.pipeline.fairness import HELD_STAGE
 from gate.settings import Settings
 from gate.storage.audit_log import StaleState, record, transition
-from gate.storage.models import METHODS, Artifact, BaseModel, Dataset, Job
+from gate.storage.models import Artifact, BaseModel, Dataset, Job
 
 from .datasets import require_trainable
-from .errors import ApiError, bounded_text
+from .errors import ApiError, parse_body
 from .job_requests import (
-    bad,
-    check_fields,
+    JobRequest,
+    RequeueRequest,
     check_fits,
     idempotency_key,
     request_sha256,
@@ -45,7 +45,6 @@ from .quotas import check_job_quota
 log = logging.getLogger(__name__)
 
 OPERATOR = "operator"
-REASON_MAX_CHARS = 2_000
 
 
 def _existing(session: Session, principal: Principal, key: str | None) -> Job | None:
@@ -64,35 +63,31 @@ def _replayed(job: Job, sha256: str, field: str) -> Job:
     return job
 
 
-def create_job(session: Session, settings: Settings, dispatcher, principal: Principal, body, key_header: str | None,
-               ) -> tuple[Job, bool]:
-    """The job ``body`` asks for (``key_header``: the request's ``Idempotency-Key``, if any), committed and handed
-    to the queues (``dispatcher.job``; ``dispatcher.dataset`` for a screening the dataset still needs); and
-    whether it is a replay of an earlier request (nothing new created or dispatched). Raises ``ApiError``
-    naming the field at fault, ``gate.auth.Forbidden`` for a caller who is not a customer."""
+def create_job(session: Session, settings: Settings, dispatcher, principal: Principal, body,
+               key_header: str | None) -> tuple[Job, bool]:
+    """The job ``body`` asks for (a ``JobRequest`` or its JSON; ``key_header``: the request's
+    ``Idempotency-Key``, if any), committed and handed to the queues (``dispatcher.job``; ``dispatcher.dataset``
+    for a screening the dataset still needs); and whether it is a replay of an earlier request (nothing new
+    created or dispatched). Raises ``ApiError`` naming the field at fault, ``gate.auth.Forbidden`` for a caller
+    who is not a customer."""
     require_role(principal, CUSTOMER)
-    body = check_fields(body)
-    key, key_field = idempotency_key(body, key_header)
-    sha256 = request_sha256(body)
+    request = parse_body(JobRequest, body)
+    key, key_field = idempotency_key(request, key_header)
+    sha256 = request_sha256(request)
     if (job := _existing(session, principal, key)) is not None:
         return _replayed(job, sha256, key_field), True
-    method = body.get("method")
-    if method not in METHODS:
-        raise bad("method", f"method must be one of {list(METHODS)} (got {method!r})", allowed=list(METHODS))
-    hyperparameters = validate_hyperparameters(method, body.get("hyperparameters", {}), settings.limits)
-    for name in ("base_model", "dataset"):
-        if not isinstance(body.get(name), str):
-            raise bad(name, f"{name} must be the id of a {name.replace('_', ' ')}")
-    base_model = session.get(BaseModel, body["base_model"])
+    method = request.method
+    hyperparameters = validate_hyperparameters(method, request.hyperparameters, settings.limits)
+    base_model = session.get(BaseModel, request.base_model)
     if base_model is None:
-        raise ApiError(404, "not_found", f"no base model {body['base_model']!r}", field="base_model")
+        raise ApiError(404, "not_found", f"no base model {request.base_model!r}", field="base_model")
     check_fits(method, hyperparameters, base_model, settings.limits)
     try:
-        dataset = get_for_principal(session, Dataset, body["dataset"], principal)
+        dataset = get_for_principal(session, Dataset, request.dataset, principal)
     except NotFound:
-        raise ApiError(404, "not_found", f"no dataset {body['dataset']!r}", field="dataset") from None
+        raise ApiError(404, "not_found", f"no dataset {request.dataset!r}", field="dataset") from None
     require_trainable(session, principal, dataset, base_model, dispatcher)
-    webhook = webhook_url(session, body, principal, settings)
+    webhook = webhook_url(session, request, principal, settings)
     check_job_quota(session, principal.tenant_id, settings.limits)
     job = Job(tenant_id=principal.tenant_id, base_model_id=base_model.id, dataset_id=dataset.id, method=method,
               hyperparameters=hyperparameters, status="queued", idempotency_key=key, request_sha256=sha256,
@@ -114,8 +109,9 @@ def create_job(session: Session, settings: Settings, dispatcher, principal: Prin
     return job, False
 
 
-def requeue_job(session: Session, principal: Principal, job_id: str, body: dict, jobs_dir: Path) -> Job:
-    """Queue the failed job ``job_id`` again with ``body``'s required ``reason``; commits. It is held, as any job
+def requeue_job(session: Session, principal: Principal, job_id: str, body, jobs_dir: Path) -> Job:
+    """Queue the failed job ``job_id`` again with ``body``'s required ``reason`` (a ``RequeueRequest`` or its
+    JSON); commits. It is held, as any job
     waiting for a dispatch slot of its tenant: the caller runs the fair dispatcher for the tenant
     (``gate.pipeline.fairness.dispatch_waiting``), which sends it first in its tenant's line if a slot is free;
     else a later slot, or the reaper's next pass, does.
@@ -123,7 +119,7 @@ def requeue_job(session: Session, principal: Principal, job_id: str, body: dict,
     Raises ``gate.auth.Forbidden`` for a caller who is not an operator, ``ApiError`` for a missing reason (400),
     a missing job (404), or a job that is not ``failed`` (409)."""
     require_role(principal, OPERATOR)
-    reason = bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+    reason = parse_body(RequeueRequest, body).reason.strip()
     job = session.get(Job, job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")

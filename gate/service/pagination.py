@@ -14,11 +14,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated
 
+from pydantic import Field
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from .errors import ApiError
+from auditing.config import record, text
+
+from .errors import ApiError, parse_query
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 
@@ -29,17 +33,18 @@ class Page:
     next_cursor: str | None  # None: this was the last page
 
 
+@record
+class PageQuery:
+    """The query parameters of every list."""
+
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = Field(default=DEFAULT_LIMIT, description="rows on the page")
+    cursor: text() | None = Field(default=None, description="the next_cursor of the page before")
+
+
 def page_request(args: Mapping[str, str]) -> tuple[int, str | None]:
-    """``limit`` and ``cursor`` from a request's query; a 400 naming the field."""
-    raw = args.get("limit")
-    try:
-        limit = DEFAULT_LIMIT if raw is None else int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ApiError(400, "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT} (got {raw!r})",
-                       field="limit", limit="limit", maximum=MAX_LIMIT)
-    return limit, args.get("cursor") or None
+    """``limit`` and ``cursor`` from a request's query (``PageQuery``); a 400 naming the field."""
+    page = parse_query(PageQuery, args)
+    return page.limit, page.cursor
 
 
 def paginate(session: Session, statement: Select, when: InstrumentedAttribute, row_id: InstrumentedAttribute,

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import fields
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from auditing.config import record, text
 from gate.auth import Principal, require_role
 from gate.pipeline import events
 from gate.storage.audit_log import StaleState, transition
 from gate.storage.models import REVIEW_DECISIONS, AuditLogEntry, Dataset, Job, Review
 
-from .errors import ApiError, bounded_text
+from .errors import ApiError, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,29 @@ def refusal(principal: Principal, job: Job) -> ApiError | None:
     return None
 
 
-def review_input(body: Mapping, decisions: tuple[str, ...]) -> tuple[str, str]:
-    """A review request's decision (one of ``decisions``) and its required reason; a 400 naming the field."""
-    decision = body.get("decision")
-    if decision not in decisions:
-        raise ApiError(400, "invalid_request", f"decision must be one of {list(decisions)} (got {decision!r})",
-                       field="decision", allowed=list(decisions))
-    return decision, bounded_text(body, "reason", REASON_MAX_CHARS).strip()
+@record
+class ReviewRequest:
+    """A reviewer's decision on a flagged job: ``approve`` releases the checkpoint, ``reject`` withholds it."""
+
+    decision: Literal[REVIEW_DECISIONS]
+    reason: text(REASON_MAX_CHARS)
+
+
+@record
+class DatasetReviewRequest:
+    """A reviewer's decision on a flagged dataset: ``accept`` lets it train, ``reject`` refuses it for good."""
+
+    decision: Literal[DATASET_DECISIONS]
+    reason: text(REASON_MAX_CHARS)
+
+
+def review_input(body: Mapping | ReviewRequest | DatasetReviewRequest, cls) -> tuple[str, str]:
+    """A review's decision and its required reason (stripped): ``body`` is the record ``cls``, or a mapping read
+    for ``cls``'s fields alone (a reviewer page's form carries its CSRF token too); a 400 naming the field."""
+    if not isinstance(body, cls) and isinstance(body, Mapping):
+        body = {f.name: body[f.name] for f in fields(cls) if f.name in body}
+    review = parse_body(cls, body)
+    return review.decision, review.reason.strip()
 
 
 def commit_decision(session: Session, row: Job | Dataset, to_state: str, principal: Principal, decision: str,
@@ -71,14 +90,15 @@ def commit_decision(session: Session, row: Job | Dataset, to_state: str, princip
     session.refresh(row)
 
 
-def take_decision(session: Session, principal: Principal, job_id: str, body: Mapping) -> Job:
-    """Approve or reject the job ``job_id`` with ``body``'s ``decision`` and (required) ``reason``; commits.
+def take_decision(session: Session, principal: Principal, job_id: str, body: Mapping | ReviewRequest) -> Job:
+    """Approve or reject the job ``job_id`` with ``body``'s ``decision`` and (required) ``reason`` (a
+    ``ReviewRequest``, or a mapping of its fields); commits.
 
     Raises ``gate.auth.Forbidden`` for a caller who is not a reviewer, ``ApiError`` for a bad decision or
     reason (400), a missing job (404), a job not in review or decided concurrently (409), or a job of the
     reviewer's own tenant (403)."""
     require_role(principal, REVIEWER)
-    decision, reason = review_input(body, REVIEW_DECISIONS)
+    decision, reason = review_input(body, ReviewRequest)
     job = session.get(Job, job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
@@ -127,15 +147,16 @@ def dataset_refusal(principal: Principal, dataset: Dataset) -> ApiError | None:
     return None
 
 
-def decide_dataset(session: Session, principal: Principal, dataset_id: str, body: Mapping) -> Dataset:
+def decide_dataset(session: Session, principal: Principal, dataset_id: str,
+                   body: Mapping | DatasetReviewRequest) -> Dataset:
     """Accept or reject the flagged dataset ``dataset_id`` with ``body``'s ``decision`` and (required)
-    ``reason``; commits.
+    ``reason`` (a ``DatasetReviewRequest``, or a mapping of its fields); commits.
 
     Raises ``gate.auth.Forbidden`` for a caller who is not a reviewer, ``ApiError`` for a bad decision or
     reason (400), a missing dataset (404), a dataset not flagged or decided concurrently (409), or a dataset
     of the reviewer's own tenant (403)."""
     require_role(principal, REVIEWER)
-    decision, reason = review_input(body, DATASET_DECISIONS)
+    decision, reason = review_input(body, DatasetReviewRequest)
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r}")
