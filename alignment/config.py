@@ -19,7 +19,7 @@ import torch
 import yaml
 from pydantic import Field
 
-from auditing.config import ConfigError, from_mapping, record, section
+from auditing.config import ConfigError, from_mapping, record, section, text
 from auditing.render import RenderSettings
 
 from .adapt import Distribution
@@ -61,8 +61,8 @@ class OuterConfig:
 
 @record
 class AlignConfig:
-    model: str
-    output: str
+    model: text()
+    output: text()
     data: section(DataConfig)
     seed: Annotated[int, Field(ge=0, lt=2 ** 63)] = 0
     objective: section(ObjectiveConfig) = field(default_factory=ObjectiveConfig)

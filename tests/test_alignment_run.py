@@ -192,6 +192,7 @@ def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method,
     (('finetune = "finetune"', 'finetune = 3'), "data.finetune must name a folder or a probe CSV, or list several"),
     (("seed = 7", 'seed = 7\ndevice = "tpu"'), "device must match pattern '^(auto|cpu|cuda(:\\d+)?)$' (got 'tpu')"),
     (("seed = 7", 'seed = 7\nprecision = "fp64"'), "precision must be 'fp32', 'bf16' or 'fp16' (got 'fp64')"),
+    (('output = "out"', 'output = " "'), "output must not be blank (got ' ')"),
 ])
 def test_bad_config_fields_are_named(tmp_path, patch, message):
     text = CONFIG.format(harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference")
