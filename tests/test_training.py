@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from auditing.config import ConfigError
 from auditing.models.conditioning import encode_text, tokenize
 from auditing.models.hashing import weights_sha256
 from auditing.models.loading import ModelSourceError, load_pipeline, load_unet_weights
@@ -90,9 +91,21 @@ def dreambooth_job(tmp_path_factory):
     ("textual_inversion", {}, "method"),
 ])
 def test_settings_for_names_the_bad_field(method, hyperparameters, field):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:  # a ValueError
         settings_for(method, hyperparameters)
-    assert str(info.value).startswith(f"{field} "), info.value
+    assert info.value.field == field and str(info.value).startswith(f"{field} "), info.value
+    if method in HYPERPARAMETERS:  # under a prefix, as the API names it
+        with pytest.raises(ConfigError) as info:
+            settings_for(method, hyperparameters, "hyperparameters")
+        assert info.value.field == f"hyperparameters.{field}", info.value
+
+
+def test_a_json_integer_is_a_number_and_nothing_else_is():
+    settings = settings_for("lora", {"noise_offset": 1, "max_grad_norm": 2, "learning_rate": 1})
+    assert (settings.noise_offset, settings.max_grad_norm, settings.learning_rate) == (1.0, 2.0, 1.0)
+    for value in (True, "0.5", None):
+        with pytest.raises(ConfigError, match="^noise_offset "):
+            settings_for("lora", {"noise_offset": value})
 
 
 def test_settings_for_fills_defaults_per_method():

@@ -39,8 +39,8 @@ BODIES = {cls.__name__: cls for cls in (JobRequest, RequeueRequest, WebhookReque
 
 
 def _tidy(schema):
-    """Pydantic's schema as the document shows it: no generated per-property titles, docstrings' ````code````
-    as Markdown."""
+    """Pydantic's schema as the document shows it: no generated per-property titles, the docstrings' reST
+    literals (double backquotes) as Markdown code."""
     if isinstance(schema, list):
         return [_tidy(item) for item in schema]
     if not isinstance(schema, dict):
@@ -65,7 +65,7 @@ def _add(schemas: dict, name: str, cls) -> dict:
     return schema
 
 
-def _string_branch(prop: dict) -> dict:
+def _non_null(prop: dict) -> dict:
     """The non-null schema of a property (``X | None`` is ``anyOf: [X, null]``)."""
     return next((b for b in prop.get("anyOf", ()) if b.get("type") != "null"), prop)
 
@@ -76,7 +76,7 @@ def _limited(schema: dict, limits: Limits) -> dict:
         if name not in schema["properties"]:
             continue
         prop, limit = schema["properties"][name], getattr(limits, limit_name)
-        target = _string_branch(prop)
+        target = _non_null(prop)
         key = "maxLength" if target.get("type") == "string" else "maximum"
         target[key] = min(target.get(key, limit), limit)
         prop["description"] = "; ".join(filter(None, (prop.get("description"), f"at most the platform's {limit_name}")))
@@ -90,7 +90,7 @@ def _parameters(cls) -> list[dict]:
     for f in fields(cls):
         prop = dict(schema["properties"][f.name])
         description = prop.pop("description", None)
-        param_schema = {**_string_branch(prop), **({"default": prop["default"]} if prop.get("default") is not None
+        param_schema = {**_non_null(prop), **({"default": prop["default"]} if prop.get("default") is not None
                                                   else {})}
         out.append({"name": f.name, "in": "query", "required": f.name in schema.get("required", ()),
                     "schema": param_schema, **({"description": description} if description else {})})
