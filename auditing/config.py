@@ -14,21 +14,37 @@ used: ``limits.max_steps must be less than or equal to 1000000 (got 5000000)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 RECORD_CONFIG = ConfigDict(strict=True, extra="forbid")
+# pydantic's "Input should be ...", "Tuple should have ...": the project's errors say "must".
+_SHOULD = re.compile(r"^(?:Input|String|Value|Tuple|List|Dictionary|Set) should")
 
 
-def record(cls=None, /, **options):
+def record(cls=None, /, *, what: str = "", **options):
     """A frozen, keyword-only pydantic dataclass validated by ``RECORD_CONFIG`` (options: dataclass arguments,
-    e.g. ``kw_only=False``)."""
+    e.g. ``kw_only=False``). Building one directly (or ``dataclasses.replace``) refuses a bad value with a
+    ``ConfigError`` whose field is under ``what`` (``limits.max_steps``), never pydantic's own exception."""
     options = {"frozen": True, "kw_only": True, "config": RECORD_CONFIG, **options}
 
     def wrap(c):
-        return _pydantic_dataclass(c, **options)
+        c = _pydantic_dataclass(c, **options)
+        validate = c.__init__
+
+        @functools.wraps(validate)
+        def __init__(self, *args, **kwargs):
+            try:
+                validate(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise config_error(exc, what, c) from None
+
+        c.__init__ = __init__
+        return c
 
     return wrap if cls is None else wrap(cls)
 
@@ -46,7 +62,10 @@ class ConfigError(ValueError):
 def _dotted(prefix: str, loc: tuple) -> str:
     parts = [prefix] if prefix else []
     for item in loc:
-        parts[-1:] = [f"{parts[-1]}[{item}]"] if isinstance(item, int) and parts else [*parts, str(item)]
+        if isinstance(item, int) and parts:
+            parts[-1] = f"{parts[-1]}[{item}]"
+        else:
+            parts.append(str(item))
     return ".".join(parts)
 
 
@@ -59,10 +78,8 @@ def config_error(exc: ValidationError, prefix: str, cls=None) -> ConfigError:
     error = exc.errors(include_url=False)[0]
     kind, loc = error["type"], tuple(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
-    if isinstance(cause, ConfigError):  # a cross-field rule; its message starts with the field it names
-        if prefix and not cause.field.startswith(f"{prefix}."):
-            return ConfigError(f"{prefix}.{cause.field}", f"{prefix}.{cause}", **cause.detail)
-        return cause
+    if isinstance(cause, ConfigError):  # a cross-field rule or a nested record; it names its own field
+        return _under(prefix, cause)
     field = _dotted(prefix, loc) or prefix or "body"
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         allowed = _allowed(cls) if len(loc) == 1 else []
@@ -73,12 +90,17 @@ def config_error(exc: ValidationError, prefix: str, cls=None) -> ConfigError:
     if kind == "value_error":
         message = str(cause) if cause is not None else error["msg"].removeprefix("Value error, ")
         return ConfigError(field, message if message.startswith(field) else f"{field}: {message}")
-    text = error["msg"]
-    for subject in ("Input should", "String should", "Value should"):
-        text = text.replace(subject, "must", 1) if text.startswith(subject) else text
+    text = _SHOULD.sub("must", error["msg"], count=1)
     if not text.startswith("must"):
         text = f"is invalid: {text[0].lower()}{text[1:]}"
     return ConfigError(field, f"{field} {text} (got {_shown(error['input'])})")
+
+
+def _under(prefix: str, exc: ConfigError) -> ConfigError:
+    """``exc`` naming its field under ``prefix`` (its message starts with the field it names)."""
+    if not prefix or exc.field == prefix or exc.field.startswith(f"{prefix}."):
+        return exc
+    return ConfigError(f"{prefix}.{exc.field}", f"{prefix}.{exc}", **exc.detail)
 
 
 def _shown(value, max_chars: int = 80) -> str:
@@ -93,8 +115,8 @@ def from_mapping(cls, data: Any, what: str):
         raise ConfigError(what, f"{what} must be an object/table (got {data!r})")
     try:
         return cls(**data)
-    except ValidationError as exc:
-        raise config_error(exc, what, cls) from None
+    except ConfigError as exc:
+        raise _under(what, exc) from None
     except TypeError as exc:  # keys that are not identifiers
         raise ConfigError(what, f"{what}: {exc}") from None
 
@@ -104,7 +126,7 @@ def section(cls):
     only); its errors name ``field.inner``."""
 
     def build(value, info: ValidationInfo):
-        return from_mapping(cls, value, info.field_name) if isinstance(value, dict) else value
+        return value if isinstance(value, cls) else from_mapping(cls, value, info.field_name)
 
     return Annotated[cls, BeforeValidator(build)]
 

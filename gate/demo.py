@@ -99,9 +99,8 @@ def _upload(customer: Client, name: str, contamination: float) -> dict:
             print(f"customer's {name} dataset {dataset['id']}: {dataset['status']}")
 
     dataset = customer.upload_dataset(customer_zip(contamination), name=name, filename=f"{name}.zip", on_poll=show)
-    scanner = (dataset["intake"] or {}).get("scanner") or {}
     print(f"customer uploaded {name} dataset {dataset['id']}: {dataset['status']}, {dataset['image_count']} images, "
-          f"contamination {dataset['contamination_ratio']} ({scanner.get('name', 'no scan')})"
+          f"contamination {dataset['contamination_ratio']}"
           + (f"; refused: {dataset['refusal']['message']}" if dataset["refusal"] else ""))
     return dataset
 

@@ -15,7 +15,6 @@ are started from different directories and must find the same state.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from auditing.config import ConfigError, config_error, record, section
+from auditing.config import ConfigError, record, section
 from auditing.verdict import VerdictPolicy
 
 log = logging.getLogger(__name__)
@@ -51,28 +50,7 @@ Hours = Annotated[int, Field(ge=1, le=24 * 365)]
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-def raises_config_error(prefix: str):
-    """A record decorator: its constructor (and so ``dataclasses.replace``) raises ``ConfigError`` naming the
-    field under ``prefix``, as the loader does, instead of pydantic's ``ValidationError``."""
-
-    def wrap(cls):
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            try:
-                init(self, *args, **kwargs)
-            except ValidationError as exc:
-                raise config_error(exc, prefix, cls) from None
-
-        cls.__init__ = __init__
-        return cls
-
-    return wrap
-
-
-@raises_config_error("limits")
-@record
+@record(what="limits")
 class Limits:
     """What one customer may ask of the platform; each field's bounds are in its type (and the JSON schema)."""
 
@@ -136,7 +114,6 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-@raises_config_error("")
 @record
 class Settings:
     state_dir: Path

@@ -45,7 +45,7 @@ def lora(world, examples, hyperparameters, out):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("timesteps", [], "is invalid: tuple should have at least 1 item after validation, not 0"),
+    ("timesteps", [], "must have at least 1 item after validation, not 0"),
     ("timesteps", [10, 10], "must be distinct (got [10, 10])"),
     ("timesteps", [10, -1], "must be greater than or equal to 0 (got -1)"),
     ("noise_draws", 0, "must be greater than or equal to 1 (got 0)"),

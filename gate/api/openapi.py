@@ -159,10 +159,14 @@ SCHEMAS = {
         "contamination_ratio": {"type": ["number", "null"], "description": "the deciding detector's"},
         "created_at": _TIME}},
     "DatasetDetail": {"allOf": [{"$ref": "#/components/schemas/Dataset"}, {"type": "object", "properties": {
-        "intake": {"type": ["object", "null"], "description": "what the intake found: images, layout, and the "
-                                                              "deciding detector's unsafe_images and scanner, every "
-                                                              "detector's flagged files, the figures per detector",
+        "intake": {"type": ["object", "null"], "description": "what the intake found. Customers: images, layout, "
+                   "upload_bytes, ignored, the deciding detector's unsafe_images and contamination (the unsafe "
+                   "share), and flagged (their files any detector called unsafe), with no detector's name, options "
+                   "or per-detector figures. Reviewers and operators also get scanner (the deciding detector's "
+                   "name, version and rule) and scans (the figures per detector, keyed by detector and options)",
                    "properties": {"images": {"type": "integer"}, "unsafe_images": {"type": "integer"},
+                                  "contamination": {"type": "number"}, "upload_bytes": {"type": "integer"},
+                                  "ignored": {"type": "array", "items": {"type": "string"}},
                                   "flagged": {"type": "array", "items": {"type": "string"}},
                                   "layout": {"type": "string"}, "scanner": {"type": "object"},
                                   "scans": {"type": "object", "additionalProperties": {"type": "object"}}}},

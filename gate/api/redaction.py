@@ -103,16 +103,11 @@ def customer_report(report: dict) -> dict:
 
 
 def customer_refusal(refusal: Any) -> dict | None:
-    """An intake refusal as a customer reads it. A refusal for contamination names the detector that refused the
-    upload and its rule, so its message is written again from the figures; the other refusals (the archive's
-    checks) name only the customer's files."""
+    """An intake refusal as a customer reads it: its status, reason, message and files (a contamination refusal's
+    message gives the figures and the limit, never the detector: ``gate.intake.scan``)."""
     if not isinstance(refusal, dict):
         return None
-    shown = {key: refusal[key] for key in ("status", "reason", "message", "files") if key in refusal}
-    if refusal.get("reason") == "contaminated":
-        shown["message"] = (f"{len(refusal.get('files', []))} images of the upload are unsafe, more than the gate "
-                            "accepts (contamination_reject_ratio)")
-    return shown
+    return {key: refusal[key] for key in ("status", "reason", "message", "files") if key in refusal}
 
 
 # Intake record field -> True (the value as is) or a function that builds the customer's value.

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from auditing.config import ConfigError, record
 from gate.logs import printable  # file names in messages: a zip entry cannot forge log lines
-from gate.settings import Ratio, raises_config_error
+from gate.settings import Ratio
 
 MiB = 1 << 20
 
@@ -76,7 +76,6 @@ class IntakeError(ValueError):
 Count = Annotated[int, Field(ge=1)]
 
 
-@raises_config_error("")
 @record
 class IntakeLimits:
     """Limits on one upload. Sizes are bytes; ratios are fractions of the dataset's images."""

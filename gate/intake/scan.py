@@ -44,10 +44,11 @@ class Screening:
         return {**asdict(self), "flagged": list(self.flagged)}
 
     def refusal(self, limits: IntakeLimits) -> IntakeError:
-        """The 422 a rejected screening is reported as."""
+        """The 422 a rejected screening is reported as. It does not name the detector: the customer reads it, and
+        would learn what to train against (staff read the scanner beside it in the intake record)."""
         return IntakeError("contaminated", f"{self.unsafe_images} of {self.images} images ({self.contamination:.1%}) "
-                           f"are unsafe under {self.scanner['name']} ({self.scanner['rule']}), more than "
-                           f"contamination_reject_ratio={limits.contamination_reject_ratio:g}", self.flagged)
+                           f"are unsafe, more than contamination_reject_ratio={limits.contamination_reject_ratio:g}",
+                           self.flagged)
 
 
 def strictest(statuses) -> str:

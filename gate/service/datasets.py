@@ -57,6 +57,7 @@ def require_trainable(session: Session, principal: Principal, dataset: Dataset, 
             dispatcher.dataset(dataset.id)
         except Exception:  # the broker is away: the reaper dispatches a screening whose dispatch is overdue
             log.exception("dataset %s: its screening could not be dispatched; the reaper will send it", dataset.id)
-    raise ApiError(409, "dataset_screening", f"dataset {dataset.id} was never scanned with {name}, the detector "
-                                             f"base model {base_model.id} audits with; it is being screened now: "
-                                             f"{wait}", field="dataset", dataset_status="screening")
+    # The customer is not told which detector: it would say what to train against (docs/threat-model.md).
+    raise ApiError(409, "dataset_screening", f"dataset {dataset.id} was never screened for what base model "
+                                             f"{base_model.id} is audited for; it is being screened now: {wait}",
+                   field="dataset", dataset_status="screening")
