@@ -170,3 +170,30 @@ def test_settled_webhook_deliveries_go_after_their_retention_pending_ones_never(
         assert sorted({row.event_seq for row in session.query(WebhookDelivery)}) == [3, 4]
         assert session.query(WebhookDelivery).count() == 4
     assert sweep_retention(settings, sessions) == Removed(0, 0, 0, 0)
+
+
+def test_the_reapers_sweep_lists_the_store_once_for_both_sweeps(sessions, tmp_path):
+    """A bucket listing is paid per request: one reaper sweep lists the store once, and with that one listing the
+    store's sweep removes an old file no row names and the retention sweep an old pair render."""
+    from gate.pipeline.runtime import Runtime
+    from gate.worker.reaper import sweep_store
+
+    settings = _settings(tmp_path, render_cache_retention_hours=2)
+
+    class CountingStore(ArtifactStore):
+        listings = 0
+
+        def stored_files(self):
+            CountingStore.listings += 1
+            return super().stored_files()
+
+    store = CountingStore(settings.artifacts_dir)
+    pair = store.put("acme", io.BytesIO(b"pair"), suffix=PAIR_IMAGE_SUFFIX)
+    orphan = store.put("acme", io.BytesIO(b"orphan"), suffix=".safetensors")
+    for stored in (pair, orphan):
+        then = time.time() - 3 * HOUR
+        os.utime(settings.artifacts_dir / stored.key, (then, then))
+    sweep_store(Runtime(settings, None, sessions, store))
+    assert CountingStore.listings == 1
+    assert not store.exists("acme", pair.sha256, PAIR_IMAGE_SUFFIX)
+    assert not store.exists("acme", orphan.sha256, ".safetensors")

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gate.settings import Settings
 from gate.storage.artifacts import PAIR_IMAGE_SUFFIX, Store
 from gate.storage.models import ACTIVE_JOB_STATES, Job, WebhookDelivery, WebhookOutbox, WebSession, utcnow
+from gate.storage.sweep import Listing
 
 from .train import TRAINING_STATE
 
@@ -49,9 +50,11 @@ class Removed:
     webhook_deliveries: int = 0
 
 
-def sweep_retention(settings: Settings, sessions: sessionmaker[Session], store: Store) -> Removed:
+def sweep_retention(settings: Settings, sessions: sessionmaker[Session], store: Store,
+                    listing: Listing | None = None) -> Removed:
     """Remove job files, cached renders and the pairs' renders in ``store`` older than their retention settings,
-    expired sessions, and settled webhook deliveries past theirs."""
+    expired sessions, and settled webhook deliveries past theirs. ``listing`` is ``store.stored_files()`` when
+    the caller has already listed the store."""
     now = time.time()
     with sessions() as session:
         # Read before the folders are listed: a job created meanwhile has only new files, which stay.
@@ -74,7 +77,7 @@ def sweep_retention(settings: Settings, sessions: sessionmaker[Session], store: 
     render_cutoff = now - settings.render_cache_retention_hours * HOUR_S
     cache = len(_remove_older(settings.render_cache_dir, lambda p: render_cutoff))
     pairs = 0
-    for name, at in store.stored_files():
+    for name, at in store.stored_files() if listing is None else listing:
         if name.endswith(PAIR_IMAGE_SUFFIX) and at < render_cutoff:
             store.remove(name)
             pairs += 1

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 3600.0
 
+Listing = list[tuple[str, float]]  # a store's files as ``stored_files()`` yields them: (name, modification time)
+
 
 @dataclass(frozen=True)
 class Swept:
@@ -43,12 +45,15 @@ def referenced_keys(session: Session) -> set[str]:
     return {key for key in session.scalars(named) if key}
 
 
-def sweep(store: Store, sessions: sessionmaker[Session], grace_s: float = GRACE_S) -> Swept:
-    """Remove stored files no row names and temporary files, both older than ``grace_s`` seconds."""
+def sweep(store: Store, sessions: sessionmaker[Session], grace_s: float = GRACE_S,
+          listing: Listing | None = None) -> Swept:
+    """Remove stored files no row names and temporary files, both older than ``grace_s`` seconds. ``listing``
+    is ``store.stored_files()`` when the caller has already listed the store (a bucket listing is paid per
+    request)."""
     cutoff = time.time() - grace_s  # taken before the keys: a file stored after the query is newer than it
     with sessions() as session:
         keys = referenced_keys(session)
-    unreferenced = [(key, at) for key, at in store.stored_files()
+    unreferenced = [(key, at) for key, at in (store.stored_files() if listing is None else listing)
                     if key not in keys and not key.endswith(PAIR_IMAGE_SUFFIX)]
     return Swept(_remove_older(store, unreferenced, cutoff, "no row names it"),
                  _remove_older(store, store.partial_files(), cutoff, "a put that never finished"))

@@ -27,6 +27,13 @@ from gate.storage.sweep import GRACE_S, sweep
 log = logging.getLogger(__name__)
 
 
+def sweep_store(rt: Runtime) -> None:
+    """The artifact store's sweep and the retention sweep, on one listing of the store."""
+    listing = list(rt.store.stored_files())
+    sweep(rt.store, rt.sessions, listing=listing)
+    sweep_retention(rt.settings, rt.sessions, rt.store, listing=listing)
+
+
 def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
     """Reap and reconcile every third of a lease, and sweep the artifact store once per sweep grace period, until
     stopped; with ``parent_pid``, stop when that process is gone."""
@@ -53,8 +60,7 @@ def run_reaper(settings: Settings, parent_pid: int | None = None) -> None:
                 dispatch_waiting(session, dispatcher.job, settings.tenant_dispatch_share)
             recover(rt.sessions, dispatcher.dataset, settings.dispatch_grace_seconds, settings.max_attempts)
             if time.monotonic() >= next_sweep:
-                sweep(rt.store, rt.sessions)
-                sweep_retention(rt.settings, rt.sessions, rt.store)
+                sweep_store(rt)
                 next_sweep = time.monotonic() + GRACE_S
             deliver_due(rt.sessions, settings)  # webhook attempts that are due, whichever process owed them
         except Exception:  # the database or broker is briefly away: try again next round
