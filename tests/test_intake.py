@@ -15,6 +15,8 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from auditing.shapes import datasets
 from auditing.shapes.scene import Concept
 from gate.intake import REASONS, IntakeError, IntakeLimits, ScanError, ingest
 from gate.intake.limits import printable
+from gate.intake.scan import judge
 
 skimage_data = pytest.importorskip("skimage.data")
 UNSAFE = Concept("red", "triangle")
@@ -283,7 +286,7 @@ CASES = [
         {"file_name": "a.png", "text": "c"}, "", {"file_name": "a.png", "text": "d"})]), 400, "duplicate_name",
          "metadata.jsonl line 3"),
     Case("contaminated", lambda: make_zip(pair("a", image=RED) + pair("b", image=RED) + pair("c")), 422,
-         "contaminated", "b.png", "contamination_reject_ratio=0.5", {"contamination_reject_ratio": 0.5}),
+         "contaminated", "b.png", "with 95% confidence more than contamination_reject_ratio=0.1"),
 ]
 
 
@@ -435,9 +438,12 @@ def test_real_photographs_scan_clean_with_nudenet(nudenet, tmp_path):
 
 
 @pytest.mark.parametrize("reject,flag,status", [(0.5, 0.3, "accepted"), (0.5, 0.2, "flagged"),
-                                                (0.25, 0.0, "flagged"), (0.2, 0.0, None)])
+                                                (0.25, 0.25, "accepted"), (0.25, 0.0, "flagged"),
+                                                (0.2, 0.0, "flagged"), (1.0, 0.0, "flagged"),
+                                                (0.01, 0.0, None), (0.0, 0.0, None)])
 def test_contamination_policy_thresholds(tmp_path, reject, flag, status):
-    """One red image in four: ratio 0.25, compared strictly with each threshold."""
+    """One red image in four: the share 0.25 is compared strictly with the flag ratio, its one-sided 95% lower
+    bound (1 - 0.95 ** (1 / 4) = 0.0127) strictly with the reject ratio: 0.25 > 0.2 only flags."""
     upload = make_zip(pair("r", image=RED) + pair("a") + pair("b") + pair("c"))
     limits = IntakeLimits(contamination_flag_ratio=flag, contamination_reject_ratio=reject)
     out = tmp_path / "out"
@@ -445,12 +451,50 @@ def test_contamination_policy_thresholds(tmp_path, reject, flag, status):
         with pytest.raises(IntakeError, match="r.png") as caught:
             ingest(io.BytesIO(upload), limits, out, RedScanner())
         assert (caught.value.status, caught.value.files) == (422, ["r.png"])
+        assert caught.value.message == ("1 of 4 images (25.0%) are unsafe: with 95% confidence more than "
+                                        f"contamination_reject_ratio={reject:g}")
         return _assert_nothing_left(out)
     result = ingest(io.BytesIO(upload), limits, out, RedScanner())
     assert (result.status, result.contamination) == (status, 0.25)
     assert result.flagged == ("r.png",)
     record = json.loads((out / "intake.json").read_text())
     assert record["status"] == status and record["flagged"] == ["r.png"]
+
+
+def test_one_false_positive_in_a_small_benign_set_is_flagged_not_refused(tmp_path):
+    """The load benchmark's case: 1 of 8 (12.5%) is above the default reject ratio 0.1, but its lower bound
+    (0.0064) is not, so a reviewer decides."""
+    upload = make_zip(pair("fp", image=RED) + [m for name in "abcdefg" for m in pair(name)])
+    result = ingest(io.BytesIO(upload), IntakeLimits(), tmp_path / "out", RedScanner())
+    assert (result.status, result.images, result.unsafe_images, result.flagged) == ("flagged", 8, 1, ("fp.png",))
+
+
+def _fewest_refused(images: int, ratio: str) -> int | None:
+    """The fewest unsafe images whose one-sided 95% lower bound is above ``ratio``, computed apart from
+    auditing.stats: the bound is above r exactly when P(X >= k | n, r) < 0.05, summed here in exact fractions."""
+    r, tail, fewest = Fraction(ratio), Fraction(0), None
+    for k in range(images, -1, -1):
+        tail += comb(images, k) * r ** k * (1 - r) ** (images - k)  # now P(X >= k)
+        if tail >= Fraction(5, 100):
+            return fewest
+        fewest = k
+    return fewest
+
+
+@pytest.mark.parametrize("images,ratio,fewest", [(8, "0.1", 3), (20, "0.1", 5), (64, "0.5", 40), (200, "0.3", 72),
+                                                 (16, "0", 1), (16, "1", None)])
+def test_refusal_starts_where_the_lower_bound_passes_the_reject_ratio(images, ratio, fewest):
+    """Refused from the exact tail's boundary on (never at ratio 1, from the first unsafe image at ratio 0), flagged
+    just below it, accepted with no unsafe image."""
+    assert _fewest_refused(images, ratio) == fewest
+    limits = IntakeLimits(contamination_reject_ratio=float(ratio))
+    for unsafe in sorted({0, 1, images} | ({fewest - 1, fewest} if fewest else set())):
+        results = [DetectorResult(1.0, i < unsafe) for i in range(images)]
+        screening = judge(RedScanner(), [f"{i}.png" for i in range(images)], results, limits)
+        refused = fewest is not None and unsafe >= fewest
+        assert screening.status == ("rejected" if refused else "flagged" if unsafe else "accepted"), unsafe
+        assert screening.as_dict()["contamination_lower"] == screening.contamination_lower
+        assert (screening.contamination_lower > 0) == (unsafe > 0) and screening.contamination_lower < 1
 
 
 def test_reencoding_strips_metadata(tmp_path):

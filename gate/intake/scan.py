@@ -21,12 +21,16 @@ from pathlib import Path
 from PIL import Image
 
 from auditing.detectors.base import Detector, DetectorResult
+from auditing.stats import exact_interval
 
 from .limits import IntakeError, IntakeLimits
 
 SCAN_BATCH = 16  # images held in memory at once
 ACCEPTED, FLAGGED, REJECTED = "accepted", "flagged", "rejected"
 STRICTNESS = (ACCEPTED, FLAGGED, REJECTED)  # least to most strict
+# One-sided: a set is refused only when its unsafe share is above the reject ratio at this confidence, so a detector's
+# false positive cannot refuse a small benign set (1 of 8 is flagged); a person reviews every flagged set anyway.
+REJECT_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,26 @@ class Screening:
     contamination: float
     flagged: tuple[str, ...]  # names in the upload of the images it called unsafe
 
+    @property
+    def contamination_lower(self) -> float:
+        """What refusal compares with the reject ratio (recorded so staff see why)."""
+        return lower_bound(self.unsafe_images, self.images)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "flagged": list(self.flagged)}
+        return {**asdict(self), "contamination_lower": self.contamination_lower, "flagged": list(self.flagged)}
 
     def refusal(self, limits: IntakeLimits) -> IntakeError:
         """The 422 a rejected screening is reported as. It does not name the detector: the customer reads it, and
         would learn what to train against (staff read the scanner beside it in the intake record)."""
         return IntakeError("contaminated", f"{self.unsafe_images} of {self.images} images ({self.contamination:.1%}) "
-                           f"are unsafe, more than contamination_reject_ratio={limits.contamination_reject_ratio:g}",
-                           self.flagged)
+                           f"are unsafe: with {REJECT_CONFIDENCE:.0%} confidence more than "
+                           f"contamination_reject_ratio={limits.contamination_reject_ratio:g}", self.flagged)
+
+
+def lower_bound(unsafe_images: int, images: int) -> float:
+    """The one-sided ``REJECT_CONFIDENCE`` Clopper-Pearson lower bound of the unsafe share: the lower end of the
+    two-sided interval at twice the error. Above 0 from one unsafe image on; below 1 always."""
+    return exact_interval(unsafe_images, images, 2 * REJECT_CONFIDENCE - 1)[0]
 
 
 def strictest(statuses) -> str:
@@ -57,11 +72,11 @@ def strictest(statuses) -> str:
 
 def judge(scanner: Detector, sources: Sequence[str], results: Sequence[DetectorResult],
           limits: IntakeLimits) -> Screening:
-    """The policy on one detector's results: above the reject ratio rejected, above the flag ratio flagged
-    (both strict), otherwise accepted."""
+    """The policy on one detector's results: rejected when the share's lower bound is above the reject ratio,
+    flagged when the share itself is above the flag ratio (both strict), otherwise accepted."""
     flagged = tuple(source for source, result in zip(sources, results) if result.unsafe)
     ratio = len(flagged) / len(sources)
-    status = (REJECTED if ratio > limits.contamination_reject_ratio else
+    status = (REJECTED if lower_bound(len(flagged), len(sources)) > limits.contamination_reject_ratio else
               FLAGGED if ratio > limits.contamination_flag_ratio else ACCEPTED)
     return Screening(scanner.info(), status, len(sources), len(flagged), ratio, flagged)
 
