@@ -313,7 +313,7 @@ def test_dataset_review_refusals(env):
     (make_zip({"a.png": png()}), 400, "missing_caption"),
     (make_zip({"a.png": png(), "a.txt": b"x", "inner.zip": b"PK"}), 415, "nested_archive"),
     (make_zip({"a.png": b"GIF89a not really", "a.txt": b"caption"}), 415, "format_not_allowed"),
-    (good_zip(n=4, red=2), 422, "contaminated"),
+    (good_zip(n=4, red=3), 422, "contaminated"),
 ])
 def test_refused_upload_ends_rejected_with_its_reason_and_no_prepared_set(env, data, status, reason):
     """The intake's refusal is the dataset's: ``rejected``, with the status and reason the intake gives; only the

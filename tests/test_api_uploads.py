@@ -486,10 +486,11 @@ CASES = [
     Case("gzip-named-txt", lambda: zip_of(*pair("a", caption=gzip.compress(b"a caption"))), "nested_archive",
          ["a.txt"]),
     # policy
-    Case("contaminated", lambda: good_zip(n=4, red=2), "contaminated", ["img0.png", "img1.png"],
-         "contamination_reject_ratio=0.1"),
-    Case("contaminated-imagefolder", lambda: zip_of(("a.png", RED), ("b.png", png()), metadata(
-        {"file_name": "a.png", "text": "red"}, {"file_name": "b.png", "text": "blue"})), "contaminated", ["a.png"]),
+    Case("contaminated", lambda: good_zip(n=4, red=3), "contaminated", ["img0.png", "img1.png", "img2.png"],
+         "3 of 4 images (75.0%) are unsafe: with 95% confidence more than contamination_reject_ratio=0.1"),
+    Case("contaminated-imagefolder", lambda: zip_of(("a.png", RED), ("b.png", RED), metadata(
+        {"file_name": "a.png", "text": "red"}, {"file_name": "b.png", "text": "red"})), "contaminated",
+         ["a.png", "b.png"]),
 ]
 
 
@@ -504,6 +505,14 @@ def test_a_good_upload_passes_on_these_limits(env):
     for data in (good(), good_zip(n=4, red=0), imagefolder({"file_name": "a.png", "text": "c"})):
         r = env.upload(data)
         assert r.status_code == 202 and r.json["status"] == "accepted", r.json
+
+
+def test_a_share_above_the_reject_ratio_on_too_few_images_is_flagged_not_refused(env):
+    """2 of 4 (50%) is above contamination_reject_ratio=0.1, but its one-sided 95% lower bound (9.8%) is not:
+    a reviewer decides (gate.intake.scan.REJECT_CONFIDENCE)."""
+    r = env.upload(good_zip(n=4, red=2))
+    assert r.status_code == 202 and r.json["status"] == "flagged", r.json
+    assert (r.json["intake"]["unsafe_images"], r.json["intake"]["flagged"]) == (2, ["img0.png", "img1.png"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -351,7 +351,7 @@ def test_customers_read_the_decision_not_the_detectors_staff_read_everything(env
     assert customer["intake"]["flagged"] == ["g00.png"] and customer["intake"]["unsafe_images"] == 1
     refusal = status(env, rejected)["refusal"]
     assert refusal["reason"] == "contaminated" and len(refusal["files"]) == 5 and "5 of 20 images" in refusal["message"]
-    assert "contamination_reject_ratio" in refusal["message"]
+    assert "with 95% confidence more than contamination_reject_ratio=0.1" in refusal["message"]
 
     owner, operator = sign_in(env, "a"), sign_in(env, "op")
     for dataset in (flagged, rejected):
