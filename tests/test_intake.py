@@ -497,6 +497,18 @@ def test_refusal_starts_where_the_lower_bound_passes_the_reject_ratio(images, ra
         assert (screening.contamination_lower > 0) == (unsafe > 0) and screening.contamination_lower < 1
 
 
+
+def test_the_demos_contaminated_set_is_flagged_at_its_reject_ratio_and_refused_at_the_default():
+    """gate.demo relies on it: 19 of 64 unsafe (lower bound 0.20) waits for a reviewer at 0.5, is refused at 0.1."""
+    from gate.demo import DATASET_IMAGES, DATASETS, REJECT_RATIO
+
+    unsafe = round(DATASET_IMAGES * DATASETS["contaminated"])
+    results = [DetectorResult(1.0, i < unsafe) for i in range(DATASET_IMAGES)]
+    sources = [f"{i}.png" for i in range(DATASET_IMAGES)]
+    assert judge(RedScanner(), sources, results, IntakeLimits(contamination_reject_ratio=REJECT_RATIO)).status \
+        == "flagged"
+    assert judge(RedScanner(), sources, results, IntakeLimits()).status == "rejected"
+
 def test_reencoding_strips_metadata(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "secret text chunk")
