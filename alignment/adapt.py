@@ -27,6 +27,7 @@ from .functional import Params, lora_init, lora_merge
 OPTIMISERS = ("sgd", "adam")
 FT_LOSSES = ("standard", "prior")
 METHODS = ("full", "lora")
+SAMPLINGS = ("uniform", "stratified")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ class Distribution:
 
     Defaults are the paper's grid. Its exclusion of "unstable combinations (large lr x
     many steps)" is made concrete as ``learning_rate * steps <= max_lr_steps``: with the
-    default 1e-3 the pairs (1e-4, 20) and (1e-4, 30) are excluded.
+    default 1e-3 the pairs (1e-4, 20) and (1e-4, 30) are excluded. ``sampling = "stratified"``
+    (beyond the paper; see ``ConfigSampler``) cycles through the (optimizer, method) classes.
     """
 
     learning_rates: several(Annotated[float, Field(gt=0, le=1)]) = (1e-4, 1e-5, 1e-6)
@@ -181,6 +183,7 @@ class Distribution:
     batch_sizes: several(Annotated[int, Field(ge=1)]) = (4,)
     lora_rank: Annotated[int, Field(ge=1)] = 4
     max_lr_steps: Annotated[float, Field(gt=0)] = 1e-3
+    sampling: Literal[SAMPLINGS] = "uniform"
 
     def __post_init__(self):
         if not self.grid():
@@ -194,3 +197,30 @@ class Distribution:
 
     def sample(self, rng: random.Random) -> FineTuneConfig:
         return rng.choice(self.grid())
+
+
+class ConfigSampler:
+    """Draws the outer loop's C ~ pi(C) from the aligner's ``random.Random``.
+
+    ``uniform`` (the paper) is ``Distribution.sample``. ``stratified`` partitions the grid into its
+    (optimizer, method) classes, which move the model by very different amounts, and lets successive
+    draws cycle through them in a shuffled order, a fresh permutation each time a cycle ends, so every
+    class gets its share of samples whatever the class sizes; within a class C is drawn uniformly.
+    ``pending`` (the rest of the current cycle) is the sampler's only state; checkpoints keep it.
+    """
+
+    def __init__(self, distribution: Distribution):
+        self.distribution = distribution
+        classes: dict[tuple[str, str], list[FineTuneConfig]] = {}
+        for config in distribution.grid():
+            classes.setdefault((config.optimizer, config.method), []).append(config)
+        self.classes = list(classes.values())
+        self.pending: list[int] = []
+
+    def draw(self, rng: random.Random) -> FineTuneConfig:
+        if self.distribution.sampling == "uniform":
+            return self.distribution.sample(rng)
+        if not self.pending:
+            self.pending = list(range(len(self.classes)))
+            rng.shuffle(self.pending)
+        return rng.choice(self.classes[self.pending.pop(0)])

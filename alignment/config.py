@@ -57,6 +57,10 @@ class OuterConfig:
     scope: Literal[SCOPES] = "attention-lora"
     lora_rank: Annotated[int, Field(ge=1, le=1024)] = 4
     checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    # Beyond the paper (docs/alignment.md): a sample whose relative drift ||theta* - theta|| / ||theta|| is below
+    # min_drift is redrawn, at most max_redraws times; None: never (the paper).
+    min_drift: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_redraws: Annotated[int, Field(ge=1, le=20)] = 3
 
 
 @record

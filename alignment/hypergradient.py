@@ -42,7 +42,9 @@ from .hvp import HVP_BACKENDS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("moreau", "first-order", "unrolled")
+# "first-order" (x = g) and "unrolled" are ablations; "random-perturbation" is the control beyond the paper: ADAPT's
+# theta* replaced by an isotropic step of the same norm, x = grad L_harm there (outer.py, docs/alignment.md).
+METHODS = ("moreau", "first-order", "unrolled", "random-perturbation")
 DIVERGED = 1e6  # a step this many times the first proves growth: the solve stops before it overflows
 SETTLED = 1e-6  # a step this small against the first has converged to rounding; its ratio is noise
 

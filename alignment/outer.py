@@ -5,14 +5,20 @@ Each outer step:
   2. for j = 1..J: draw C ~ pi(C) and fine-tuning batches, theta*_j = ADAPT(theta, D, C),
      and the hypergradient x_j of L_harm(theta*_j) (Moreau / first-order / unrolled); a "full"
      configuration fine-tunes every UNet parameter, and x_j is the scope's part of its solution;
+     each sample's drift ||theta*_j - theta|| / ||theta|| over the weights ADAPT trained is recorded;
   3. the gradient of Eq. 3 with the first-order meta approximation,
      ``(1 - beta) grad L_harm(theta) + alpha grad R(theta) + (beta / J) sum_j x_j``,
      pushed through the scope (for attention-LoRA, through the merge into the weights);
   4. gradient clipping and one AdamW step.
 
+Beyond the paper, each off by default (docs/alignment.md): ``outer.min_drift`` rejects a sample whose drift
+is below it before any solve and redraws it; ``distribution.sampling = "stratified"`` cycles through the
+(optimizer, method) classes of pi(C); ``hypergradient.method = "random-perturbation"`` is the control that
+replaces theta* by theta plus an isotropic step of the same length.
+
 All randomness comes from one torch generator and one ``random.Random`` owned by the
 aligner, so a run is a function of its seed, and a checkpoint of (parameters, optimiser
-state, both generators, step) resumes it bit for bit.
+state, both generators, the stratified sampler's cycle, step) resumes it bit for bit.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from auditing.config import ConfigError
 from auditing.files import atomic_write
 from auditing.models.conditioning import encode_text
 from auditing.models.denoising import training_scheduler
 
-from .adapt import FineTuneConfig, adapt
-from .config import AlignConfig
+from .adapt import ConfigSampler, FineTuneConfig, adapt
+from .config import AlignConfig, config_from_mapping
 from .data import AlignmentData, EncodedSet
 from .functional import Batch, Denoiser, Params, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
 from .functional import scope_names as names_for_scope
@@ -58,9 +65,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _no_solve() -> dict:
-    """What a sample records when no Richardson solve ran (first-order, unrolled)."""
+    """What a sample records when no Richardson solve ran (first-order, unrolled, random-perturbation)."""
     return {"gamma": None, "contraction": None, "omega": None, "relaxations": [], "backoffs": [], "fallback": False,
             "iterations": None, "products": 0}
+
+
+def _distance(a: Params, b: Params, names: list[str]) -> float:
+    """||a - b|| over ``names``, one tensor's difference at a time (a full configuration's are the whole UNet)."""
+    with torch.no_grad():
+        return float(torch.sqrt(sum(((a[k].detach() - b[k]).float() ** 2).sum() for k in names)))
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """One drawn configuration after ADAPT, before its hypergradient."""
+
+    config: FineTuneConfig
+    start: Params  # where ADAPT started: theta, with the rest of the UNet for a "full" configuration
+    star: Params  # theta* (on the tape for "unrolled")
+    moved: list[str]  # what ADAPT trains, the drift's space: all of start ("full"), the attention weights ("lora")
+    distance: float  # ||theta* - theta|| over moved
+    drift: float  # distance / ||theta|| over moved
+    finetune_sampler: tuple[random.Random | None, torch.Generator | None]  # the Hessian batch continues its draws
+    leaves: Params | None = None  # "unrolled": the copies of theta ADAPT ran from, on the tape
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,9 @@ class SampleResult:
     config: FineTuneConfig
     harm_after: float
     hypergradient_norm: float
+    drift: float
+    accepted: bool  # drift >= outer.min_drift (always with min_drift off); False: kept after max_redraws
+    rejected: list  # the draws redrawn before it: configuration and drift each
     gamma: float | None
     contraction: float | None
     omega: float | None
@@ -79,7 +109,8 @@ class SampleResult:
 
     def as_dict(self) -> dict:
         return {"config": self.config.as_dict(), "L_harm_star": self.harm_after,
-                "hypergradient_norm": self.hypergradient_norm, "gamma": self.gamma,
+                "hypergradient_norm": self.hypergradient_norm, "drift": self.drift, "accepted": self.accepted,
+                "redraws": len(self.rejected), "rejected": self.rejected, "gamma": self.gamma,
                 "contraction": self.contraction, "omega": self.omega, "relaxations": self.relaxations,
                 "backoffs": self.backoffs, "fallback": self.fallback, "iterations": self.iterations,
                 "products": self.products}
@@ -103,6 +134,7 @@ class Aligner:
         self.rest = {n: t.detach() for n, t in own.items() if n not in self.base}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
+        self.sampler = ConfigSampler(config.distribution)
         if config.outer.scope == "attention-lora":
             leaves = lora_init(self.base, config.outer.lora_rank, self.generator)
         else:
@@ -150,11 +182,9 @@ class Aligner:
         return FineTuneBatch(data, draw, prior, prior_draw)
 
     # -- one outer step ---------------------------------------------------------------------
-    def _hypergradient(self, theta: Params, config: FineTuneConfig, harm_batch: Batch,
-                       harm_draw: Draw) -> tuple[float, Params, dict]:
-        """L_harm(theta*) and the hypergradient x for one sampled configuration."""
+    def _adapt(self, theta: Params, config: FineTuneConfig) -> Adapted:
+        """Fine-tuning batches for ``config`` and theta* = ADAPT(theta), with its drift."""
         cfg = self.config
-        hcfg = cfg.hypergradient
         rng, generator = self._finetune_sampler()
         batches = [self._finetune_batch(config, rng, generator) for _ in range(config.steps)]
         weight = cfg.objective.prior_weight
@@ -162,30 +192,77 @@ class Aligner:
         def loss_at(params: Params, step: int) -> torch.Tensor:
             return finetune_loss(self.model, params, batches[step], weight)
 
-        def harm_at(params: Params) -> torch.Tensor:
-            return self.harm(self.model, params, {}, harm_batch, harm_draw)
-
-        theta_d = {k: t.detach() for k, t in theta.items()}
         # A customer's full fine-tune trains every UNet parameter, not only the hardened scope: ADAPT and the
         # Hessian then live in the whole weight space, and theta's hypergradient is x's scope part.
         rest = self.rest if config.method == "full" else {}
-        if hcfg.method == "unrolled":  # double backward through every step: the math attention kernel
-            leaves = {k: t.clone().requires_grad_() for k, t in theta_d.items()}
+        start, leaves = {**rest, **theta}, None
+        if cfg.hypergradient.method == "unrolled":  # double backward through every step: the math attention kernel
+            leaves = {k: t.clone().requires_grad_() for k, t in theta.items()}
             with sdpa_kernel(SDPBackend.MATH):
                 star = adapt({**rest, **leaves}, loss_at, config, self.generator, self.lora_names,
                              cfg.proximal_gamma, differentiable=True)
-                harm_star = harm_at(star)
-                x = dict(zip(leaves, torch.autograd.grad(harm_star, list(leaves.values()))))
+        else:
+            star = adapt(start, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
+        moved = list(start) if config.method == "full" else self.lora_names
+        distance = _distance(star, start, moved)
+        with torch.no_grad():
+            drift = distance / float(flat_norm({k: start[k] for k in moved}))
+        return Adapted(config, start, star, moved, distance, drift, (rng, generator), leaves)
+
+    def _draw(self, theta: Params) -> tuple[Adapted, bool, list[dict]]:
+        """C ~ pi(C) and ADAPT; with ``outer.min_drift``, a sample that leaves the model where it was is rejected
+        before any solve and redrawn (C and batches), at most ``outer.max_redraws`` times, then kept."""
+        outer = self.config.outer
+        rejected = []
+        while True:
+            sample = self._adapt(theta, self.sampler.draw(self.rng))
+            if outer.min_drift is None or sample.drift >= outer.min_drift:
+                return sample, True, rejected
+            if len(rejected) == outer.max_redraws:
+                log.warning("outer step %d: drift %.3g below min_drift %.3g after %d redraws; keeping the last "
+                            "draw", self.step_index, sample.drift, outer.min_drift, len(rejected))
+                return sample, False, rejected
+            rejected.append({"config": sample.config.as_dict(), "drift": sample.drift})
+            del sample
+
+    def _perturbed(self, sample: Adapted) -> Params:
+        """theta + d u / ||u||, u ~ N(0, I) over the weights ADAPT trained, d = ||theta* - theta||: the control's
+        point, as far from theta as theta* in a direction that knows nothing of fine-tuning."""
+        start = sample.start
+        u = {k: torch.randn(start[k].shape, generator=self.generator).to(start[k]) for k in sample.moved}
+        steps = list(u.values())
+        torch._foreach_mul_(steps, sample.distance / float(flat_norm(u)))
+        torch._foreach_add_(steps, [start[k] for k in u])
+        return {**start, **u}
+
+    def _hypergradient(self, theta: Params, sample: Adapted, harm_batch: Batch,
+                       harm_draw: Draw) -> tuple[float, Params, dict]:
+        """L_harm(theta*) and the hypergradient x for one sampled configuration."""
+        cfg = self.config
+        hcfg = cfg.hypergradient
+
+        def harm_at(params: Params) -> torch.Tensor:
+            return self.harm(self.model, params, {}, harm_batch, harm_draw)
+
+        if hcfg.method == "unrolled":
+            with sdpa_kernel(SDPBackend.MATH):
+                harm_star = harm_at(sample.star)
+                x = dict(zip(sample.leaves, torch.autograd.grad(harm_star, list(sample.leaves.values()))))
             return harm_star.item(), x, _no_solve()
-        star = adapt({**rest, **theta_d}, loss_at, config, self.generator, self.lora_names, cfg.proximal_gamma)
+        if hcfg.method == "random-perturbation":  # the point's Jacobian in theta is I: x = g, as first-order
+            harm_star, g = gradient(harm_at, self._perturbed(sample))
+            return float(harm_star), {k: g[k] for k in theta}, _no_solve()
+        star = sample.star
         harm_star, g = gradient(harm_at, star)
         if hcfg.method == "first-order":
-            return float(harm_star), {k: g[k] for k in theta_d}, _no_solve()
-        hessian_batch = self._finetune_batch(config, rng, generator)
+            return float(harm_star), {k: g[k] for k in theta}, _no_solve()
+        rng, generator = sample.finetune_sampler
+        hessian_batch = self._finetune_batch(sample.config, rng, generator)
         epsilon = hcfg.fd_epsilon or FD_EPSILON[cfg.precision]
+        weight = cfg.objective.prior_weight
         hvp = make_hvp(hcfg.hvp, lambda p: finetune_loss(self.model, p, hessian_batch, weight), star, epsilon)
         sol = solve(hvp, g, hcfg)
-        return float(harm_star), {k: sol.x[k] for k in theta_d}, {
+        return float(harm_star), {k: sol.x[k] for k in theta}, {
             "gamma": sol.gamma, "contraction": sol.contraction, "omega": sol.omega,
             "relaxations": sol.relaxations, "backoffs": sol.backoffs, "fallback": sol.fallback,
             "iterations": sol.iterations, "products": sol.products}
@@ -204,11 +281,14 @@ class Aligner:
         beta, alpha = cfg.objective.beta, cfg.objective.alpha
         ((1 - beta) * harm + alpha * pres).backward()  # free these graphs before the J inner runs
         samples, meta = [], {}
+        theta_d = {k: t.detach() for k, t in theta.items()}
         # beta = 0 is unlearning alone (Eq. 2): the resilience term has no weight, so no inner runs.
         for _ in range(cfg.outer.samples if beta > 0 else 0):
-            config = cfg.distribution.sample(self.rng)
-            harm_star, x, info = self._hypergradient(theta, config, harm_batch, harm_draw)
-            samples.append(SampleResult(config, harm_star, float(flat_norm(x)), **info))
+            sample, accepted, rejected = self._draw(theta_d)
+            harm_star, x, info = self._hypergradient(theta_d, sample, harm_batch, harm_draw)
+            samples.append(SampleResult(sample.config, harm_star, float(flat_norm(x)), sample.drift, accepted,
+                                        rejected, **info))
+            del sample
             # a running sum in the first sample's own tensors: no copy per sample is kept
             if meta:
                 torch._foreach_add_([meta[k] for k in x], [x[k] for k in x])
@@ -226,6 +306,7 @@ class Aligner:
         self.optimizer.step()
         self.step_index += 1
         harm_after = sum(s.harm_after for s in samples) / len(samples) if samples else None  # no inner runs
+        drawn = sum(1 + len(s.rejected) for s in samples)
         return {
             "step": self.step_index, "L_harm": harm.item(), "R": pres.item(),
             "L_harm_star_mean": harm_after,
@@ -234,6 +315,8 @@ class Aligner:
             "hypergradient_norm": float(flat_norm(meta)) if meta else 0.0,
             "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
             "relaxations": sum(len(s.relaxations) for s in samples),
+            "redraws": drawn - len(samples),
+            "acceptance_rate": sum(s.accepted for s in samples) / drawn if drawn else None,
             "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
         }
 
@@ -253,12 +336,16 @@ class Aligner:
         tmp.replace(folder / CHECKPOINT_TENSORS)
         version, internal, gauss = self.rng.getstate()
         atomic_write(folder / CHECKPOINT_META, json.dumps({
-            "step": self.step_index, "rng": [version, list(internal), gauss],
+            "step": self.step_index, "rng": [version, list(internal), gauss], "pending_classes": self.sampler.pending,
             "param_groups": state["param_groups"], "config": self.config.as_dict()}))
 
     def load(self, folder: Path) -> None:
         meta = json.loads((folder / CHECKPOINT_META).read_text())
-        if meta["config"] != json.loads(json.dumps(self.config.as_dict())):
+        try:  # read by today's fields: one added since the checkpoint was written takes its default
+            recorded = config_from_mapping(meta["config"])
+        except ConfigError:
+            recorded = None
+        if recorded != self.config:
             raise ValueError(f"{folder}: the checkpoint was written with a different configuration")
         tensors = load_file(folder / CHECKPOINT_TENSORS)
         with torch.no_grad():
@@ -275,4 +362,5 @@ class Aligner:
         self.generator.set_state(tensors["generator"])
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.sampler.pending = meta.get("pending_classes", [])  # absent: written before stratified sampling
         self.step_index = meta["step"]

@@ -159,8 +159,8 @@ def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method,
      "outer.scope must be 'attention-lora', 'attention' or 'full' (got 'everything')"),
     (("learning_rate = 1e-3\nscope", "learning_rate = 5.0\nscope"),
      "outer.learning_rate must be less than or equal to 1 (got 5.0)"),
-    (('method = "moreau"', 'method = "newton"'), "hypergradient.method must be 'moreau', 'first-order' or "
-                                                 "'unrolled' (got 'newton')"),
+    (('method = "moreau"', 'method = "newton"'), "hypergradient.method must be 'moreau', 'first-order', "
+                                                 "'unrolled' or 'random-perturbation' (got 'newton')"),
     (("richardson_steps = 2", "richardson_steps = 0"),
      "hypergradient.richardson_steps must be greater than or equal to 1 (got 0)"),
     (("richardson_steps = 2", "richardson_steps = 2\nresidual_tol = 1.5"),
