@@ -29,6 +29,7 @@ from .hypergradient import HypergradientConfig
 from .losses import HARM_LOSSES
 
 WORLD = "shapes-world"
+AGGREGATIONS = ("mean", "cvar")
 Weight = Annotated[float, Field(ge=0, le=1e3)]
 
 
@@ -61,6 +62,9 @@ class OuterConfig:
     # min_drift is redrawn, at most max_redraws times; None: never (the paper).
     min_drift: Annotated[float, Field(gt=0, le=1)] | None = None
     max_redraws: Annotated[int, Field(ge=1, le=20)] = 3
+    # Beyond the paper: "cvar" averages the x_j of the worst cvar_fraction of the J samples by L_harm(theta*_j).
+    aggregation: Literal[AGGREGATIONS] = "mean"
+    cvar_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
 
 
 @record

@@ -13,8 +13,10 @@ Each outer step:
 
 Beyond the paper, each off by default (docs/alignment.md): ``outer.min_drift`` rejects a sample whose drift
 is below it before any solve and redraws it; ``distribution.sampling = "stratified"`` cycles through the
-(optimizer, method) classes of pi(C); ``hypergradient.method = "random-perturbation"`` is the control that
-replaces theta* by theta plus an isotropic step of the same length.
+(optimizer, method) classes of pi(C); ``outer.aggregation = "cvar"`` averages step 3's x_j (and the objective's
+L_harm(theta*_j)) over the worst ``cvar_fraction`` of the J samples by L_harm(theta*_j) instead of all of them;
+``hypergradient.method = "random-perturbation"`` is the control that replaces theta* by theta plus an isotropic
+step of the same length.
 
 All randomness comes from one torch generator and one ``random.Random`` owned by the
 aligner, so a run is a function of its seed, and a checkpoint of (parameters, optimiser
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import resource
 import sys
@@ -267,6 +270,11 @@ class Aligner:
             "relaxations": sol.relaxations, "backoffs": sol.backoffs, "fallback": sol.fallback,
             "iterations": sol.iterations, "products": sol.products}
 
+    def _tail_size(self) -> int:
+        """CVaR's tail: the ceil(cvar_fraction * J) worst samples (at least one)."""
+        outer = self.config.outer
+        return max(1, math.ceil(outer.cvar_fraction * outer.samples - 1e-9))
+
     def step(self) -> dict:
         cfg = self.config
         if self.device.type == "cuda":
@@ -280,8 +288,9 @@ class Aligner:
         pres = preservation_loss(self.model, theta, {}, pres_batch, pres_draw)
         beta, alpha = cfg.objective.beta, cfg.objective.alpha
         ((1 - beta) * harm + alpha * pres).backward()  # free these graphs before the J inner runs
-        samples, meta = [], {}
+        samples, meta, worst = [], {}, []
         theta_d = {k: t.detach() for k, t in theta.items()}
+        cvar = cfg.outer.aggregation == "cvar"
         # beta = 0 is unlearning alone (Eq. 2): the resilience term has no weight, so no inner runs.
         for _ in range(cfg.outer.samples if beta > 0 else 0):
             sample, accepted, rejected = self._draw(theta_d)
@@ -289,14 +298,24 @@ class Aligner:
             samples.append(SampleResult(sample.config, harm_star, float(flat_norm(x)), sample.drift, accepted,
                                         rejected, **info))
             del sample
-            # a running sum in the first sample's own tensors: no copy per sample is kept
-            if meta:
+            if cvar:  # the x of the tail so far: the samples with the highest L_harm(theta*), earlier ones on ties
+                worst.append((harm_star, len(samples) - 1, x))
+                worst.sort(key=lambda w: -w[0])
+                del worst[self._tail_size():]
+            elif meta:  # a running sum in the first sample's own tensors: no copy per sample is kept
                 torch._foreach_add_([meta[k] for k in x], [x[k] for k in x])
             else:
                 meta = dict(x)
             del x
+        for _, _, x in worst:
+            if meta:
+                torch._foreach_add_([meta[k] for k in x], [x[k] for k in x])
+            else:
+                meta = dict(x)
+        used = sorted(i for _, i, _ in worst) if cvar else list(range(len(samples)))
+        del worst
         if meta:  # d/d(leaves) of <meta, theta(leaves)> pushes the meta-gradient through the scope (LoRA merge)
-            torch._foreach_div_(list(meta.values()), len(samples))
+            torch._foreach_div_(list(meta.values()), len(used))
             (beta * flat_dot(meta, self.theta())).backward()
         params = list(self.leaves.values())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip_norm or float("inf")))
@@ -306,12 +325,13 @@ class Aligner:
         self.optimizer.step()
         self.step_index += 1
         harm_after = sum(s.harm_after for s in samples) / len(samples) if samples else None  # no inner runs
+        aggregate = sum(samples[i].harm_after for i in used) / len(used) if used else None  # the objective's
         drawn = sum(1 + len(s.rejected) for s in samples)
         return {
             "step": self.step_index, "L_harm": harm.item(), "R": pres.item(),
             "L_harm_star_mean": harm_after,
-            "objective": harm.item() + alpha * pres.item() + (beta * (harm_after - harm.item()) if samples else 0.0),
-            "samples": [s.as_dict() for s in samples],
+            "objective": harm.item() + alpha * pres.item() + (beta * (aggregate - harm.item()) if samples else 0.0),
+            "samples": [{**s.as_dict(), "aggregated": i in used} for i, s in enumerate(samples)],
             "hypergradient_norm": float(flat_norm(meta)) if meta else 0.0,
             "grad_norm": grad_norm, "backoffs": sum(len(s.backoffs) for s in samples),
             "relaxations": sum(len(s.relaxations) for s in samples),

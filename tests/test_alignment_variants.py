@@ -23,7 +23,8 @@ from auditing.config import ConfigError
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 
 
-def _aligner(scope: str, method: str):
+def _aligner(scope="attention-lora", method="full", hypergradient="random-perturbation", outer=None,
+             learning_rates=(1e-2,)):
     pipe = build_tiny_pipeline(TinySpec(sample_size=8), seed=0)
     sets = {name: EncodedSet(_batch(pipe, 4, seed)[0], ("p",) * 4, {}) for seed, name in
             enumerate(("harmful", "preservation", "finetune"))}
@@ -31,10 +32,10 @@ def _aligner(scope: str, method: str):
         "model": "m", "output": "o", "seed": 3,
         "data": {"harmful": "h", "preservation": "p", "finetune": "f", "batch_size": 2},
         "objective": {"harm": "ga", "harm_bound": 5.0},
-        "outer": {"samples": 1, "scope": scope},
-        "hypergradient": {"method": "random-perturbation"},
-        "distribution": {"learning_rates": [1e-2], "steps": [3], "losses": ["standard"], "methods": [method],
-                         "optimizers": ["adam"], "batch_sizes": [2], "max_lr_steps": 1.0}})
+        "outer": {"samples": 1, "scope": scope, **(outer or {})},
+        "hypergradient": {"method": hypergradient},
+        "distribution": {"learning_rates": list(learning_rates), "steps": [3], "losses": ["standard"],
+                         "methods": [method], "optimizers": ["adam"], "batch_sizes": [2], "max_lr_steps": 1.0}})
     return pipe, Aligner(pipe, AlignmentData(**sets), config)
 
 
@@ -188,6 +189,43 @@ def test_a_checkpoint_from_before_the_new_fields_resumes(workspace):  # noqa: F8
         run_alignment(config, resume=True)
 
 
+# -- CVaR aggregation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("aggregation,fraction,tail", [("mean", 0.25, 5), ("cvar", 0.4, 2), ("cvar", 0.01, 1)])
+def test_cvar_averages_the_hypergradients_of_the_worst_samples(monkeypatch, aggregation, fraction, tail):
+    """Step 3's meta-gradient is the mean x over the ceil(fraction J) samples with the highest L_harm(theta*)."""
+    import alignment.outer
+
+    _, aligner = _aligner(hypergradient="first-order", learning_rates=(3e-2, 1e-2, 3e-3, 1e-3),
+                          outer={"samples": 5, "aggregation": aggregation, "cvar_fraction": fraction})
+    produced, pushed = [], []
+    real_hypergradient, real_dot = Aligner._hypergradient, alignment.outer.flat_dot
+
+    def spy_hypergradient(self, *args):
+        harm_star, x, info = real_hypergradient(self, *args)
+        produced.append((harm_star, {k: t.clone() for k, t in x.items()}))
+        return harm_star, x, info
+
+    def spy_dot(a, b):
+        pushed.append({k: t.clone() for k, t in a.items()})
+        return real_dot(a, b)
+
+    monkeypatch.setattr(Aligner, "_hypergradient", spy_hypergradient)
+    monkeypatch.setattr(alignment.outer, "flat_dot", spy_dot)
+    record = aligner.step()
+    harms = [h for h, _ in produced]
+    assert len(set(harms)) == 5  # the learning rates give distinct L_harm(theta*)
+    chosen = sorted(range(5), key=lambda i: -harms[i])[:tail]
+    assert [s["aggregated"] for s in record["samples"]] == [i in chosen for i in range(5)]
+    (meta,) = pushed
+    for k in meta:
+        expected = sum(produced[i][1][k] for i in chosen) / tail
+        assert torch.allclose(meta[k], expected, rtol=1e-5, atol=1e-9), k
+    tail_mean = sum(harms[i] for i in chosen) / tail
+    beta = aligner.config.objective.beta
+    assert record["objective"] == pytest.approx(record["L_harm"] + record["R"] + beta * (tail_mean - record["L_harm"]))
+    assert record["L_harm_star_mean"] == pytest.approx(sum(harms) / 5)
+
+
 # -- configuration ------------------------------------------------------------------------------
 @pytest.mark.parametrize("patch,message", [
     (("[outer]", "[outer]\nmin_drift = 0.0"), "outer.min_drift must be greater than 0 (got 0.0)"),
@@ -197,6 +235,9 @@ def test_a_checkpoint_from_before_the_new_fields_resumes(workspace):  # noqa: F8
     (("[outer]", "[outer]\nmax_redraws = 1.5"), "outer.max_redraws must be a valid integer"),
     (("max_lr_steps = 1.0", 'max_lr_steps = 1.0\nsampling = "classes"'),
      "distribution.sampling must be 'uniform' or 'stratified' (got 'classes')"),
+    (("[outer]", '[outer]\naggregation = "max"'), "outer.aggregation must be 'mean' or 'cvar' (got 'max')"),
+    (("[outer]", "[outer]\ncvar_fraction = 0.0"), "outer.cvar_fraction must be greater than 0 (got 0.0)"),
+    (("[outer]", "[outer]\ncvar_fraction = 1.5"), "outer.cvar_fraction must be less than or equal to 1 (got 1.5)"),
     (('method = "moreau"', 'method = "random"'), "hypergradient.method must be 'moreau', 'first-order', 'unrolled' "
                                                  "or 'random-perturbation' (got 'random')"),
 ])
@@ -214,4 +255,5 @@ def test_defaults_are_the_papers():
     config = config_from_mapping({"model": "m", "output": "o",
                                   "data": {"harmful": "h", "preservation": "p", "finetune": "f"}})
     assert config.outer.min_drift is None and config.distribution.sampling == "uniform"
+    assert config.outer.aggregation == "mean"
     assert config.hypergradient.method == "moreau"
