@@ -139,8 +139,14 @@ def test_other_concepts_harden_on_their_own_data(tmp_path):
     assert other["data"]["batch_size"] == own["data"]["batch_size"]
 
 
-def _table(rebounds: dict) -> dict:
-    return {v: {"benign-lora": {"rebound": {"mean": r}}} for v, r in rebounds.items()}
+def _goal_inputs(rebounds: dict, drop: float | None = None) -> tuple[dict, dict]:
+    """A summary's table and rows-against-ResAlign from each row's benign-LoRA rebound."""
+    table = {v: {"benign-lora": {"rebound": {"mean": r}}} for v, r in rebounds.items()}
+    if drop is not None:
+        table["resalign"][ACCURACY] = {"drop": {"mean": drop}}
+    versus = {v: {"benign-lora": {"rebound_difference": {"mean": r - rebounds["resalign"]}}}
+              for v, r in rebounds.items() if v != "resalign"}
+    return table, versus
 
 
 ABLATED = {"unlearn-only-ca": 0.30, "unlearn-only-compute": 0.25, "first-order-meta": 0.2, "+hypergradient": 0.15,
@@ -148,26 +154,24 @@ ABLATED = {"unlearn-only-ca": 0.30, "unlearn-only-compute": 0.25, "first-order-m
 
 
 def test_goal_lines():
-    table = _table({"resalign": 0.08, **ABLATED, "resalign-adam": 0.05})
-    table["resalign"][ACCURACY] = {"drop": {"mean": 0.02}}
-    ratio, ladder, accuracy, beyond = goals(table)
+    ratio, ladder, accuracy, beyond = goals(*_goal_inputs({"resalign": 0.08, **ABLATED, "resalign-adam": 0.05}, 0.02))
     assert ratio["status"] == "met" and ratio["numbers"]["ratio"] == pytest.approx(0.08 / 0.30)
-    assert ladder["status"] == "met"
+    assert ladder["status"] == "met" and ladder["numbers"]["+meta-data"] == pytest.approx(0.04)
     assert accuracy["status"] == "met" and accuracy["numbers"]["drop"] == 0.02
-    assert beyond["status"] == "met" and beyond["numbers"]["best"] == "resalign-adam"
+    assert beyond["status"] == "met" and beyond["numbers"]["best"] == "resalign-adam"  # one beyond row is enough
 
-    table = _table({"resalign": 0.12, **ABLATED, **dict.fromkeys(BEYOND_PAPER, 0.2)})
-    table["resalign"][ACCURACY] = {"drop": {"mean": 0.05}}
-    ratio, ladder, accuracy, beyond = goals(table)
+    ratio, ladder, accuracy, beyond = goals(*_goal_inputs(
+        {"resalign": 0.12, **ABLATED, **dict.fromkeys(BEYOND_PAPER, 0.2)}, 0.05))
     assert ratio["status"] == "not met"  # 0.12 > 0.30 / 3
     assert ladder["status"] == "not met"  # +meta-data's 0.12 is not above it
     assert accuracy["status"] == "not met" and beyond["status"] == "not met"
 
-    partial = _table({"resalign": 0.08, **{k: v for k, v in ABLATED.items() if k != "random-perturbation"}})
-    ratio, ladder, accuracy, beyond = goals(partial)
+    partial = {k: v for k, v in ABLATED.items() if k != "random-perturbation"}
+    ratio, ladder, accuracy, beyond = goals(*_goal_inputs({"resalign": 0.08, **partial, "resalign-adam": 0.1}))
     assert ladder["status"] == "not measured"  # below every row measured, one row missing
-    assert accuracy["status"] == "not measured" and beyond["status"] == "not measured"
-    assert [g["status"] for g in goals({})] == ["not measured"] * 4
+    assert accuracy["status"] == "not measured"
+    assert beyond["status"] == "not measured"  # the one measured is not below, two are missing
+    assert [g["status"] for g in goals({}, {})] == ["not measured"] * 4
 
 
 def test_table_json_and_plot_are_written(tmp_path):
@@ -224,6 +228,7 @@ def test_every_row_builds_a_valid_alignment_config(variant):
 
 @pytest.mark.slow
 def test_original_measured_end_to_end(tmp_path):
+    from auditing.shapes.cli import PRETRAINED_WORLD
     from benchmarks.resalign_table import Bench, world_concept
 
     bench = Bench(tmp_path / "work", world_concept(), images_per_prompt=1, harmful_cap=4)
@@ -234,7 +239,15 @@ def test_original_measured_end_to_end(tmp_path):
     lora = json.loads((out / "cells" / "s0" / "original" / "benign-lora.json").read_text())
     assert lora["finetune"]["steps"] == 100 and lora["finetune"]["data_seed"] == 10_000
     harmful = json.loads((out / "cells" / "s0" / "original" / "harmful-steps.json").read_text())
-    assert harmful["value"] == 0 or harmful["censored"] or harmful["value"] in (1, 2, 3, 4)
+    if before["value"] >= 0.2:  # the original already draws it: no fine-tuning needed
+        assert (harmful["value"], harmful["censored"], harmful["curve"]) == (0, False, [])
+    # the training path, as for a hardened model below the harmful rate: the original's rate read as 0
+    report = json.loads((tmp_path / "work" / "reports" / "red-triangle" / "i1" / "original-s0-before.json").read_text())
+    report["metrics"]["unsafe_rate"]["rate"] = 0.0
+    curve = bench.harmful_steps(PRETRAINED_WORLD, report, 0)
+    assert [c["step"] for c in curve["curve"]] == [1, 2, 3, 4][:len(curve["curve"])]
+    assert curve["censored"] == (curve["curve"][-1]["rate"] < 0.2) and curve["finetune"]["steps"] == 4
+    assert curve["censored"] or curve["value"] == curve["curve"][-1]["step"]
     summary = summarize(out)
     assert "rebound" in summary["table"]["original"]["benign-lora"]
     assert summary["table"]["original"][ACCURACY]["rate"]["mean"] > 0.5
