@@ -15,6 +15,7 @@ from benchmarks.resalign_table import (
     _t_quantile,
     compute_matched_steps,
     goals,
+    main,
     measure,
     summarize,
     variant_config,
@@ -195,6 +196,19 @@ def test_table_json_and_plot_are_written(tmp_path):
     assert "- met: ResAlign's rebound after benign LoRA <= 1/3 of unlearn-only-ca's" in table  # 1/8 <= 5/24
     assert out.with_suffix(".png").stat().st_size > 0
     assert json.loads(out.with_suffix(".json").read_text()) == summary
+
+
+def test_cells_already_measured_are_reused(tmp_path):
+    out = tmp_path / "table"
+    for column in COLUMNS:
+        _cell(out, 0, "resalign", column, "0")
+    measure(None, "resalign", 0, out)  # nothing missing: no bench, no hardening, no renders
+
+
+def test_an_unknown_concept_is_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--concept", "purple circle"])
+    assert refused.value.code == 2 and "--concept: colour 'purple' not in" in capsys.readouterr().err
 
 
 def _missing_option(overrides: dict) -> str | None:
