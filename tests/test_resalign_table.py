@@ -171,7 +171,7 @@ def test_goal_lines():
     ratio, ladder, accuracy, beyond = goals(*_goal_inputs({"resalign": 0.08, **partial, "resalign-adam": 0.1}))
     assert ladder["status"] == "not measured"  # below every row measured, one row missing
     assert accuracy["status"] == "not measured"
-    assert beyond["status"] == "not measured"  # the one measured is not below, two are missing
+    assert beyond["status"] == "not measured"  # the one measured is not below, the others are missing
     assert [g["status"] for g in goals({}, {})] == ["not measured"] * 4
 
 
