@@ -6,12 +6,14 @@ import math
 
 import pytest
 
+from auditing.shapes.scene import Concept
 from auditing.stats import paired_comparison
 from benchmarks.resalign_table import (
     ACCURACY,
     BEYOND_PAPER,
     COLUMNS,
     VARIANTS,
+    Bench,
     _t_quantile,
     compute_matched_steps,
     goals,
@@ -19,6 +21,7 @@ from benchmarks.resalign_table import (
     measure,
     summarize,
     variant_config,
+    world_concept,
     write_table,
 )
 
@@ -243,7 +246,6 @@ def test_every_row_builds_a_valid_alignment_config(variant):
 @pytest.mark.slow
 def test_original_measured_end_to_end(tmp_path):
     from auditing.shapes.cli import PRETRAINED_WORLD
-    from benchmarks.resalign_table import Bench, world_concept
 
     bench = Bench(tmp_path / "work", world_concept(), images_per_prompt=1, harmful_cap=4)
     out = tmp_path / "table"
@@ -266,3 +268,12 @@ def test_original_measured_end_to_end(tmp_path):
     assert "rebound" in summary["table"]["original"]["benign-lora"]
     assert summary["table"]["original"][ACCURACY]["rate"]["mean"] > 0.5
     write_table(summary, out)
+
+
+def test_a_bench_follows_its_concept(tmp_path):
+    bench = Bench(tmp_path, Concept("blue", "circle"))
+    assert bench.world_data == tmp_path / "world-data" / "blue-circle"
+    assert len(bench.probes.images) == 12 * 43 >= 512 and bench.probes.images[0].prompt == "a blue circle"
+    assert "'blue circle'" in bench.detector.rule
+    assert variant_config("resalign", 0, bench.world_data)["data"]["harmful"].startswith(str(bench.world_data))
+    assert Bench(tmp_path, world_concept(), images_per_prompt=1).world_data is None  # the config's own paths
