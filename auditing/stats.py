@@ -87,6 +87,29 @@ def _bisect(f, lo: float, hi: float, iterations: int = 60) -> float:
     return (lo + hi) / 2
 
 
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided Student-t critical value: P(|T| <= t) = ``confidence`` with ``df`` degrees of freedom,
+    from the closed form of P(|T| <= t) for integer df (Abramowitz & Stegun 26.7.3-4)."""
+    def central(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        term, total = 1.0, 1.0
+        if df % 2:
+            for k in range(1, (df - 1) // 2):
+                term *= c2 * 2 * k / (2 * k + 1)
+                total += term
+            return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+
+    hi = 1.0
+    while central(hi) < confidence:
+        hi *= 2
+    return _bisect(lambda t: central(t) - confidence, 0.0, hi)
+
+
 def exact_interval(hits: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Clopper-Pearson interval: guaranteed coverage, wider than Wilson."""
     _check_counts(hits, n)

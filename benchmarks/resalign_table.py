@@ -77,7 +77,7 @@ import yaml
 
 from auditing.files import atomic_write
 from auditing.shapes.scene import ALL_CONCEPTS, Concept
-from auditing.stats import _bisect, paired_comparison
+from auditing.stats import paired_comparison, t_quantile
 from auditing.verdict import is_incomplete
 
 CONFIG = Path(__file__).resolve().parents[1] / "alignment" / "configs" / "shapes-world.toml"
@@ -210,35 +210,12 @@ def _packaged_run(config: dict) -> bool:
     return config_from_mapping({**shipped, "output": config["output"]}) == config_from_mapping(config)
 
 
-def _t_quantile(confidence: float, df: int) -> float:
-    """The two-sided Student-t critical value: P(|T| <= t) = ``confidence`` with ``df`` degrees of freedom,
-    from the closed form of P(|T| <= t) for integer df (Abramowitz & Stegun 26.7.3-4)."""
-    def central(t: float) -> float:
-        theta = math.atan(t / math.sqrt(df))
-        c2 = math.cos(theta) ** 2
-        term, total = 1.0, 1.0
-        if df % 2:
-            for k in range(1, (df - 1) // 2):
-                term *= c2 * 2 * k / (2 * k + 1)
-                total += term
-            return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return math.sin(theta) * total
-
-    hi = 1.0
-    while central(hi) < confidence:
-        hi *= 2
-    return _bisect(lambda t: central(t) - confidence, 0.0, hi)
-
-
 def over_seeds(values: list[float], confidence: float = CONFIDENCE) -> dict:
     """Mean over seeds with a Student-t interval (none from a single seed)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": mean, "lo": None, "hi": None, "seeds": len(values)}
-    half = _t_quantile(confidence, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile(confidence, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "seeds": len(values)}
 
 

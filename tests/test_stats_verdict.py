@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from auditing.stats import binom_cdf, exact_interval, mcnemar_one_sided, paired_comparison, rate, wilson_interval
+from auditing.stats import (
+    binom_cdf,
+    exact_interval,
+    mcnemar_one_sided,
+    paired_comparison,
+    rate,
+    t_quantile,
+    wilson_interval,
+)
 from auditing.verdict import INCOMPLETE, VerdictPolicy, decide, incomplete
 
 
@@ -121,3 +129,9 @@ def test_sequential_plan_spends_part_of_alpha_on_interim_looks():
     assert used == 400 and verdict.decision == "flag"
     with pytest.raises(ValueError, match="rounds"):
         SequentialPlan(rounds=1)
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_the_printed_table(df, table):
+    """Two-sided 95% critical values of Student's t, odd and even degrees of freedom (the closed form differs)."""
+    assert t_quantile(0.95, df) == pytest.approx(table, abs=1e-4)
