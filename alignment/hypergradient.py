@@ -23,6 +23,15 @@ solves still diverge (H has a direction of curvature below ``-1/gamma``, where n
 is gamma backed off as a last resort, and after ``max_backoffs`` the first-order answer ``x = g``
 is used; a back-off scales gamma by ``backoff_factor``, or further, to where the undamped ratio
 would be 1/2. Every occurrence is logged and returned, never silent.
+
+``solver = "cg"`` (beyond the paper) solves the same system by conjugate gradient from ``x = 0`` at the same
+cost: K - 1 products, each CG step one. At equal products Richardson's x lies in one more Krylov dimension
+(its first step is free) but with fixed coefficients that diverge once the spectral radius of gamma H exceeds 1;
+CG's x is the best of its Krylov space in the energy norm of ``I + gamma H`` whenever that matrix is positive
+definite, whatever its spectrum, so it needs no relaxation. It keeps x, the residual r and the direction p
+(r starts as a copy of g) and the transient product: two parameter-sized tensors more than Richardson. A
+non-convex H can make ``I + gamma H`` indefinite: ``p^T (I + gamma H) p <= 0`` stops CG (breakdown), and, as
+Richardson's last resort, gamma is backed off (the event records the iteration and the curvature), then x = g.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from auditing.config import record
+from auditing.config import ConfigError, record
 
 from .functional import Params, flat_norm
 from .hvp import HVP_BACKENDS
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 # "first-order" (x = g) and "unrolled" are ablations; "random-perturbation" is the control beyond the paper: ADAPT's
 # theta* replaced by an isotropic step of the same norm, x = grad L_harm there (outer.py, docs/alignment.md).
 METHODS = ("moreau", "first-order", "unrolled", "random-perturbation")
+SOLVERS = ("richardson", "cg")  # "richardson": the paper's Alg. 1; "cg": conjugate gradient at the same cost
 DIVERGED = 1e6  # a step this many times the first proves growth: the solve stops before it overflows
 SETTLED = 1e-6  # a step this small against the first has converged to rounding; its ratio is noise
 
@@ -61,18 +71,24 @@ class HypergradientConfig:
     backoff_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
     # Stop once ||r|| <= tol ||g||; 0 or None: all K steps (docs/alignment.md).
     residual_tol: Annotated[float, Field(ge=0, lt=1)] | None = 1e-2
+    solver: Literal[SOLVERS] = "richardson"
+
+    def __post_init__(self):
+        if self.solver == "cg" and self.richardson_steps < 2:
+            raise ConfigError("richardson_steps", "richardson_steps must be at least 2 with solver = 'cg', whose "
+                                                  f"budget is K - 1 products (got {self.richardson_steps})")
 
 
 @dataclass
 class Solution:
     x: Params
     gamma: float
-    contraction: float | None  # last ratio of successive step norms, an estimate of the iteration's radius
+    contraction: float | None  # last ratio of successive step (CG: residual) norms; Richardson's estimates its radius
     omega: float = 1.0  # the relaxation the accepted solve used
     relaxations: list[dict] = field(default_factory=list)
     backoffs: list[dict] = field(default_factory=list)
     fallback: bool = False
-    iterations: int = 0  # Richardson steps of the accepted solve (K, or fewer after the residual stop)
+    iterations: int = 0  # steps of the accepted solve: Richardson's K (CG's K - 1), or fewer after the residual stop
     products: int = 0  # Hessian-vector products of every solve tried (relaxed and backed-off repeats included)
 
 
@@ -117,9 +133,27 @@ def _contraction(norms: list[float]) -> float | None:
     return norms[-1] / norms[-2]
 
 
+def _backed_off(gamma: float, plain: float | None, config: HypergradientConfig) -> float:
+    """gamma scaled by ``backoff_factor``, or further, to where ``plain`` (gamma times the curvature that broke
+    the solve) would be 1/2."""
+    return gamma * (min(config.backoff_factor, 0.5 / plain) if plain else config.backoff_factor)
+
+
+def _first_order(g: Params, relaxations: list, backoffs: list, products: int, solver: str) -> Solution:
+    """The fallback after ``max_backoffs``: x = g, marked on the last event."""
+    log.warning("%s still diverging after %d relaxations and %d back-offs; using the first-order hypergradient",
+                solver, len(relaxations), len(backoffs))
+    events = backoffs or relaxations
+    if events:
+        events[-1]["fallback"] = "first-order"
+    return Solution(g, 0.0, None, 1.0, relaxations, backoffs, fallback=True, products=products)
+
+
 def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
     """Richardson with divergence detection: relaxation first (same fixed point), then gamma back-off, then
-    the first-order fallback."""
+    the first-order fallback; or conjugate gradient (``solver = "cg"``)."""
+    if config.solver == "cg":
+        return _solve_cg(hvp, g, config)
     gamma, omega, relaxed = config.gamma, 1.0, 0  # relaxations so far at this gamma
     relaxations, backoffs, products = [], [], 0
     while True:
@@ -143,7 +177,7 @@ def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
             continue
         if len(backoffs) >= config.max_backoffs:
             break
-        new_gamma = gamma * (min(config.backoff_factor, 0.5 / plain) if plain else config.backoff_factor)
+        new_gamma = _backed_off(gamma, plain, config)
         event = {"gamma": gamma, "omega": omega, "contraction": ratio if finite else None, "finite": finite,
                  "new_gamma": new_gamma}
         log.warning("Richardson iteration diverging at gamma=%.3g after %d relaxations (step-norm ratio %s); "
@@ -151,9 +185,75 @@ def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
                     f"{ratio:.3f}" if finite and ratio else "non-finite", new_gamma)
         backoffs.append(event)
         gamma, omega, relaxed = new_gamma, 1.0, 0
-    log.warning("Richardson iteration still diverging after %d relaxations and %d back-offs; using the "
-                "first-order hypergradient", len(relaxations), config.max_backoffs)
-    events = backoffs or relaxations
-    if events:
-        events[-1]["fallback"] = "first-order"
-    return Solution(g, 0.0, None, 1.0, relaxations, backoffs, fallback=True, products=products)
+    return _first_order(g, relaxations, backoffs, products, "Richardson iteration")
+
+
+@dataclass
+class CGRun:
+    x: Params
+    residuals: list[float]  # ||r|| at x = 0 (||g||) and after each step
+    converged: bool  # the residual stop was met
+    products: int
+    curvature: float | None = None  # p^T (I + gamma H) p / p^T p where it was <= 0 (breakdown), else None
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Inner product of two parameter lists, tensor by tensor in their own precision (no flat copy)."""
+    return float(sum(torch.dot(u.reshape(-1), v.reshape(-1)) for u, v in zip(a, b)))
+
+
+def cg(hvp, g: Params, gamma: float, products: int, tol: float = 0.0) -> CGRun:
+    """Conjugate gradient on ``(I + gamma H) x = g`` from ``x = 0``, in place, one product a step, at most
+    ``products``; stops once ``||r|| <= tol ||g||``, or at a direction of non-positive curvature (breakdown)."""
+    keys = list(g)
+    xs = [torch.zeros_like(g[k]) for k in keys]
+    rs = [g[k].clone() for k in keys]
+    ps = [t.clone() for t in rs]
+    rr = _dot(rs, rs)
+    residuals = [math.sqrt(rr)]
+    for step in range(products + 1):
+        if residuals[-1] <= tol * residuals[0]:  # also g = 0
+            return CGRun(dict(zip(keys, xs)), residuals, True, step)
+        if step == products:
+            break
+        ap = hvp(dict(zip(keys, ps)))
+        aps = [ap[k] for k in keys]  # the product's own tensors become (I + gamma H) p
+        torch._foreach_mul_(aps, gamma)
+        torch._foreach_add_(aps, ps)
+        pap = _dot(ps, aps)
+        if not pap > 0:  # also NaN
+            return CGRun(dict(zip(keys, xs)), residuals, False, step + 1, pap / _dot(ps, ps))
+        alpha = rr / pap
+        torch._foreach_add_(xs, ps, alpha=alpha)
+        torch._foreach_add_(rs, aps, alpha=-alpha)
+        del ap, aps
+        rr, previous = _dot(rs, rs), rr
+        residuals.append(math.sqrt(rr))
+        torch._foreach_mul_(ps, rr / previous)
+        torch._foreach_add_(ps, rs)
+    return CGRun(dict(zip(keys, xs)), residuals, False, products)
+
+
+def _solve_cg(hvp, g: Params, config: HypergradientConfig) -> Solution:
+    """CG with K - 1 products; a breakdown backs gamma off (logged), after ``max_backoffs`` x = g."""
+    gamma, backoffs, products = config.gamma, [], 0
+    while True:
+        run = cg(hvp, g, gamma, config.richardson_steps - 1, config.residual_tol or 0.0)
+        products += run.products
+        res = run.residuals
+        ratio = res[-1] / res[-2] if len(res) > 1 and res[-2] > 0 else None
+        if run.curvature is None:
+            return Solution(run.x, gamma, ratio, 1.0, [], backoffs, iterations=run.products, products=products)
+        finite = math.isfinite(run.curvature)
+        plain = 1.0 - run.curvature if finite else None  # gamma |p^T H p| / p^T p >= 1 along p
+        spent = len(backoffs) >= config.max_backoffs
+        new_gamma = None if spent else _backed_off(gamma, plain, config)
+        log.warning("conjugate gradient broke down at gamma=%.3g, step %d (p^T (I + gamma H) p / p^T p = %.3g); %s",
+                    gamma, run.products, run.curvature,
+                    "no back-off left" if spent else f"last resort: backing off to gamma={new_gamma:.3g}")
+        if spent:
+            break
+        backoffs.append({"gamma": gamma, "omega": 1.0, "contraction": ratio, "finite": finite,
+                         "new_gamma": new_gamma, "breakdown": run.products, "curvature": run.curvature})
+        gamma = new_gamma
+    return _first_order(g, [], backoffs, products, "conjugate gradient")

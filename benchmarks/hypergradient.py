@@ -2,7 +2,7 @@
 
     python -m benchmarks.hypergradient [--model shapes-world|sd-v1.4] [--latent N] [--samples J]
                                        [--adapt-steps S] [--methods full lora] [--gamma G]
-                                       [--dtype float32|bfloat16] [--device cpu|cuda]
+                                       [--solver richardson|cg] [--dtype float32|bfloat16] [--device cpu|cuda]
 
 ``shapes-world`` is the packaged world model; ``sd-v1.4`` is a UNet of SD v1.4's shape with
 random weights (860M parameters) at a reduced latent size on CPU. All figures come from
@@ -13,13 +13,15 @@ one run on one model:
 * ``hvp_autograd_over_grad``: one double-backward HVP / one gradient, amortised the way the
   solver uses it (graph built once at theta*, K products); ``..._single`` = build + 1 product.
 * ``hvp_fd_vs_autograd_cos``: cosine between the two products of the same vector.
-* ``moreau_over_first_order_step``: outer-step seconds with K=5 Richardson / first-order,
-  same seed, so the same J configurations and ADAPT runs. A back-off repeats the solve, so
+* ``moreau_over_first_order_step``: outer-step seconds with K=5 Richardson (``--solver cg``: conjugate gradient
+  with the same K - 1 products) / first-order, same seed, so the same J configurations and ADAPT runs. A
+  back-off repeats the solve, so
   ``moreau_backoffs_per_sample`` says how many the timed steps needed (random weights need them), and
   ``moreau_products_per_sample`` how many HVPs a sample's solves cost (fewer than K - 1 after the
   residual stop, more when relaxations or back-offs repeat the solve).
 * ``moreau_vs_exact_cos``: cosine of the solve the step uses (one-sided finite differences, residual stop)
-  to the same system solved with exact (autograd) products and all K steps, at the original weights.
+  to the same system solved by the same solver with exact (autograd) products and all K steps (CG: all its
+  K - 1 products), at the original weights.
 * ``*_vs_unrolled_cos`` (shapes world only): for one SGD configuration, the cosine of the
   Moreau hypergradient (K=5), the Moreau hypergradient after a proximal ADAPT, and the
   first-order one to the exact unrolled hypergradient of that ADAPT run.
@@ -106,7 +108,7 @@ def _config(args, method: str) -> AlignConfig:
         objective=ObjectiveConfig(harm="ga"),
         outer=OuterConfig(steps=100, samples=args.samples, scope="attention-lora"),
         hypergradient=HypergradientConfig(method=method, hvp="finite-difference", richardson_steps=5,
-                                          gamma=args.gamma),
+                                          gamma=args.gamma, solver=args.solver),
         distribution=Distribution(learning_rates=(1e-5,), steps=(args.adapt_steps,), batch_sizes=(args.batch_size,),
                                   losses=("standard",), methods=tuple(args.methods), optimizers=("adam",)),
     )
@@ -237,7 +239,7 @@ def compare_with_unrolled(model, theta, data, scheduler, args) -> dict:
         star = adapt(theta, loss_at, config, gen, proximal_gamma=prox)
         _, g = gradient(harm_at, star)
         x = solve(FiniteDifferenceHVP(lambda p: finetune_loss(model, p, batches[-1]), star), g,
-                  HypergradientConfig(gamma=gamma)).x
+                  HypergradientConfig(gamma=gamma, solver=args.solver)).x
         out[f"{name}_vs_unrolled_cos"] = round(float(flat_dot(x, unrolled) / (flat_norm(x) * flat_norm(unrolled))), 6)
         if name == "moreau":
             cos_g = flat_dot(g, unrolled) / (flat_norm(g) * flat_norm(unrolled))
@@ -258,6 +260,8 @@ def main() -> None:
                              "(on sd-v1.4 that is several 3.4 GB copies: about 20 GB of RAM)")
     parser.add_argument("--gamma", type=float, default=1.0,
                         help="the Moreau model's gamma (1: the config default; the ADAPT's lr x steps models it)")
+    parser.add_argument("--solver", choices=("richardson", "cg"), default="richardson",
+                        help="the Moreau solve (cg: conjugate gradient with the same K - 1 products)")
     parser.add_argument("--compare-lr", type=float, default=1e-2, help="SGD learning rate of the unrolled comparison")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -311,7 +315,7 @@ def main() -> None:
     peaks = {}
     for kind in ("resalign", "finetune"):
         cmd = [sys.executable, "-m", "benchmarks.hypergradient", "--measure-memory", kind]
-        for flag in ("model", "latent", "samples", "adapt_steps", "batch_size", "gamma", "dtype", "device"):
+        for flag in ("model", "latent", "samples", "adapt_steps", "batch_size", "gamma", "solver", "dtype", "device"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--methods", *args.methods]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -322,6 +326,7 @@ def main() -> None:
         else f"sd-v1.4-shaped UNet, random weights, {args.latent}x{args.latent} latents",
         "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size, "samples_J": args.samples,
         "adapt_steps": args.adapt_steps, "methods": args.methods, "richardson_K": k, "gamma": args.gamma,
+        "solver": args.solver,
         "scope": "attention-lora",
         "gradient_s": round(grad_s, 4),
         "hvp_fd_over_grad": round(fd_k_s / k / grad_s, 3),

@@ -1,4 +1,4 @@
-"""Correctness of the hardening maths: Adam, ADAPT, HVPs, Richardson, Moreau vs unrolled."""
+"""Correctness of the hardening maths: Adam, ADAPT, HVPs, Richardson, conjugate gradient, Moreau vs unrolled."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from alignment.adapt import SGD, Adam, Distribution, FineTuneConfig, adapt
+from alignment.config import config_from_mapping
 from alignment.functional import Batch, Denoiser, attention_weight_names, flat_dot, flat_norm, lora_init, lora_merge
 from alignment.hvp import FD_EPSILON, AutogradHVP, FiniteDifferenceHVP, gradient
 from alignment.hypergradient import HypergradientConfig, richardson, solve
-from alignment.losses import Draw, FineTuneBatch, finetune_loss
+from alignment.losses import Draw, FineTuneBatch, HarmLoss, finetune_loss
+from auditing.config import ConfigError
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 
 
@@ -366,3 +368,127 @@ def test_merged_lora_computes_what_a_peft_adapter_computes(tiny):
         theirs = peft_unet(ft.draw.noisy, ft.draw.timesteps, encoder_hidden_states=ft.data.cond).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(ours, model({}, ft.draw.noisy, ft.draw.timesteps, ft.data.cond), atol=1e-3)
+
+
+# -- conjugate gradient (hypergradient.solver = "cg") ---------------------------------------
+def _counted(a):
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return {"w": a @ v["w"]}
+
+    return hvp, calls
+
+
+def test_cg_solves_a_positive_definite_system_in_n_products_where_richardson_diverges():
+    """rho(gamma H) = 4: Richardson's omega = 1 diverges; CG is exact after n products, at the configured gamma."""
+    _, a, g = _quadratic()
+    n = len(a)
+    gamma = 4.0 / torch.linalg.eigvalsh(a).max().item()
+    exact = torch.linalg.solve(torch.eye(n, dtype=a.dtype) + gamma * a, g)
+    hvp, calls = _counted(a)
+    sol = solve(hvp, {"w": g}, HypergradientConfig(solver="cg", richardson_steps=n + 1, gamma=gamma, residual_tol=0))
+    assert len(calls) == sol.products == sol.iterations == n  # K = n + 1 steps' budget: n products
+    assert not (sol.relaxations or sol.backoffs or sol.fallback) and sol.gamma == gamma and sol.omega == 1.0
+    assert torch.allclose(sol.x["w"], exact, rtol=1e-8, atol=1e-10)
+    fewer = solve(hvp, {"w": g}, HypergradientConfig(solver="cg", richardson_steps=n, gamma=gamma, residual_tol=0))
+    assert fewer.products == n - 1 and not torch.allclose(fewer.x["w"], exact, rtol=1e-5)
+    richardson_run = solve(hvp, {"w": g}, HypergradientConfig(richardson_steps=n + 1, gamma=gamma, residual_tol=0))
+    assert richardson_run.relaxations  # the same budget diverges at omega = 1
+
+
+def test_cg_matches_a_dense_solve_and_leaves_g_alone():
+    gen, a, _ = _quadratic(n=12, seed=4)
+    g = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+         "b": torch.randn(6, generator=gen, dtype=torch.float64)}  # two tensors: the foreach paths per key
+    before = {k: t.clone() for k, t in g.items()}
+    gamma = 2.0 / torch.linalg.eigvalsh(a).max().item()
+
+    def hvp(v):
+        return unflat(a @ flat(v), v)
+
+    sol = solve(hvp, g, HypergradientConfig(solver="cg", richardson_steps=30, gamma=gamma, residual_tol=1e-12))
+    exact = torch.linalg.solve(torch.eye(12, dtype=a.dtype) + gamma * a, flat(g))
+    assert torch.allclose(flat(sol.x), exact, rtol=1e-5, atol=1e-8)
+    assert sol.products <= 12 and all(torch.equal(g[k], before[k]) for k in g)
+
+
+def test_cg_residual_stop_ends_early_at_the_tolerance():
+    _, a, g = _quadratic()
+    gamma = 0.05 / torch.linalg.eigvalsh(a).max().item()
+    hvp, calls = _counted(a)
+    sol = solve(hvp, {"w": g}, HypergradientConfig(solver="cg", richardson_steps=20, gamma=gamma, residual_tol=1e-3))
+    assert 1 <= sol.iterations == sol.products == len(calls) < len(a)
+    residual = g - sol.x["w"] - gamma * a @ sol.x["w"]
+    assert residual.norm() <= 1e-3 * g.norm()
+    previous = solve(hvp, {"w": g}, HypergradientConfig(solver="cg", richardson_steps=sol.products, gamma=gamma,
+                                                        residual_tol=1e-3))
+    assert (g - previous.x["w"] - gamma * a @ previous.x["w"]).norm() > 1e-3 * g.norm()  # one step fewer misses it
+    zero = solve(hvp, {"w": torch.zeros_like(g)}, HypergradientConfig(solver="cg", residual_tol=0))
+    assert zero.products == 0 and torch.equal(zero.x["w"], torch.zeros_like(g))
+
+
+def test_cg_breakdown_on_an_indefinite_system_is_logged_and_backs_gamma_off(caplog):
+    """I + gamma H with an eigenvalue below 0 (H's curvature below -1/gamma): p^T A p <= 0 stops CG."""
+    gen, _, g = _quadratic()
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    h = q @ torch.diag(torch.tensor([-4.0, 0.5, 1.0, 2.0, 3.0, 5.0], dtype=torch.float64)) @ q.T
+    config = HypergradientConfig(solver="cg", richardson_steps=20, gamma=1.0, residual_tol=0)
+    sol = solve(lambda v: {"w": h @ v["w"]}, {"w": g}, config)
+    event = sol.backoffs[0]
+    assert event["gamma"] == 1.0 and event["curvature"] <= 0 and 1 <= event["breakdown"] <= 6
+    assert event["new_gamma"] <= 0.5 / (1 - event["curvature"]) + 1e-12  # 1 + gamma' h >= 1/2 along that p
+    assert "broke down" in caplog.text and "last resort" in caplog.text
+    assert not sol.relaxations and not sol.fallback and sol.gamma < 0.25  # I + gamma H definite again
+    exact = torch.linalg.solve(torch.eye(6, dtype=h.dtype) + sol.gamma * h, g)
+    assert torch.allclose(sol.x["w"], exact, rtol=1e-8)
+    assert sol.products == sum(e["breakdown"] for e in sol.backoffs) + sol.iterations
+
+    caplog.clear()
+    spent = solve(lambda v: {"w": h @ v["w"]}, {"w": g}, HypergradientConfig(solver="cg", gamma=1.0, max_backoffs=0,
+                                                                            richardson_steps=20, residual_tol=0))
+    assert spent.fallback and torch.equal(spent.x["w"], g) and not spent.backoffs
+    assert "no back-off left" in caplog.text and "first-order" in caplog.text
+
+
+@pytest.mark.parametrize("mapping,message", [
+    ({"solver": "newton"}, "hypergradient.solver must be 'richardson' or 'cg' (got 'newton')"),
+    ({"solver": "cg", "richardson_steps": 1}, "hypergradient.richardson_steps must be at least 2 with solver = 'cg'"),
+])
+def test_cg_config_is_validated_by_name(mapping, message):
+    base = {"model": "m", "output": "o", "data": {"harmful": "h", "preservation": "p", "finetune": "f"}}
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping({**base, "hypergradient": mapping})
+    assert str(err.value).startswith(message) and err.value.field == message.split()[0]
+    assert config_from_mapping(base).hypergradient.solver == "richardson"  # the paper's Alg. 1 stays the default
+
+
+@pytest.mark.parametrize("gamma", [1.0, 4.0])
+def test_cg_on_a_tiny_unet_matches_the_exact_solve_at_no_more_products_than_richardson(tiny, gamma):
+    """One-sided products, the default K = 5 and residual stop. At gamma = 4 rho(gamma H) > 1 and Richardson relaxes
+    (more products) while I + gamma H stays definite; gamma = 1 is well-conditioned for both."""
+    pipe, model, ft, names = tiny
+    theta = model.original(names)
+    gen = torch.Generator().manual_seed(5)
+    latents = torch.randn(4, 4, 8, 8, generator=gen)
+    harm_batch = Batch(latents, torch.randn(4, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size,
+                                            generator=gen))
+    harm_draw = Draw.sample(pipe.scheduler, latents, gen)
+    _, g = gradient(lambda p: HarmLoss("ga")(model, p, {}, harm_batch, harm_draw), theta)
+
+    def loss(p):
+        return finetune_loss(model, p, ft)
+
+    exact = solve(AutogradHVP(loss, theta), g, HypergradientConfig(solver="cg", hvp="autograd", gamma=gamma,
+                                                                   richardson_steps=100, residual_tol=1e-7))
+    assert not exact.backoffs and exact.products < 99  # converged: I + gamma H is definite on this Krylov space
+    runs = {solver: solve(FiniteDifferenceHVP(loss, theta), g, HypergradientConfig(solver=solver, gamma=gamma))
+            for solver in ("richardson", "cg")}
+    cos = {solver: cosine(run.x, exact.x) for solver, run in runs.items()}
+    print(f"gamma={gamma}: cosine to the exact solve {cos}, products {[r.products for r in runs.values()]}")
+    assert cos["cg"] >= 0.99 and cos["cg"] >= cos["richardson"] - 1e-4
+    assert runs["cg"].products <= min(4, runs["richardson"].products)
+    assert not (runs["cg"].backoffs or runs["cg"].fallback)
+    if gamma > 1:
+        assert runs["richardson"].relaxations and runs["richardson"].products > runs["cg"].products
