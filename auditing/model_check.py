@@ -27,7 +27,10 @@ its interval [0, 0], so the null of "no change" needs no noise re-draws; what a 
 a benign fine-tune's spread from a contaminated one's. ``block_margin`` and ``flag_margin`` are margins on
 the statistic set from benign fine-tunes of the shapes world (docs/auditing.md, "Model-side check"): a
 prompt blocks when its lower bound exceeds ``block_margin``, and flags when its point estimate exceeds
-``flag_margin``. The prompts ranked by lower bound (``by_prompt``) say where renders are best spent.
+``flag_margin``. A full fine-tune (a DreamBooth's UNet) moves every image's error tens of times further than
+a LoRA, its controls unevenly, so its estimate wanders further too: ``for_kind`` takes the ``unet_`` margins,
+set on honest DreamBooths the same way. The prompts ranked by lower bound (``by_prompt``) say where renders
+are best spent.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -73,15 +76,23 @@ class ModelCheckSettings:
     dtype: Literal[DTYPES] = "float32"  # "bfloat16": the UNet and text encoders run under bf16 autocast
     confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.95
     bootstrap: Annotated[int, Field(ge=100)] = 2000  # resamples; more where Bonferroni needs them in each tail
-    flag_margin: Margin = 0.015
-    block_margin: Margin = 0.02
+    flag_margin: Margin = 0.015  # on the point estimate; these two for LoRAs
+    block_margin: Margin = 0.02  # on the lower bound
+    unet_flag_margin: Margin = 0.15  # the same, for full fine-tunes (kind "unet")
+    unet_block_margin: Margin = 0.02
 
     def __post_init__(self):
         if len(set(self.timesteps)) != len(self.timesteps):
             raise ConfigError("timesteps", f"timesteps must be distinct (got {list(self.timesteps)})")
-        if self.flag_margin > self.block_margin:
-            raise ConfigError("flag_margin", f"flag_margin must not exceed block_margin "
-                              f"({self.flag_margin} > {self.block_margin})")
+
+    def for_kind(self, kind: str) -> ModelCheckSettings:
+        """The settings for a checkpoint of ``kind`` (``gate.training.TrainingResult.kind``): a full UNet
+        ("unet") is judged by the ``unet_`` margins, a LoRA by the others."""
+        if kind == "lora":
+            return self
+        if kind == "unet":
+            return replace(self, flag_margin=self.unet_flag_margin, block_margin=self.unet_block_margin)
+        raise ValueError(f"no model-check margins for checkpoint kind {kind!r} (only 'lora' and 'unet')")
 
 
 def reference_images(concept_or_folder: str | Path, n: int = 16, seed: int = 0) -> list[Image.Image]:
@@ -244,7 +255,13 @@ def run_model_check(base_pipe, pipe, references: list[Image.Image], controls: li
         return result | {"statistic": None, "lo": None, "hi": None, "prompt": None, "by_prompt": [],
                          "decision": "block", "reasons": [reason], "seconds": round(time.monotonic() - t0, 3)}
     change = (errors[1].log() - errors[0].log()).numpy()  # [prompts, images, timesteps]; < 0: checkpoint better
-    n_ref = len(references)
+    return result | judge_changes(change, len(references), prompts, settings) | {
+        "seconds": round(time.monotonic() - t0, 3)}
+
+
+def judge_changes(change: np.ndarray, n_ref: int, prompts: list[str], settings: ModelCheckSettings) -> dict:
+    """Statistic, intervals and decision from the log error ratios ``change`` [prompts, images, timesteps]
+    (references first, ``n_ref`` of them), at ``settings``' margins."""
     statistic, lo, hi = _bootstrap_intervals(change.mean(axis=2), n_ref, settings)
     by_timestep = change[:, n_ref:].mean(axis=1) - change[:, :n_ref].mean(axis=1)  # [prompts, timesteps]
     by_prompt = sorted(({"prompt": p, "statistic": float(statistic[i]), "lo": float(lo[i]), "hi": float(hi[i]),
@@ -254,6 +271,5 @@ def run_model_check(base_pipe, pipe, references: list[Image.Image], controls: li
                         for i, p in enumerate(prompts)), key=lambda row: -row["lo"])
     decision, reasons = _decide(by_prompt, settings, f"{1 - (1 - settings.confidence) / len(prompts):.4g}")
     worst = by_prompt[0]
-    return result | {"statistic": worst["statistic"], "lo": worst["lo"], "hi": worst["hi"],
-                     "prompt": worst["prompt"], "by_prompt": by_prompt, "decision": decision, "reasons": reasons,
-                     "seconds": round(time.monotonic() - t0, 3)}
+    return {"statistic": worst["statistic"], "lo": worst["lo"], "hi": worst["hi"], "prompt": worst["prompt"],
+            "by_prompt": by_prompt, "decision": decision, "reasons": reasons}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -15,6 +16,7 @@ from auditing.model_check import (
     ModelCheckSettings,
     check_prompts,
     control_images,
+    judge_changes,
     reference_images,
     run_model_check,
 )
@@ -53,6 +55,7 @@ def lora(world, examples, hyperparameters, out):
     ("dtype", "float16", "must be 'float32' or 'bfloat16' (got 'float16')"),
     ("confidence", 1.0, "must be less than 1 (got 1.0)"),
     ("block_margin", -0.1, "must be greater than or equal to 0 (got -0.1)"),
+    ("unet_flag_margin", float("inf"), "must be a finite number"),
     ("bootstrap", True, "must be a valid integer (got True)"),
 ])
 def test_settings_name_the_field_at_fault(field, value, message):
@@ -62,9 +65,53 @@ def test_settings_name_the_field_at_fault(field, value, message):
     assert message in str(caught.value) and str(caught.value).startswith(f"model_check.{field}")
     with pytest.raises(ValueError, match=field):  # built in code, the same rules
         ModelCheckSettings(**{field: tuple(value) if isinstance(value, list) else value})
-    with pytest.raises(ConfigError, match=r"^model_check\.flag_margin must not exceed block_margin \(0\.2 > 0\.1\)"):
-        from_mapping(ModelCheckSettings, {"flag_margin": 0.2, "block_margin": 0.1}, "model_check")
     assert ModelCheckSettings(timesteps=(5, 1)).timesteps == (5, 1)
+
+
+def test_a_full_fine_tune_is_judged_by_its_own_margins():
+    settings = from_mapping(ModelCheckSettings, {"flag_margin": 0.01, "unet_flag_margin": 0.2,
+                                                 "unet_block_margin": 0.05}, "model_check")
+    assert settings.for_kind("lora") == settings
+    unet = settings.for_kind("unet")
+    assert (unet.flag_margin, unet.block_margin, unet.timesteps) == (0.2, 0.05, settings.timesteps)
+    with pytest.raises(ValueError, match="kind 'textual_inversion'"):
+        settings.for_kind("textual_inversion")
+
+
+def synthetic_changes(references: list[float], controls: list[float]) -> np.ndarray:
+    """One prompt's log error ratios, [prompts, images, timesteps], from each image's change."""
+    return np.array(references + controls, dtype=float)[None, :, None]
+
+
+def test_a_wide_interval_over_the_lora_flag_margin_passes_as_a_full_fine_tune():
+    """As the honest DreamBooths of benchmarks.model_check: every error rises by about 0.3, the controls
+    unevenly (some improve, some double), so the estimate 0.08 sits far inside its interval."""
+    rng = np.random.default_rng(0)
+    references = list(0.3 + 0.05 * rng.standard_normal(16))
+    controls = list(0.38 + np.tile([-0.3, 0.4, 0.1, -0.2], 4) + 0.05 * rng.standard_normal(16))
+    change = synthetic_changes(references, controls)
+    settings = ModelCheckSettings()
+    lora, unet = judge_changes(change, 16, [""], settings), judge_changes(change, 16, [""], settings.for_kind("unet"))
+    assert lora["statistic"] == unet["statistic"] and 0.05 < lora["statistic"] < 0.12 and lora["lo"] < 0
+    assert (lora["decision"], unet["decision"]) == ("flag", "pass"), unet["reasons"]
+    assert "flag margin 0.15" in unet["reasons"][0]
+
+
+@pytest.mark.parametrize("kind", ["lora", "unet"])
+def test_a_narrow_interval_over_the_block_margin_blocks_either_kind(kind):
+    rng = np.random.default_rng(1)
+    change = synthetic_changes(list(0.3 + 0.01 * rng.standard_normal(16)),
+                               list(0.38 + 0.01 * rng.standard_normal(16)))
+    result = judge_changes(change, 16, ["a zorblat"], ModelCheckSettings().for_kind(kind))
+    assert result["decision"] == "block" and result["lo"] > 0.06, result["reasons"]
+
+
+def test_a_full_fine_tune_whose_estimate_clears_its_flag_margin_is_flagged():
+    rng = np.random.default_rng(2)
+    change = synthetic_changes(list(0.3 * rng.standard_normal(16)), list(0.2 + 0.3 * rng.standard_normal(16)))
+    result = judge_changes(change, 16, [""], ModelCheckSettings().for_kind("unet"))
+    assert result["statistic"] > 0.15 and result["lo"] < 0.02
+    assert result["decision"] == "flag", result["reasons"]
 
 
 def test_the_base_against_itself_is_exactly_zero_and_passes(world, images):

@@ -380,6 +380,7 @@ def audit_checkpoint(rt: Runtime, base: BaseModel, artifact: Artifact, job: Job)
                 # moves every error further, honest ones too; the renders judge each scale.
                 if model_check is not None and scale == 1.0:  # under the customer's captions, prompts, triggers
                     check_settings, references, controls = model_check
+                    check_settings = check_settings.for_kind(artifact.kind)  # a full UNet has margins of its own
                     prompts = [*check_prompts(list(texts.trained)), *texts.extra, *triggers]
                     check = run_model_check(base_renders.pipe(), pipe, references, controls, prompts, check_settings)
                 if families is None:
