@@ -1,12 +1,13 @@
 """How many parameter-sized tensors are alive while the Moreau solve computes a product.
 
-    python -m benchmarks.solve_buffers [--method lora|full] [--samples J]
+    python -m benchmarks.solve_buffers [--method lora|full] [--samples J] [--solver richardson|cg]
 
 One outer step of ResAlign on the tiny UNet (attention-LoRA scope, K = 5 and every step run, so each
-solve asks for four products). Each time the finite-difference HVP asks for a gradient, the live
-tensors shaped like the first attention projection are counted (distinct storages, by the garbage
-collector) and divided by how many UNet parameters have that shape, so the count is in copies of the
-weights the solve works in; it includes the module's own weights and the step's merged theta.
+solve asks for four products, Richardson's or conjugate gradient's). Each time the finite-difference HVP
+asks for a gradient, the live tensors shaped like the first attention projection are counted (distinct
+storages, by the garbage collector) and divided by how many UNet parameters have that shape, so the count
+is in copies of the weights the solve works in; it includes the module's own weights and the step's merged
+theta.
 Prints one JSON line: the count at every gradient and its maximum.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("lora", "full"), default="lora", help="pi(C)'s one method")
     parser.add_argument("--samples", type=int, default=3, help="J configurations per outer step")
+    parser.add_argument("--solver", choices=("richardson", "cg"), default="richardson")
     args = parser.parse_args()
     pipe = build_tiny_pipeline(TinySpec(sample_size=8), seed=0)
     gen = torch.Generator().manual_seed(0)
@@ -43,7 +45,7 @@ def main() -> None:
         "model": "tiny", "output": "none",
         "data": {"harmful": "h", "preservation": "p", "finetune": "f", "batch_size": 2},
         "objective": {"harm": "ga"}, "outer": {"samples": args.samples},
-        "hypergradient": {"richardson_steps": 5, "gamma": 1e-3, "residual_tol": 0},
+        "hypergradient": {"richardson_steps": 5, "gamma": 1e-3, "residual_tol": 0, "solver": args.solver},
         "distribution": {"learning_rates": [1e-4], "steps": [3], "methods": [args.method], "optimizers": ["adam"],
                          "batch_sizes": [2], "max_lr_steps": 1.0}})
     aligner = Aligner(pipe, AlignmentData(encoded(), encoded(), encoded()), config)
@@ -65,7 +67,7 @@ def main() -> None:
     finally:
         hvp.gradient = gradient
     print(json.dumps({"benchmark": "solve_buffers", "method": args.method, "samples_J": args.samples,
-                      "copies_at_each_gradient": counts, "copies_max": max(counts)}))
+                      "solver": args.solver, "copies_at_each_gradient": counts, "copies_max": max(counts)}))
 
 
 if __name__ == "__main__":
