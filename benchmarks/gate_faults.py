@@ -8,13 +8,14 @@ temporary folder and prints one JSON line: per window (kill point or outage), ho
 and how the jobs ended (final states, one verdict, one artifact row, one finished audit, attempts, lease
 expiries, dispatches by the reconciler), what the artifact store holds, ``--cycles`` jobs whose messages were
 deleted from Redis, the broker-restart counts, and the auditor-failure outcomes. ``--out`` also writes every
-cycle's record.
+cycle's record (as soon as the kills end). Each part's figures also go to stderr as it ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,17 +34,21 @@ def main() -> None:
     parser.add_argument("--out", help="also write every cycle's record here (JSON)")
     args = parser.parse_args()
     t0 = time.monotonic()
+    figures = {}
     with tempfile.TemporaryDirectory(prefix="ftgate-faults-") as tmp:
-        kills = kill_campaign(Path(tmp) / "kills", args.cycles, tuple(args.stages.split(",")))
-        lost = lost_messages(Path(tmp) / "lost", args.cycles)
-        broker = broker_restart(Path(tmp) / "broker", jobs=args.broker_jobs)
-        auditor = auditor_failure(Path(tmp) / "auditor")
-    records = kills.pop("cycles")
-    if args.out:
-        Path(args.out).write_text(json.dumps(records, indent=1))
-    print(json.dumps({"kills": kills, "lost_messages": lost, "broker_restart": broker, "auditor_failure": auditor,
-                      "seconds": round(time.monotonic() - t0, 1)}))
-
+        parts = (("kills", lambda: kill_campaign(Path(tmp) / "kills", args.cycles, tuple(args.stages.split(",")))),
+                 ("lost_messages", lambda: lost_messages(Path(tmp) / "lost", args.cycles)),
+                 ("broker_restart", lambda: broker_restart(Path(tmp) / "broker", jobs=args.broker_jobs)),
+                 ("auditor_failure", lambda: auditor_failure(Path(tmp) / "auditor")))
+        for name, run in parts:
+            figures[name] = run()
+            # each part's figures on stderr as it ends: a later part that fails loses none of them
+            print(json.dumps({name: {k: v for k, v in figures[name].items() if k != "cycles"}}), file=sys.stderr,
+                  flush=True)
+            if name == "kills" and args.out:
+                Path(args.out).write_text(json.dumps(figures[name]["cycles"], indent=1))
+    figures["kills"].pop("cycles")
+    print(json.dumps({**figures, "seconds": round(time.monotonic() - t0, 1)}))
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,8 @@ DETECTOR_RAISES, RENDER_HANGS = "detector-raises", "render-hangs"
 DATABASE_DOWN, REFUSED_DATABASE = "database-down", "refused-database"
 GRACE_S = 5  # the campaigns' dispatch grace: a stranded job is sent again within seconds, not minutes
 # One customer submits all of a campaign's jobs, and the campaigns count their messages in the broker: each may
-# be there at once (fair dispatch across tenants is tested in tests/test_fair_dispatch.py).
+# be there at once (fair dispatch across tenants is tested in tests/test_fair_dispatch.py, the active-job quota in
+# tests/test_quotas.py).
 DISPATCH_SHARE = 1_000
 SEND_REFUSED_S = 3.0  # how long the broker stays down after the reaper's hand-back (its send fails meanwhile)
 PAUSE_S = 600.0  # a paused job process carries on after this if nobody killed it
@@ -202,6 +203,7 @@ class GateSession:
         self.root = Path(root)
         self.gate = LocalGate(self.root / "state", env={"FTGATE_LEASE_SECONDS": str(lease_seconds),
                                                           "FTGATE_TENANT_DISPATCH_SHARE": str(DISPATCH_SHARE),
+                                                          "FTGATE_MAX_ACTIVE_JOBS": str(DISPATCH_SHARE),
                                                           **(env or {})}, worker_module=worker_module)
         self.faults = self.gate.state_dir / "faults"
         self._workers, self.profile = workers, {**PROFILE, **(profile or {})}
