@@ -134,15 +134,15 @@ def _contraction(norms: list[float]) -> float | None:
 
 
 def _backed_off(gamma: float, plain: float | None, config: HypergradientConfig) -> float:
-    """gamma scaled by ``backoff_factor``, or further, to where ``plain`` (gamma times the curvature that broke
-    the solve) would be 1/2."""
+    """gamma scaled by ``backoff_factor``, or further, to where ``plain`` (gamma times the magnitude of the
+    curvature that broke the solve) would be 1/2."""
     return gamma * (min(config.backoff_factor, 0.5 / plain) if plain else config.backoff_factor)
 
 
-def _first_order(g: Params, relaxations: list, backoffs: list, products: int, solver: str) -> Solution:
+def _first_order(g: Params, relaxations: list, backoffs: list, products: int, failing: str) -> Solution:
     """The fallback after ``max_backoffs``: x = g, marked on the last event."""
-    log.warning("%s still diverging after %d relaxations and %d back-offs; using the first-order hypergradient",
-                solver, len(relaxations), len(backoffs))
+    log.warning("%s after %d relaxations and %d back-offs; using the first-order hypergradient",
+                failing, len(relaxations), len(backoffs))
     events = backoffs or relaxations
     if events:
         events[-1]["fallback"] = "first-order"
@@ -185,7 +185,7 @@ def solve(hvp, g: Params, config: HypergradientConfig) -> Solution:
                     f"{ratio:.3f}" if finite and ratio else "non-finite", new_gamma)
         backoffs.append(event)
         gamma, omega, relaxed = new_gamma, 1.0, 0
-    return _first_order(g, relaxations, backoffs, products, "Richardson iteration")
+    return _first_order(g, relaxations, backoffs, products, "Richardson iteration still diverging")
 
 
 @dataclass
@@ -256,4 +256,4 @@ def _solve_cg(hvp, g: Params, config: HypergradientConfig) -> Solution:
         backoffs.append({"gamma": gamma, "omega": 1.0, "contraction": ratio, "finite": finite,
                          "new_gamma": new_gamma, "breakdown": run.products, "curvature": run.curvature})
         gamma = new_gamma
-    return _first_order(g, [], backoffs, products, "conjugate gradient")
+    return _first_order(g, [], backoffs, products, "conjugate gradient still breaking down")
