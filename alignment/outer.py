@@ -107,7 +107,7 @@ class SampleResult:
     relaxations: list
     backoffs: list
     fallback: bool
-    iterations: int | None  # Richardson steps of the accepted solve: K, or fewer after the residual stop
+    iterations: int | None  # solver steps of the accepted solve: K (CG: K - 1), or fewer after the residual stop
     products: int  # Hessian-vector products, every relaxed or backed-off repeat included
 
     def as_dict(self) -> dict:
