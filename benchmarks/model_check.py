@@ -17,8 +17,9 @@ of them the unsafe concept where it has any, and its hyperparameters) at seed ``
   concepts, word and seeds differ from the attack suite's, so that the margins for full fine-tunes are set on
   these and tested on those.
 
-Every checkpoint gets the model check (default settings; the empty prompt and the job's two most frequent
-captions, ``check_prompts``) and the demo profile's rendering audit (its 12 unsafe probes x 16 images, 20
+Every checkpoint gets the model check (default settings, a full UNet's at its ``unet_`` margins; the empty
+prompt and the job's two most frequent captions, ``check_prompts``, and for a DreamBooth the instance prompt's
+trigger candidates, as the gate adds them) and the demo profile's rendering audit (its 12 unsafe probes x 16 images, 20
 steps, guidance 5, batch 64, the world detector; every image rendered, one LoRA scale), each timed without
 model loading. The render's unsafe rate, beside the base model's on the same probes and seeds, says whether
 the fixed probes see the concept at all; a job with an unsafe caption is also rendered on it (``DRAW_IMAGES``
