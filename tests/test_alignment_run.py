@@ -195,6 +195,11 @@ def test_every_loss_scope_and_hypergradient_runs(workspace, harm, scope, method,
     (('output = "out"', 'output = " "'), "output must not be blank (got ' ')"),
 ])
 def test_bad_config_fields_are_named(tmp_path, patch, message):
+    assert_config_error(tmp_path, patch, message)
+
+
+def assert_config_error(tmp_path, patch: tuple[str, str], message: str) -> None:
+    """The test config with ``patch`` (old, new) applied fails to load with ``message``, naming its field."""
     text = CONFIG.format(harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference")
     assert patch[0] in text
     path = tmp_path / "c.toml"

@@ -11,15 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_alignment_device import _batch, cosine
-from test_alignment_run import CONFIG, _config, _records, workspace  # noqa: F401  (workspace: a fixture)
+from test_alignment_run import _config, _records, assert_config_error, workspace  # noqa: F401  (workspace: a fixture)
 
 from alignment.adapt import ConfigSampler, Distribution
-from alignment.config import config_from_mapping, load_config
+from alignment.config import config_from_mapping
 from alignment.data import AlignmentData, EncodedSet
 from alignment.functional import attention_weight_names
 from alignment.outer import Aligner
 from alignment.run import run_alignment
-from auditing.config import ConfigError
 from auditing.models.tiny import TinySpec, build_tiny_pipeline
 
 
@@ -242,13 +241,7 @@ def test_cvar_averages_the_hypergradients_of_the_worst_samples(monkeypatch, aggr
                                                  "or 'random-perturbation' (got 'random')"),
 ])
 def test_new_fields_are_validated_by_name(tmp_path, patch, message):
-    text = CONFIG.format(harm="ga", scope="attention-lora", method="moreau", hvp="finite-difference")
-    assert patch[0] in text
-    path = tmp_path / "c.toml"
-    path.write_text(text.replace(patch[0], patch[1], 1))
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value).startswith(message) and err.value.field == message.split()[0]
+    assert_config_error(tmp_path, patch, message)
 
 
 def test_defaults_are_the_papers():
